@@ -1,0 +1,90 @@
+"""The replay buffer: fixed-size arrays allocated once from a byte budget, never grown.
+
+Inputs are kept in the stream's storage dtype (uint8 images stay uint8), with labels, task
+ids, the logits at insertion (for DER++) and the insertion score (for IDS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ids
+from .budget import buffer_bytes_per_sample, buffer_capacity
+
+
+@dataclass
+class ReplayBuffer:
+    x: np.ndarray
+    y: np.ndarray
+    task: np.ndarray
+    logits: np.ndarray
+    score: np.ndarray
+    size: int = 0
+    seen: int = 0  # samples offered so far (reservoir sampling needs it)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.y)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.x, self.y, self.task, self.logits, self.score))
+
+
+def new_buffer(budget_bytes: int, input_shape: tuple[int, int, int], dtype: str, num_classes: int) -> ReplayBuffer:
+    """Allocate the largest buffer whose arrays fit in ``budget_bytes``."""
+    cap = buffer_capacity(budget_bytes, input_shape, dtype, num_classes)
+    buf = ReplayBuffer(x=np.zeros((cap, *input_shape), dtype=dtype), y=np.zeros(cap, np.int16),
+                       task=np.zeros(cap, np.int16), logits=np.zeros((cap, num_classes), np.float32),
+                       score=np.zeros(cap, np.float32))
+    assert buf.nbytes == cap * buffer_bytes_per_sample(input_shape, dtype, num_classes)
+    return buf
+
+
+def _write(buf: ReplayBuffer, slots: np.ndarray, x, y, task: int, logits, score, src: np.ndarray) -> None:
+    buf.x[slots], buf.y[slots], buf.task[slots] = x[src], y[src], task
+    buf.logits[slots], buf.score[slots] = logits[src], score[src]
+
+
+def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits: np.ndarray,
+              score: np.ndarray, spread: float, rng: np.random.Generator) -> None:
+    """Merge a chunk into the buffer: class-balanced quotas over all classes seen, IDS rule per class."""
+    buf.seen += len(y)
+    if buf.capacity == 0:
+        return
+    n = buf.size
+    all_y = np.concatenate([buf.y[:n].astype(np.int64), y])
+    all_score = np.concatenate([buf.score[:n], score])
+    classes, counts = np.unique(all_y, return_counts=True)
+    quotas = ids.balanced_quotas(dict(zip(classes.tolist(), counts.tolist())), buf.capacity)
+    keep = ids.select_for_buffer(all_score, all_y, quotas, spread, rng)
+    old, new = keep[keep < n], keep[keep >= n] - n
+    # Compact the kept old samples to the front, then append the new ones.
+    for name in ("x", "y", "task", "logits", "score"):
+        arr = getattr(buf, name)
+        arr[: len(old)] = arr[old]
+    slots = np.arange(len(old), len(old) + len(new))
+    _write(buf, slots, x, y, task, logits, score, new)
+    buf.size = len(keep)
+
+
+def offer_reservoir(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits: np.ndarray,
+                    score: np.ndarray, rng: np.random.Generator) -> None:
+    """Reservoir sampling (the baseline): every sample seen so far is kept with equal probability."""
+    for i in range(len(y)):
+        if buf.size < buf.capacity:
+            slot = buf.size
+            buf.size += 1
+        else:
+            j = int(rng.integers(0, buf.seen + 1))
+            slot = j if j < buf.capacity else -1
+        buf.seen += 1
+        if slot >= 0:
+            _write(buf, np.array([slot]), x, y, task, logits, score, np.array([i]))
+
+
+def sample(buf: ReplayBuffer, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` buffered samples drawn without replacement (fewer if the buffer is smaller)."""
+    return rng.choice(buf.size, size=min(n, buf.size), replace=False)

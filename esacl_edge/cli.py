@@ -1,0 +1,148 @@
+"""``esacl-edge`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import EsaclError
+from .methods import METHODS
+from .metrics import format_matrix
+from .models import MODEL_NAMES
+
+DEFAULT_RUN = "esacl-run"
+
+
+def _print_results(r: dict) -> None:
+    print(format_matrix(r["acc_matrix_class_il"], "Class-IL accuracy (%), row = after task i, column = task j"))
+    print()
+    print(format_matrix(r["acc_matrix_task_il"], "Task-IL accuracy (%)"))
+    print()
+    print(f"final accuracy   Class-IL {100 * r['final_acc_class_il']:.1f}%   Task-IL {100 * r['final_acc_task_il']:.1f}%")
+    print(f"forgetting       Class-IL {100 * r['forgetting_class_il']:.1f} points")
+    print(f"sparsity         {100 * r['sparsity']:.1f}% of prunable weights are zero")
+    print(f"model size       {r['model_bytes_dense']:,} bytes dense, {r['model_bytes_sparse']:,} bytes sparse "
+          f"({r['model_bytes_dense'] / r['model_bytes_sparse']:.1f}x smaller)")
+    print(f"replay buffer    {r['buffer_size']} of {r['buffer_capacity']} samples, {r['buffer_bytes']:,} bytes")
+    print(f"train time       {r['train_seconds']:.1f} s on {r['device']} ({r['method']}, profile {r['profile']}, "
+          f"seed {r['seed']})")
+
+
+def _print_export(report: dict) -> None:
+    print(f"wrote {report['path']} ({report['bytes']:,} bytes, opset {report['opset']}); "
+          f"onnxruntime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
+
+
+def cmd_make_stream(args: argparse.Namespace) -> None:
+    from .datasets import make_stream
+
+    order = [int(c) for c in args.class_order.split(",")] if args.class_order else None
+    m = make_stream(args.dataset, args.out, tasks=args.tasks, chunk_size=args.chunk_size, seed=args.seed,
+                    per_class=args.per_class, test_per_class=args.test_per_class, class_order=order)
+    chunks = sum(len(t.chunks) for t in m.tasks)
+    print(f"wrote {m.root}: {len(m.tasks)} tasks, {chunks} chunks, input {tuple(m.input_shape)} {m.dtype}, "
+          f"{m.num_classes} classes")
+
+
+def cmd_learn(args: argparse.Namespace) -> None:
+    from .runner import learn
+
+    r = learn(args.stream, profile=args.profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
+              seed=args.seed, model=args.model, buffer_bytes=args.buffer_bytes, overwrite=args.overwrite,
+              progress=not args.quiet)
+    _print_results(r)
+    print(f"results and task snapshots in {args.run}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_onnx
+    from .snapshot import load_snapshot
+
+    model, meta = load_snapshot(args.run, args.task)
+    _print_export(export_onnx(model, meta["spec"], args.out, opset=args.opset))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .datasets import make_stream
+    from .export import export_onnx
+    from .runner import learn
+    from .snapshot import load_snapshot
+
+    out = Path(args.out)
+    stream, run = out / "stream", out / "run"
+    if not (stream / "manifest.json").exists():
+        make_stream("digits", stream, tasks=5, chunk_size=64, seed=args.seed)
+    print(f"Split-Digits stream in {stream}; learning with EsaCL at 90% sparsity on the cpu profile")
+    r = learn(stream, profile="cpu", run_dir=run, method="esacl", sparsity=0.9, seed=args.seed, overwrite=True)
+    _print_results(r)
+    last = r["tasks"] - 1
+    model, meta = load_snapshot(run, last)
+    _print_export(export_onnx(model, meta["spec"], out / f"model_task{last}.onnx"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="esacl-edge", description="On-device continual learning of sparse models.")
+    p.add_argument("--version", action="version", version=f"esacl-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="learn Split-Digits with EsaCL at 90%% sparsity and export ONNX")
+    d.add_argument("--out", default="esacl-demo", help="folder for the stream, the run and the model (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("make-stream", help="write a data set as a chunk stream")
+    s.add_argument("--dataset", required=True, help="'digits' (bundled) or 'npz:PATH' (uint8 NHWC x_train, "
+                   "y_train, x_test, y_test)")
+    s.add_argument("--out", required=True, help="stream folder to create")
+    s.add_argument("--tasks", type=int, default=5, help="number of tasks (classes split evenly; default: %(default)s)")
+    s.add_argument("--chunk-size", type=int, default=64, help="samples per chunk (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="shuffling and subsampling seed (default: %(default)s)")
+    s.add_argument("--per-class", type=int, help="keep at most this many training samples per class")
+    s.add_argument("--test-per-class", type=int, help="keep at most this many test samples per class")
+    s.add_argument("--class-order", help="comma-separated class order, e.g. 3,1,0,2,... (default: 0..K-1)")
+    s.set_defaults(func=cmd_make_stream)
+
+    l = sub.add_parser("learn", help="learn a chunk stream, snapshot every task, write results.json")
+    l.add_argument("--profile", default="cpu", help="profile name (cpu, jetson_orin) or YAML path (default: %(default)s)")
+    l.add_argument("--stream", required=True, help="chunk stream folder (with manifest.json)")
+    l.add_argument("--run", default=DEFAULT_RUN, help="run folder for snapshots and results (default: %(default)s)")
+    l.add_argument("--method", default="esacl", choices=sorted(METHODS))
+    l.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (default: the profile's)")
+    l.add_argument("--seed", type=int, default=0)
+    l.add_argument("--model", choices=MODEL_NAMES, help="backbone (default: by input shape)")
+    l.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
+    l.add_argument("--overwrite", action="store_true", help="replace a run already in --run")
+    l.add_argument("--quiet", action="store_true", help="no progress bar")
+    l.set_defaults(func=cmd_learn)
+
+    e = sub.add_parser("export", help="export the model of one task to ONNX and check it with onnxruntime",
+                       description="Export the model as it was at the end of task N (tasks count from 0) to a "
+                       "single ONNX file, then compare onnxruntime with PyTorch; fails above 1e-4.")
+    e.add_argument("--task", type=int, required=True, help="task number, counting from 0")
+    e.add_argument("out", help="output .onnx file")
+    e.add_argument("--run", default=DEFAULT_RUN, help="run folder (default: %(default)s)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default", RuntimeWarning)
+    try:
+        args.func(args)
+    except EsaclError as exc:
+        print(f"esacl-edge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esacl-edge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

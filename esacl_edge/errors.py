@@ -1,0 +1,21 @@
+"""The one error type users see: a message that names the file (or field) and what is wrong."""
+
+
+class EsaclError(Exception):
+    """Bad input or state; the CLI prints the message on one line and exits with status 2."""
+
+
+class StreamError(EsaclError):
+    """A chunk stream (manifest or chunk file) is missing, malformed or inconsistent."""
+
+
+class ProfileError(EsaclError):
+    """A device profile cannot be found or does not validate."""
+
+
+class SnapshotError(EsaclError):
+    """A run directory or task snapshot is missing or does not match the model."""
+
+
+class ExportError(EsaclError):
+    """ONNX export failed or the exported file disagrees with PyTorch."""

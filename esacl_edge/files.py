@@ -1,0 +1,43 @@
+"""Atomic writes: a file appears complete under its name, or not at all."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write(f)`` on a temp file in the target folder, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save a flat dict of plain tensors, loadable with ``torch.load(..., weights_only=True)``."""
+    atomic_write(path, lambda f: torch.save(tensors, f))

@@ -1,0 +1,76 @@
+"""IDS, intelligent data selection: which samples a step trains on and which the buffer keeps.
+
+Two rules, both driven by a per-sample informativeness score:
+
+* step level: of a minibatch b keep the ceil(gamma * |b|) highest-scoring samples, class-balanced
+  where the batch allows; only they go through the two SAM passes;
+* buffer level: per class, keep the highest-scoring candidates, except a ``spread`` share of the
+  quota drawn at random from the rest, so the buffer is not made only of outliers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SCORES = ("loss", "margin")
+
+
+def sample_scores(logits: torch.Tensor, y: torch.Tensor, kind: str = "loss") -> torch.Tensor:
+    """Informativeness of each sample: its cross-entropy, or minus its logit margin."""
+    if kind == "loss":
+        return F.cross_entropy(logits, y, reduction="none")
+    if kind == "margin":
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        return other - true
+    raise ValueError(f"unknown IDS score {kind!r}; choose one of {', '.join(SCORES)}")
+
+
+def balanced_quotas(counts: dict[int, int], total: int) -> dict[int, int]:
+    """Split ``total`` slots over classes as evenly as their available ``counts`` allow.
+
+    Classes with fewer samples than an even share give their slack to the others.
+    """
+    quotas: dict[int, int] = {}
+    remaining = min(total, sum(counts.values()))
+    items = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    for i, (cls, n) in enumerate(items):
+        share = -(-remaining // (len(items) - i))
+        quotas[cls] = min(n, share)
+        remaining -= quotas[cls]
+    return quotas
+
+
+def select_step(scores: torch.Tensor, y: torch.Tensor, keep_frac: float) -> torch.Tensor:
+    """Indices of the critical instances: top scores per class, ceil(keep_frac * n) in all."""
+    n = len(y)
+    keep = max(1, math.ceil(keep_frac * n))
+    if keep >= n:
+        return torch.arange(n, device=y.device)
+    classes, counts = torch.unique(y, return_counts=True)
+    quotas = balanced_quotas(dict(zip(classes.tolist(), counts.tolist())), keep)
+    picked = []
+    for cls, q in quotas.items():
+        idx = torch.nonzero(y == cls).squeeze(1)
+        picked.append(idx[torch.argsort(scores[idx], descending=True)[:q]])
+    return torch.cat(picked)
+
+
+def select_for_buffer(scores: np.ndarray, y: np.ndarray, quotas: dict[int, int], spread: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Indices to keep: per class, the top ``(1 - spread)`` of its quota by score, the rest at random."""
+    keep = []
+    for cls, q in quotas.items():
+        idx = np.flatnonzero(y == cls)
+        if q <= 0 or idx.size == 0:
+            continue
+        order = idx[np.argsort(-scores[idx], kind="stable")]
+        n_top = q - int(round(spread * q))
+        rest = order[n_top:]
+        keep.append(order[:n_top])
+        keep.append(rng.choice(rest, size=min(q - n_top, rest.size), replace=False))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)

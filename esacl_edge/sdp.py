@@ -1,0 +1,207 @@
+"""SDP, sharpness-aware directional pruning.
+
+The pieces, in the order a training step uses them:
+
+* :func:`perturb` / :func:`restore`: the masked SAM ascent; epsilon = rho * (g*m) / ||g*m||
+  touches live weights only.
+* :func:`mask_grads`: the descent gradient is applied to live weights only, so pruned
+  weights (zero, with zero momentum) stay exactly zero.
+* :func:`accumulate`: running averages a = E[theta * g~] and f = E[g~^2] at the perturbed point.
+* :func:`scores`: removing weight i moves theta by -theta_i e_i; the second-order loss change is
+  Delta_i = -a_i + 0.5 * theta_i^2 * f_i, and the score is |Delta_i| (lowest pruned first).
+* :func:`prune_to`, :func:`regrow`, :func:`cubic_density`: when and how much.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models import prunable_parameters
+
+SCORE_KINDS = ("directional", "magnitude")
+
+
+@dataclass
+class SdpState:
+    """Masks and pruning statistics, keyed by prunable parameter name."""
+
+    masks: dict[str, torch.Tensor]
+    a: dict[str, torch.Tensor]
+    f: dict[str, torch.Tensor]
+    grad_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # regrowth evidence at a task start
+    updates: int = 0
+    decay: float = 0.9
+
+
+def init_state(model: nn.Module, decay: float = 0.9) -> SdpState:
+    params = prunable_parameters(model)
+    return SdpState(masks={n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()},
+                    a={n: torch.zeros_like(p) for n, p in params.items()},
+                    f={n: torch.zeros_like(p) for n, p in params.items()}, decay=decay)
+
+
+def density(state: SdpState) -> float:
+    live = sum(int(m.sum()) for m in state.masks.values())
+    return live / sum(m.numel() for m in state.masks.values())
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, state: SdpState, rho: float) -> dict[str, torch.Tensor]:
+    """SAM ascent on live weights: add epsilon in place and return it (for :func:`restore`)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad
+        if name in state.masks:
+            g = g * state.masks[name]
+        grads[name] = g
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
+    scale = rho / (norm + 1e-12)
+    params = dict(model.named_parameters())
+    eps = {}
+    for name, g in grads.items():
+        eps[name] = g * scale
+        params[name].add_(eps[name])
+    return eps
+
+
+@torch.no_grad()
+def restore(model: nn.Module, eps: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, e in eps.items():
+        params[name].sub_(e)
+
+
+@torch.no_grad()
+def mask_grads(model: nn.Module, state: SdpState) -> None:
+    for name, p in prunable_parameters(model).items():
+        if p.grad is not None:
+            p.grad.mul_(state.masks[name])
+
+
+@torch.no_grad()
+def accumulate(model: nn.Module, state: SdpState) -> None:
+    """Update the running averages of theta*g~ and g~^2 from the current (descent) gradients."""
+    d = state.decay
+    for name, p in prunable_parameters(model).items():
+        if p.grad is None:
+            continue
+        g = p.grad
+        state.a[name].mul_(d).add_(p * g, alpha=1 - d)
+        state.f[name].mul_(d).add_(g * g, alpha=1 - d)
+    state.updates += 1
+
+
+@torch.no_grad()
+def record_grad_abs(model: nn.Module, state: SdpState) -> None:
+    """Sum |grad| of every prunable weight, pruned ones included (evidence for regrowth)."""
+    for name, p in prunable_parameters(model).items():
+        if p.grad is not None:
+            acc = state.grad_abs.setdefault(name, torch.zeros_like(p))
+            acc.add_(p.grad.abs())
+
+
+@torch.no_grad()
+def scores(model: nn.Module, state: SdpState, kind: str = "directional") -> dict[str, torch.Tensor]:
+    """Pruning scores per prunable weight; lower means safer to remove."""
+    params = prunable_parameters(model)
+    if kind == "magnitude":
+        return {n: p.abs() for n, p in params.items()}
+    if kind != "directional":
+        raise ValueError(f"unknown SDP score {kind!r}; choose one of {', '.join(SCORE_KINDS)}")
+    bias = 1 - state.decay ** max(state.updates, 1)  # EMA bias correction
+    return {n: (-state.a[n] / bias + 0.5 * p * p * state.f[n] / bias).abs() for n, p in params.items()}
+
+
+def _zero_optimizer_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, where: torch.Tensor) -> None:
+    if optimizer is None:
+        return
+    for value in optimizer.state.get(p, {}).values():
+        if torch.is_tensor(value) and value.shape == p.shape:
+            value[where] = 0
+
+
+@torch.no_grad()
+def prune_to(model: nn.Module, state: SdpState, target_density: float, score: dict[str, torch.Tensor],
+             optimizer: torch.optim.Optimizer | None = None, min_live_per_layer: int = 1) -> int:
+    """Prune the lowest-scoring live weights, ranked globally, until exactly
+    ``round(target_density * d)`` prunable weights are live. Returns how many were removed.
+
+    Every layer keeps at least ``min_live_per_layer`` weights so no layer is cut off.
+    Pruned weights and their optimizer state are set to zero.
+    """
+    params = prunable_parameters(model)
+    total = sum(m.numel() for m in state.masks.values())
+    live_now = sum(int(m.sum()) for m in state.masks.values())
+    keep = max(int(round(target_density * total)), min_live_per_layer * len(params))
+    n_remove = live_now - keep
+    if n_remove <= 0:
+        return 0
+    flat_scores, owners = [], []
+    for name, m in state.masks.items():
+        s = score[name].flatten().clone().float()
+        s[~m.flatten()] = math.inf  # already pruned
+        # Protect each layer's best min_live_per_layer weights.
+        live_idx = torch.nonzero(m.flatten()).squeeze(1)
+        if live_idx.numel():
+            best = live_idx[torch.argsort(s[live_idx], descending=True)[:min_live_per_layer]]
+            s[best] = math.inf
+        flat_scores.append(s)
+        owners.append(name)
+    allscores = torch.cat(flat_scores)
+    cut = torch.topk(allscores, n_remove, largest=False).indices
+    remove = torch.zeros_like(allscores, dtype=torch.bool)
+    remove[cut] = True
+    offset = 0
+    for name in owners:
+        m = state.masks[name]
+        r = remove[offset: offset + m.numel()].view_as(m)
+        offset += m.numel()
+        m &= ~r
+        params[name][r] = 0
+        state.a[name][r] = 0
+        state.f[name][r] = 0
+        _zero_optimizer_state(optimizer, params[name], r)
+    return n_remove
+
+
+@torch.no_grad()
+def regrow(model: nn.Module, state: SdpState, fraction: float,
+           optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Revive ``fraction`` of all prunable weights where the recorded |grad| is largest.
+
+    Revived weights start at zero (with zero optimizer state), so the function the model
+    computes is unchanged at the moment of regrowth.
+    """
+    total = sum(m.numel() for m in state.masks.values())
+    pruned = sum(int((~m).sum()) for m in state.masks.values())
+    n_grow = min(int(round(fraction * total)), pruned)
+    if n_grow <= 0 or not state.grad_abs:
+        state.grad_abs = {}
+        return 0
+    names = list(state.masks)
+    flat = torch.cat([torch.where(state.masks[n], -math.inf, state.grad_abs.get(
+        n, torch.zeros_like(state.masks[n], dtype=torch.float32))).flatten() for n in names])
+    grow = torch.zeros_like(flat, dtype=torch.bool)
+    grow[torch.topk(flat, n_grow).indices] = True
+    params, offset = prunable_parameters(model), 0
+    for n in names:
+        m = state.masks[n]
+        g = grow[offset: offset + m.numel()].view_as(m)
+        offset += m.numel()
+        m |= g
+        params[n][g] = 0
+        _zero_optimizer_state(optimizer, params[n], g)
+    state.grad_abs = {}
+    return n_grow
+
+
+def cubic_density(start: float, target: float, step: int, total_steps: int) -> float:
+    """Cubic schedule (Zhu & Gupta): density after ``step`` of ``total_steps`` pruning steps."""
+    t = min(max(step, 0), total_steps) / max(total_steps, 1)
+    return target + (start - target) * (1 - t) ** 3

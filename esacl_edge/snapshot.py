@@ -1,0 +1,146 @@
+"""Per-task snapshots: live weights plus bit-packed masks as plain tensors, metadata as JSON.
+
+``RUN_DIR/snapshots/task_N.pt`` holds a flat dict of tensors (loaded with
+``weights_only=True``): for a pruned weight ``W``, ``W::values`` (its live entries in order)
+and ``W::mask`` (its mask, 1 bit per weight, ``numpy.packbits`` order); every other entry of
+the model's state dict as it is. ``task_N.json`` says how to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SnapshotError
+from .files import write_json, write_tensors
+from .models import build_model
+
+SCHEMA = 1
+
+
+@dataclass
+class ModelSpec:
+    """What it takes to rebuild a model: backbone, input as stored, classes, normalisation."""
+
+    model: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    normalization: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    class_names: list[str] | None = None
+
+    def build(self) -> nn.Sequential:
+        return build_model(self.model, tuple(self.input_shape), self.num_classes, self.normalization)
+
+
+def pack(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state with every masked weight stored as live values + packed mask bits."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if name in masks:
+            m = masks[name].cpu()
+            out[f"{name}::values"] = t[m].clone()
+            out[f"{name}::mask"] = torch.from_numpy(np.packbits(m.numpy().ravel()))
+        else:
+            out[name] = t.clone()
+    return out
+
+
+def unpack(tensors: dict[str, torch.Tensor], model: nn.Module, where: str = "snapshot") -> nn.Module:
+    """Load packed tensors into ``model`` (built from the same spec), masks baked into weights."""
+    state = {}
+    for name, ref in model.state_dict().items():
+        if f"{name}::values" in tensors:
+            bits = tensors.get(f"{name}::mask")
+            if bits is None:
+                raise SnapshotError(f"{where}: {name} has values but no mask")
+            mask = np.unpackbits(bits.numpy(), count=ref.numel()).astype(bool)
+            values = tensors[f"{name}::values"]
+            if int(mask.sum()) != values.numel():
+                raise SnapshotError(f"{where}: {name} mask has {int(mask.sum())} live weights, "
+                                    f"values has {values.numel()}")
+            w = torch.zeros(ref.numel(), dtype=ref.dtype)
+            w[torch.from_numpy(mask)] = values.to(ref.dtype)
+            state[name] = w.view_as(ref)
+        elif name in tensors:
+            if tensors[name].shape != ref.shape:
+                raise SnapshotError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, "
+                                    f"the model expects {tuple(ref.shape)}")
+            state[name] = tensors[name]
+        else:
+            raise SnapshotError(f"{where}: {name} is missing; was the snapshot made for another model?")
+    model.load_state_dict(state)
+    return model
+
+
+def packed_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def snapshot_paths(run_dir: str | Path, task: int) -> tuple[Path, Path]:
+    base = Path(run_dir) / "snapshots"
+    return base / f"task_{task}.pt", base / f"task_{task}.json"
+
+
+def save_snapshot(run_dir: str | Path, task: int, tensors: dict[str, torch.Tensor], spec: ModelSpec,
+                  task_classes: list[list[int]], sparsity: float) -> None:
+    pt, meta = snapshot_paths(run_dir, task)
+    write_tensors(pt, tensors)
+    write_json(meta, {"schema": SCHEMA, "task": task, "spec": asdict(spec), "task_classes": task_classes,
+                      "sparsity": sparsity, "bytes": packed_bytes(tensors)})
+
+
+def available_tasks(run_dir: str | Path) -> list[int]:
+    folder = Path(run_dir) / "snapshots"
+    return sorted(int(p.stem[5:]) for p in folder.glob("task_*.json") if p.stem[5:].isdigit())
+
+
+def load_snapshot(run_dir: str | Path, task: int) -> tuple[nn.Module, dict]:
+    """Rebuild the model as it was at the end of ``task``; returns (model in eval mode, metadata)."""
+    pt, meta_path = snapshot_paths(run_dir, task)
+    if not Path(run_dir).is_dir():
+        raise SnapshotError(f"{run_dir}: run directory not found")
+    if not meta_path.is_file() or not pt.is_file():
+        have = available_tasks(run_dir)
+        raise SnapshotError(f"{run_dir}: no snapshot for task {task} (tasks count from 0; this run has "
+                            f"{', '.join(map(str, have)) if have else 'none'})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{meta_path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA or "spec" not in meta:
+        raise SnapshotError(f"{meta_path}: unsupported snapshot schema {meta.get('schema') if isinstance(meta, dict) else None!r}"
+                            f" (this esacl-edge reads {SCHEMA})")
+    try:
+        tensors = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise SnapshotError(f"{pt}: not a readable snapshot: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+        raise SnapshotError(f"{pt}: must hold a flat dict of tensors")
+    spec = ModelSpec(**meta["spec"])
+    model = unpack(tensors, spec.build(), str(pt))
+    model.eval()
+    meta["spec"] = spec
+    return model, meta
+
+
+def sparsity_of(model: nn.Module, prunable: dict[str, torch.Tensor]) -> float:
+    """Fraction of exactly-zero entries among the given weights."""
+    total = sum(p.numel() for p in prunable.values())
+    zeros = sum(int((p == 0).sum()) for p in prunable.values())
+    return zeros / total if total else 0.0
+
+
+def dense_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def mask_bytes(numel: int) -> int:
+    return math.ceil(numel / 8)

@@ -1,0 +1,239 @@
+"""The chunk stream format: a manifest plus ``.npz`` chunk files, readable and writable with numpy alone.
+
+Layout of a stream directory::
+
+    manifest.json
+    task0/chunk0000.npz ...      # arrays x (N, H, W, C) and y (N,)
+    test/task0.npz ...           # the task's test split, same arrays
+
+``manifest.json``::
+
+    {"format": "esacl-stream", "version": 1, "name": "digits",
+     "input_shape": [H, W, C], "dtype": "uint8" | "float32", "num_classes": 10,
+     "class_names": ["0", ...] | null,
+     "normalization": {"scale": 0.0625, "mean": [m_c...], "std": [s_c...]},
+     "tasks": [{"classes": [0, 1], "chunks": ["task0/chunk0000.npz", ...],
+                "test": "test/task0.npz"}, ...]}
+
+Paths in the manifest are relative to the stream directory and may not leave it.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import StreamError
+from .files import write_json, write_npz
+
+FORMAT = "esacl-stream"
+VERSION = 1
+DTYPES = ("uint8", "float32")
+
+
+@dataclass(frozen=True)
+class Task:
+    classes: tuple[int, ...]
+    chunks: tuple[str, ...]
+    test: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    name: str
+    input_shape: tuple[int, int, int]
+    dtype: str
+    num_classes: int
+    tasks: tuple[Task, ...]
+    class_names: tuple[str, ...] | None = None
+    normalization: dict = field(default_factory=dict)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+def _int_list(value, where: str, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise StreamError(f"{where}: {what} must be a list of integers, got {value!r}")
+    return value
+
+
+def _rel_path(value, root: Path, where: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise StreamError(f"{where}: {what} must be a relative file path, got {value!r}")
+    resolved = (root / value).resolve()
+    if Path(value).is_absolute() or not resolved.is_relative_to(root.resolve()):
+        raise StreamError(f"{where}: {what} {value!r} points outside the stream directory")
+    return value
+
+
+def read_manifest(stream_dir: str | Path) -> Manifest:
+    """Read and validate ``stream_dir/manifest.json``; chunk files are checked when loaded."""
+    root = Path(stream_dir)
+    mpath = root / "manifest.json"
+    where = str(mpath)
+    if not mpath.is_file():
+        raise StreamError(f"{where}: manifest not found (is {root} a chunk stream directory?)")
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StreamError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise StreamError(f"{where}: not an {FORMAT} manifest (field 'format' must be {FORMAT!r})")
+    if raw.get("version") != VERSION:
+        raise StreamError(f"{where}: unsupported version {raw.get('version')!r} (this esacl-edge reads {VERSION})")
+    shape = _int_list(raw.get("input_shape"), where, "input_shape")
+    if len(shape) != 3 or min(shape) < 1:
+        raise StreamError(f"{where}: input_shape must be [H, W, C] with positive sizes, got {shape}")
+    dtype = raw.get("dtype")
+    if dtype not in DTYPES:
+        raise StreamError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    num_classes = raw.get("num_classes")
+    if type(num_classes) is not int or num_classes < 2:
+        raise StreamError(f"{where}: num_classes must be an integer >= 2, got {num_classes!r}")
+    names = raw.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != num_classes):
+        raise StreamError(f"{where}: class_names must be null or a list of {num_classes} names")
+    norm = raw.get("normalization") or {}
+    if not isinstance(norm, dict) or set(norm) - {"scale", "mean", "std"}:
+        raise StreamError(f"{where}: normalization must be a mapping with scale, mean, std")
+    for key in ("mean", "std"):
+        if key in norm and (not isinstance(norm[key], list) or len(norm[key]) != shape[2]):
+            raise StreamError(f"{where}: normalization.{key} must list one number per channel ({shape[2]})")
+    tasks_raw = raw.get("tasks")
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        raise StreamError(f"{where}: tasks must be a non-empty list")
+    tasks, seen_chunks, seen_classes = [], set(), set()
+    for i, t in enumerate(tasks_raw):
+        tw = f"{where}: tasks[{i}]"
+        if not isinstance(t, dict):
+            raise StreamError(f"{tw} must be a mapping with classes, chunks, test")
+        classes = _int_list(t.get("classes"), tw, "classes")
+        if not classes or any(c < 0 or c >= num_classes for c in classes):
+            raise StreamError(f"{tw}: classes must be non-empty and within 0..{num_classes - 1}, got {classes}")
+        chunks = t.get("chunks")
+        if not isinstance(chunks, list) or not chunks:
+            raise StreamError(f"{tw}: chunks must be a non-empty list of files")
+        chunks = [_rel_path(c, root, tw, "chunk") for c in chunks]
+        for c in chunks:
+            if c in seen_chunks:
+                raise StreamError(f"{tw}: chunk {c!r} is listed twice in the stream")
+            seen_chunks.add(c)
+        test = t.get("test")
+        if test is not None:
+            test = _rel_path(test, root, tw, "test")
+        seen_classes.update(classes)
+        tasks.append(Task(tuple(classes), tuple(chunks), test))
+    return Manifest(root=root, name=str(raw.get("name", root.name)), input_shape=tuple(shape), dtype=dtype,
+                    num_classes=num_classes, tasks=tuple(tasks),
+                    class_names=tuple(map(str, names)) if names else None, normalization=norm)
+
+
+def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Load one chunk or test file and check it against the manifest; errors name the file."""
+    where = str(path)
+    if not path.is_file():
+        raise StreamError(f"{where}: chunk file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files or "y" not in data.files:
+                raise StreamError(f"{where}: must hold arrays 'x' and 'y', has {sorted(data.files)}")
+            x, y = data["x"], data["y"]
+    except StreamError:
+        raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise StreamError(f"{where}: holds a pickled object array; only plain numeric arrays are accepted") from None
+        raise StreamError(f"{where}: not a readable .npz file: {exc}") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise StreamError(f"{where}: not a readable .npz file (truncated or corrupt): {exc}") from None
+    if x.dtype != np.dtype(manifest.dtype):
+        raise StreamError(f"{where}: x has dtype {x.dtype}, the manifest says {manifest.dtype}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != manifest.input_shape:
+        raise StreamError(f"{where}: x has shape {tuple(x.shape)}, expected (N, "
+                          f"{', '.join(map(str, manifest.input_shape))})")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise StreamError(f"{where}: y must be a 1-D integer array, got {y.dtype} with shape {tuple(y.shape)}")
+    if len(x) != len(y):
+        raise StreamError(f"{where}: x has {len(x)} samples but y has {len(y)}")
+    if len(x) == 0:
+        raise StreamError(f"{where}: the chunk is empty")
+    bad = np.setdiff1d(np.unique(y), np.asarray(classes))
+    if bad.size:
+        raise StreamError(f"{where}: labels {bad.tolist()} are not classes of this task {list(classes)}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise StreamError(f"{where}: x contains NaN or Inf")
+    return x, y.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    task: int
+    index: int
+    n_chunks: int
+    path: Path
+    x: np.ndarray
+    y: np.ndarray
+
+
+def iter_chunks(manifest: Manifest) -> Iterator[Chunk]:
+    """Yield the chunks in stream order, each loaded and validated only when it is reached."""
+    for t, task in enumerate(manifest.tasks):
+        for i, rel in enumerate(task.chunks):
+            path = manifest.path(rel)
+            x, y = load_arrays(path, manifest, task.classes)
+            yield Chunk(t, i, len(task.chunks), path, x, y)
+
+
+def load_test(manifest: Manifest, task: int) -> tuple[np.ndarray, np.ndarray]:
+    t = manifest.tasks[task]
+    if t.test is None:
+        raise StreamError(f"{manifest.root / 'manifest.json'}: task {task} has no test split")
+    return load_arrays(manifest.path(t.test), manifest, t.classes)
+
+
+def write_stream(out: str | Path, *, name: str, x_train: np.ndarray, y_train: np.ndarray,
+                 x_test: np.ndarray, y_test: np.ndarray, task_classes: list[list[int]],
+                 num_classes: int, chunk_size: int = 64, seed: int = 0,
+                 class_names: list[str] | None = None, normalization: dict | None = None) -> Manifest:
+    """Split arrays into tasks of ``task_classes`` and write them as a chunk stream.
+
+    Within a task the training samples are shuffled with ``seed`` and cut into chunks of
+    ``chunk_size``. The manifest is written last, so a half-written stream has none.
+    """
+    out = Path(out)
+    if (out / "manifest.json").exists():
+        raise StreamError(f"{out}: already holds a stream (manifest.json); choose another --out")
+    if chunk_size < 1:
+        raise StreamError(f"chunk size must be >= 1, got {chunk_size}")
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for t, classes in enumerate(task_classes):
+        idx = np.flatnonzero(np.isin(y_train, classes))
+        if idx.size == 0:
+            raise StreamError(f"{name}: task {t} (classes {classes}) has no training samples")
+        idx = rng.permutation(idx)
+        chunks = []
+        for c, start in enumerate(range(0, len(idx), chunk_size)):
+            rel = f"task{t}/chunk{c:04d}.npz"
+            part = idx[start:start + chunk_size]
+            write_npz(out / rel, x=x_train[part], y=y_train[part].astype(np.int64))
+            chunks.append(rel)
+        test_idx = np.flatnonzero(np.isin(y_test, classes))
+        rel_test = f"test/task{t}.npz"
+        write_npz(out / rel_test, x=x_test[test_idx], y=y_test[test_idx].astype(np.int64))
+        tasks.append({"classes": [int(c) for c in classes], "chunks": chunks, "test": rel_test})
+    manifest = {
+        "format": FORMAT, "version": VERSION, "name": name,
+        "input_shape": [int(s) for s in x_train.shape[1:]], "dtype": str(x_train.dtype),
+        "num_classes": int(num_classes), "class_names": class_names,
+        "normalization": normalization or {}, "tasks": tasks,
+    }
+    write_json(out / "manifest.json", manifest)
+    return read_manifest(out)

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from esacl_edge.cli import main
+from esacl_edge.stream import load_test, read_manifest
+
+RESULT_KEYS = {"acc_matrix_class_il", "acc_matrix_task_il", "final_acc_class_il", "final_acc_task_il",
+               "forgetting_class_il", "sparsity", "model_bytes_dense", "model_bytes_sparse", "train_seconds",
+               "method", "profile", "seed"}
+
+
+@pytest.fixture
+def profile_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("name: tiny\nbatch_size: 16\npasses_per_chunk: 2\nbuffer_bytes: 4480\ntarget_sparsity: 0.8\n")
+    return path
+
+
+def test_cli_end_to_end_on_a_tiny_stream(tmp_path, profile_file, capsys):
+    stream, run = tmp_path / "stream", tmp_path / "run"
+    assert main(["make-stream", "--dataset", "digits", "--out", str(stream), "--tasks", "5", "--chunk-size", "16",
+                 "--per-class", "12", "--test-per-class", "8"]) == 0
+    assert main(["learn", "--profile", str(profile_file), "--stream", str(stream), "--run", str(run),
+                 "--seed", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "Class-IL accuracy" in printed and "final accuracy" in printed
+    r = json.loads((run / "results.json").read_text())
+    assert RESULT_KEYS <= set(r)
+    assert r["profile"] == "tiny" and r["method"] == "esacl" and r["seed"] == 1
+    assert r["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert [len(row) for row in r["acc_matrix_class_il"]] == [1, 2, 3, 4, 5]
+    assert r["final_acc_class_il"] == pytest.approx(np.mean(r["acc_matrix_class_il"][-1]))
+    assert all(a >= c for a, c in zip(r["acc_matrix_task_il"][-1], r["acc_matrix_class_il"][-1]))
+    assert r["model_bytes_sparse"] < r["model_bytes_dense"] / 3
+    assert r["buffer_bytes"] <= 4480
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == sorted(
+        f"task_{t}.{ext}" for t in range(5) for ext in ("json", "pt"))
+
+    # Export task 1 and check it classifies task 1's test data as the run measured right after task 1.
+    out = tmp_path / "t1.onnx"
+    assert main(["export", "--task", "1", str(out), "--run", str(run)]) == 0
+    assert "max abs diff" in capsys.readouterr().out
+    x, y = load_test(read_manifest(stream), 1)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": x.astype(np.float32).transpose(0, 3, 1, 2).copy()})[0]
+    assert (logits.argmax(1) == y).mean() == pytest.approx(r["acc_matrix_class_il"][1][1], abs=1e-6)
+
+    # A second learn into the same run folder is refused, unless asked to overwrite.
+    assert main(["learn", "--profile", str(profile_file), "--stream", str(stream), "--run", str(run), "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_cli_export_of_missing_task(tmp_path, capsys):
+    (tmp_path / "run" / "snapshots").mkdir(parents=True)
+    assert main(["export", "--task", "3", str(tmp_path / "m.onnx"), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no snapshot for task 3" in err and "tasks count from 0" in err
+
+
+def test_cli_bad_profile_is_one_line(tmp_path, tiny_stream, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbatch_size: -4\n")
+    assert main(["learn", "--profile", str(bad), "--stream", str(tiny_stream.root), "--run", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"esacl-edge: error: {bad}: field 'batch_size': must be an integer >= 1, got -4"
+    assert not (tmp_path / "r").exists()
+
+
+def test_console_script_help_says_tasks_count_from_zero():
+    out = subprocess.run([sys.executable, "-m", "esacl_edge.cli", "export", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "counting from 0" in out

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+
+from esacl_edge import buffer as rb
+from esacl_edge import ids
+from esacl_edge.budget import buffer_bytes_per_sample, buffer_capacity
+
+
+def test_step_selection_keeps_top_scores_per_class_and_balances():
+    y = torch.tensor([0] * 6 + [1] * 6)
+    scores = torch.tensor([5, 1, 4, 0, 3, 2, 10, 11, 9, 8, 7, 6], dtype=torch.float32)
+    keep = ids.select_step(scores, y, 0.5)
+    assert len(keep) == 6
+    assert sorted(keep.tolist()) == [0, 2, 4, 6, 7, 8]  # top 3 of class 0 and top 3 of class 1
+
+
+def test_step_selection_gives_slack_of_rare_classes_to_others():
+    y = torch.tensor([0] * 9 + [1])
+    scores = torch.arange(10, dtype=torch.float32)
+    keep = ids.select_step(scores, y, 0.5)
+    assert len(keep) == 5
+    assert 9 in keep.tolist()  # the single class-1 sample is kept
+    assert sorted(keep.tolist()) == [5, 6, 7, 8, 9]
+
+
+def test_step_selection_keep_all():
+    y = torch.tensor([0, 1, 1])
+    assert sorted(ids.select_step(torch.zeros(3), y, 1.0).tolist()) == [0, 1, 2]
+
+
+def test_margin_score_orders_by_confidence():
+    logits = torch.tensor([[5.0, 0.0], [0.5, 0.0], [0.0, 3.0]])
+    s = ids.sample_scores(logits, torch.tensor([0, 0, 0]), "margin")
+    assert s[0] < s[1] < s[2]
+
+
+@pytest.mark.parametrize("counts,total,want", [
+    ({0: 10, 1: 10, 2: 10}, 10, {0: 4, 1: 3, 2: 3}),
+    ({0: 1, 1: 100}, 10, {0: 1, 1: 9}),
+    ({0: 2, 1: 3}, 10, {0: 2, 1: 3}),
+])
+def test_balanced_quotas(counts, total, want):
+    got = ids.balanced_quotas(counts, total)
+    assert sum(got.values()) == min(total, sum(counts.values()))
+    assert sorted(got.values()) == sorted(want.values())
+    assert all(got[c] <= counts[c] for c in counts)
+
+
+def _offer(buf, rng, classes, n, task, spread=0.0):
+    y = rng.choice(classes, n)
+    x = rng.integers(0, 255, (n, 4, 4, 1), dtype=np.uint8)
+    score = rng.random(n).astype(np.float32)
+    logits = rng.standard_normal((n, 6)).astype(np.float32)
+    rb.offer_ids(buf, x, y, task, logits, score, spread, rng)
+    return x, y, score, logits
+
+
+def test_buffer_capacity_comes_from_the_byte_budget():
+    per = buffer_bytes_per_sample((4, 4, 1), "uint8", 6)
+    assert per == 16 + 2 + 2 + 4 + 4 * 6
+    assert buffer_capacity(10 * per + per - 1, (4, 4, 1), "uint8", 6) == 10
+    buf = rb.new_buffer(10 * per + per - 1, (4, 4, 1), "uint8", 6)
+    assert buf.capacity == 10 and buf.nbytes == 10 * per
+    assert buf.x.dtype == np.uint8
+
+
+def test_buffer_never_exceeds_budget_and_stays_class_balanced():
+    rng = np.random.default_rng(0)
+    budget = 3000
+    buf = rb.new_buffer(budget, (4, 4, 1), "uint8", 6)
+    offered = np.zeros(6, int)
+    for task in range(3):
+        for _ in range(4):
+            _, y, _, _ = _offer(buf, rng, [2 * task, 2 * task + 1], int(rng.integers(5, 40)), task, spread=0.25)
+            offered += np.bincount(y, minlength=6)
+            assert buf.nbytes <= budget and buf.size <= buf.capacity
+            # Balanced: a class holds fewer than the largest share only if it kept all it was offered.
+            counts = np.bincount(buf.y[: buf.size], minlength=6)
+            short = counts < counts.max() - 1
+            assert np.array_equal(counts[short], offered[short])
+    assert buf.size == buf.capacity
+    assert set(np.unique(buf.task[: buf.size])) == {0, 1, 2}
+
+
+def test_ids_buffer_keeps_highest_scoring_samples_with_stored_data_intact():
+    rng = np.random.default_rng(1)
+    per = buffer_bytes_per_sample((4, 4, 1), "uint8", 6)
+    buf = rb.new_buffer(8 * per, (4, 4, 1), "uint8", 6)
+    x, y, score, logits = _offer(buf, rng, [0, 1], 40, task=0, spread=0.0)
+    for c in (0, 1):
+        top = np.sort(score[y == c])[-4:]
+        kept = buf.score[: buf.size][buf.y[: buf.size] == c]
+        assert np.allclose(np.sort(kept), top)
+    # Every stored row is an exact copy of one offered sample (x, logits and score together).
+    for i in range(buf.size):
+        j = int(np.flatnonzero(score == buf.score[i])[0])
+        assert np.array_equal(buf.x[i], x[j]) and np.array_equal(buf.logits[i], logits[j]) and buf.y[i] == y[j]
+
+
+def test_ids_spread_fills_part_of_each_quota_at_random():
+    rng = np.random.default_rng(2)
+    per = buffer_bytes_per_sample((4, 4, 1), "uint8", 6)
+    buf = rb.new_buffer(20 * per, (4, 4, 1), "uint8", 6)
+    y = np.repeat([0, 1], 100)
+    score = np.tile(np.arange(100, dtype=np.float32), 2)
+    x = np.zeros((200, 4, 4, 1), np.uint8)
+    rb.offer_ids(buf, x, y, 0, np.zeros((200, 6), np.float32), score, 0.5, rng)
+    for c in (0, 1):
+        kept = np.sort(buf.score[: buf.size][buf.y[: buf.size] == c])
+        assert len(kept) == 10
+        assert np.array_equal(kept[-5:], np.arange(95, 100))  # the top half of the quota
+        assert kept[:5].max() < 95  # the rest from below the top
+
+
+def test_reservoir_keeps_a_uniform_sample():
+    rng = np.random.default_rng(3)
+    per = buffer_bytes_per_sample((1, 1, 1), "uint8", 2)
+    hits = np.zeros(200)
+    for _ in range(200):
+        buf = rb.new_buffer(20 * per, (1, 1, 1), "uint8", 2)
+        score = np.arange(200, dtype=np.float32)
+        rb.offer_reservoir(buf, np.zeros((200, 1, 1, 1), np.uint8), np.zeros(200, int), 0,
+                           np.zeros((200, 2), np.float32), score, rng)
+        hits[buf.score[: buf.size].astype(int)] += 1
+    first, last = hits[:100].sum(), hits[100:].sum()
+    assert abs(first - last) < 0.15 * (first + last)

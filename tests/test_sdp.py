@@ -1,0 +1,172 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from esacl_edge import StreamingLearner, sdp
+from esacl_edge.methods import get_method
+from esacl_edge.models import prunable_parameters
+
+
+def _chunk(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = (rng.integers(0, 17, (n, 8, 8, 1)) // 2 + y[:, None, None, None] * 2).astype(np.uint8)
+    return x, y
+
+
+def test_pruned_weights_stay_exactly_zero_through_sam_steps(fast_profile, digits_norm):
+    # Momentum and weight decay are on: the optimizer state must not move pruned weights either.
+    method = get_method("esacl").replace(momentum=0.9, weight_decay=5e-4)
+    learner = StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), method=method, sparsity=0.5,
+                               input_dtype="uint8", normalization=digits_norm, seed=0)
+    x, y = _chunk()
+    learner.begin_task(0, n_chunks=1)
+    learner.observe(x, y, 0)  # momentum builds up, then the schedule prunes to 50%
+    masks = {n: m.clone() for n, m in learner.sdp.masks.items()}
+    assert learner.sparsity() == pytest.approx(0.5, abs=1e-3)
+    for seed in range(1, 6):
+        learner.observe(*_chunk(seed=seed), 0)
+    for name, p in prunable_parameters(learner.model).items():
+        assert torch.equal(learner.sdp.masks[name], masks[name])
+        assert torch.count_nonzero(p[~masks[name]]) == 0, name
+        assert torch.count_nonzero(p[masks[name]]) > 0.99 * masks[name].sum()
+
+
+def test_perturbation_touches_live_weights_only_and_has_radius_rho():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    state = sdp.init_state(model)
+    state.masks["0.weight"][:, :3] = False
+    with torch.no_grad():
+        model[0].weight[~state.masks["0.weight"]] = 0
+    loss = model(torch.randn(8, 6)).pow(2).sum()
+    loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eps = sdp.perturb(model, state, rho=0.05)
+    assert torch.count_nonzero(eps["0.weight"][~state.masks["0.weight"]]) == 0
+    assert torch.sqrt(sum((e ** 2).sum() for e in eps.values())).item() == pytest.approx(0.05, rel=1e-5)
+    assert torch.count_nonzero(model[0].weight[~state.masks["0.weight"]]) == 0
+    sdp.restore(model, eps)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, before[n], atol=1e-7)
+
+
+def test_cubic_schedule_shape():
+    values = [sdp.cubic_density(1.0, 0.1, t, 3) for t in range(5)]
+    assert values[0] == 1.0
+    assert values[3] == values[4] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(values[:3], values[1:4]))
+    assert values[1] == pytest.approx(0.1 + 0.9 * (2 / 3) ** 3)
+
+
+@pytest.mark.parametrize("target", [0.75, 0.9, 0.95])
+def test_schedule_lands_on_target_sparsity(tiny_stream, fast_profile, target):
+    from esacl_edge.stream import iter_chunks
+
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), sparsity=target, input_dtype="uint8",
+                               normalization=tiny_stream.normalization)
+    total = sum(p.numel() for p in prunable_parameters(learner.model).values())
+    densities = []
+    for chunk in iter_chunks(tiny_stream):
+        if chunk.index == 0:
+            learner.begin_task(chunk.task, chunk.n_chunks)
+        learner.observe(chunk.x, chunk.y, chunk.task)
+        if chunk.index == chunk.n_chunks - 1:
+            learner.end_task()
+            densities.append(learner.density)
+            assert learner.sparsity() == pytest.approx(target, abs=1 / total + 1e-9)
+    assert all(d == pytest.approx(1 - target, abs=1 / total) for d in densities)
+    # Regrowth happened at each new task start and was pruned back.
+    assert sum(1 for e in learner.prune_events if "regrown" in e) == 4
+
+
+def test_directional_score_beats_magnitude_on_anisotropic_problem():
+    """Linear regression with inputs of very different scales: the weights on low-variance
+    inputs are large but cheap to remove; magnitude pruning removes the wrong ones."""
+    torch.manual_seed(0)
+    d = 8
+    scales = torch.tensor([0.05, 0.05, 0.05, 0.05, 2.0, 2.0, 2.0, 2.0])
+    true_w = torch.tensor([[4.0, -4.0, 3.0, -3.0, 0.3, -0.3, 0.2, -0.2]])
+    x = torch.randn(2048, d) * scales
+    yt = x @ true_w.T
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(true_w + 0.01 * torch.randn(1, d))
+    state = sdp.init_state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i in range(200):
+        idx = torch.randint(0, len(x), (128,))
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[idx]), yt[idx]).backward()
+        eps = sdp.perturb(model, state, 0.05)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[idx]), yt[idx]).backward()
+        sdp.restore(model, eps)
+        sdp.accumulate(model, state)
+        opt.step()
+
+    def loss_after_pruning(kind):
+        m = nn.Linear(d, 1, bias=False)
+        m.load_state_dict(model.state_dict())
+        st = sdp.init_state(m)
+        st.a, st.f, st.updates = state.a, state.f, state.updates
+        sdp.prune_to(m, st, 0.5, sdp.scores(model, state, kind))
+        with torch.no_grad():
+            return nn.functional.mse_loss(m(x), yt).item(), st.masks["weight"].clone()
+
+    loss_dir, mask_dir = loss_after_pruning("directional")
+    loss_mag, mask_mag = loss_after_pruning("magnitude")
+    assert not torch.equal(mask_dir, mask_mag)
+    assert mask_dir[0, 4:].all() and not mask_dir[0, :4].any()  # keeps the high-curvature weights
+    assert loss_dir < 0.25 * loss_mag
+
+
+def test_prune_to_is_exact_and_keeps_every_layer_alive():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))
+    state = sdp.init_state(model)
+    score = {"0.weight": torch.ones(10, 10), "1.weight": torch.zeros(2, 10)}  # layer 1 looks useless
+    removed = sdp.prune_to(model, state, 0.1, score, min_live_per_layer=1)
+    assert removed == 120 - 12
+    assert sum(int(m.sum()) for m in state.masks.values()) == 12
+    assert int(state.masks["1.weight"].sum()) >= 1
+    assert torch.count_nonzero(model[1].weight) == int(state.masks["1.weight"].sum())
+
+
+def test_regrow_revives_pruned_weights_at_zero_without_changing_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 10), nn.Linear(10, 3))
+    state = sdp.init_state(model)
+    sdp.prune_to(model, state, 0.2, sdp.scores(model, state, "magnitude"))
+    x = torch.randn(4, 20)
+    out_before = model(x).detach()
+    model(x).sum().backward()
+    sdp.record_grad_abs(model, state)
+    total = sum(m.numel() for m in state.masks.values())
+    live_before = sum(int(m.sum()) for m in state.masks.values())
+    grown = sdp.regrow(model, state, 0.05)
+    assert grown == round(0.05 * total)
+    assert sum(int(m.sum()) for m in state.masks.values()) == live_before + grown
+    assert torch.allclose(model(x), out_before)
+
+
+def test_no_retraining_needed_after_the_last_pruning_event(tmp_path):
+    """The accuracy on the chunk right after each task's last pruning event stays within
+    5 points of the accuracy just before it (SDP prunes where the loss is flat)."""
+    from esacl_edge.datasets import make_stream
+    from esacl_edge.profiles import load_profile
+    from esacl_edge.runner import learn
+
+    stream = make_stream("digits", tmp_path / "s", tasks=5, chunk_size=64, seed=0, per_class=60, test_per_class=10)
+    profile = load_profile("cpu").replace(passes_per_chunk=6)
+    r = learn(stream.root, profile, tmp_path / "run", sparsity=0.9, buffer_bytes=22400, progress=False)
+    last = {}
+    for e in r["prune_events"]:
+        if "chunk_acc_before" in e:
+            last[e["task"]] = e
+    assert len(last) == 5
+    for task, e in last.items():
+        assert e["chunk_acc_after"] >= e["chunk_acc_before"] - 0.05, (task, e)
+    assert r["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert math.isfinite(r["final_acc_class_il"])
