@@ -66,6 +66,29 @@ def cmd_export(args: argparse.Namespace) -> None:
     _print_export(export_onnx(model, meta["spec"], args.out, opset=args.opset))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import bench, format_table
+    from .datasets import make_stream
+    from .profiles import load_profile
+
+    out = Path(args.out)
+    stream = args.stream
+    if stream is None:
+        if args.dataset is None:
+            raise EsaclError("bench needs --stream DIR or --dataset (digits or npz:PATH)")
+        stream = out / "stream"
+        if not (stream / "manifest.json").exists():
+            make_stream(args.dataset, stream, tasks=args.tasks, chunk_size=args.chunk_size, seed=0,
+                        per_class=args.per_class, test_per_class=args.test_per_class)
+    profile = load_profile(args.profile)
+    if args.passes is not None:
+        profile = profile.replace(passes_per_chunk=args.passes)
+    report = bench(stream, args.methods.split(","), profile, out, sparsity=args.sparsity, seeds=args.seeds,
+                   buffer_bytes=args.buffer_bytes, model=args.model)
+    print(format_table(report["summary"]))
+    print(f"wrote {out / 'bench.json'}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .datasets import make_stream
     from .export import export_onnx
@@ -118,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--overwrite", action="store_true", help="replace a run already in --run")
     l.add_argument("--quiet", action="store_true", help="no progress bar")
     l.set_defaults(func=cmd_learn)
+
+    b = sub.add_parser("bench", help="compare methods on one stream over several seeds; table + bench.json")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--stream", help="existing chunk stream folder")
+    src.add_argument("--dataset", help="make a stream first: digits or npz:PATH")
+    b.add_argument("--tasks", type=int, default=5, help="with --dataset (default: %(default)s)")
+    b.add_argument("--chunk-size", type=int, default=64, help="with --dataset (default: %(default)s)")
+    b.add_argument("--per-class", type=int, help="with --dataset: training samples per class")
+    b.add_argument("--test-per-class", type=int, help="with --dataset: test samples per class")
+    b.add_argument("--methods", default="esacl,esacl@0,finetune",
+                   help="comma-separated; METHOD@S sets the sparsity of one entry (default: %(default)s)")
+    b.add_argument("--sparsity", type=float, default=0.9, help="sparsity of entries without @ (default: %(default)s)")
+    b.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
+    b.add_argument("--profile", default="cpu", help="profile name or YAML path (default: %(default)s)")
+    b.add_argument("--passes", type=int, help="override the profile's passes per chunk")
+    b.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
+    b.add_argument("--model", choices=MODEL_NAMES, help="backbone (default: by input shape)")
+    b.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
+    b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("export", help="export the model of one task to ONNX and check it with onnxruntime",
                        description="Export the model as it was at the end of task N (tasks count from 0) to a "

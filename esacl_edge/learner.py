@@ -158,8 +158,8 @@ class StreamingLearner:
         self.model.train()
         for p in range(self.profile.passes_per_chunk):
             order = torch.as_tensor(self.rng.permutation(n), device=self.device)
-            for start in range(0, n, bs):
-                idx = order[start:start + bs]
+            # Equal-sized minibatches of at most batch_size: no tiny remainder batch.
+            for idx in torch.tensor_split(order, math.ceil(n / bs)):
                 loss, logits, scores = self._step(xt[idx], yt[idx])
                 losses.append(loss)
                 if p == self.profile.passes_per_chunk - 1:
@@ -252,7 +252,7 @@ class StreamingLearner:
         else:
             cur = self.density
             want = cur - self.cfg.gap_per_chunk * (cur - target)
-        if self.density - want < 1e-9:
+        if round(want * sdp.size(self.sdp)) >= sdp.live(self.sdp):
             return
         before = self.density
         acc_before = self._accuracy(x, y)

@@ -18,16 +18,16 @@ class MethodConfig:
     ids_score: str = "loss"         # per-sample informativeness: "loss" or "margin"
     buffer: str = "ids"             # "ids", "reservoir" or "none"
     buffer_spread: float = 0.25     # share of each class quota the buffer fills at random
-    alpha: float = 0.1              # DER++ logit-matching weight
-    beta: float = 0.5               # DER++ replay cross-entropy weight
+    alpha: float = 0.3              # DER++ logit-matching weight
+    beta: float = 1.0               # DER++ replay cross-entropy weight
     sparse: bool = True             # prune to the target sparsity (False: stay dense)
     prune_score: str = "directional"  # "directional" (SDP) or "magnitude"
     prune_until: float = 0.6        # cubic schedule ends after this fraction of a task's chunks
     gap_per_chunk: float = 0.3      # unknown task length: close this share of the gap per chunk
-    regrow_frac: float = 0.02       # of all prunable weights, revived at each new task
+    regrow_frac: float = 0.05       # of all prunable weights, revived at each new task
     regrow_steps: int = 4           # steps of the new task whose |grad| decides the regrowth
     stat_decay: float = 0.9         # running-average decay of the SDP statistics
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
 

@@ -44,9 +44,18 @@ def init_state(model: nn.Module, decay: float = 0.9) -> SdpState:
                     f={n: torch.zeros_like(p) for n, p in params.items()}, decay=decay)
 
 
+def size(state: SdpState) -> int:
+    """Number of prunable weights."""
+    return sum(m.numel() for m in state.masks.values())
+
+
+def live(state: SdpState) -> int:
+    """Number of prunable weights that are not pruned."""
+    return sum(int(m.sum()) for m in state.masks.values())
+
+
 def density(state: SdpState) -> float:
-    live = sum(int(m.sum()) for m in state.masks.values())
-    return live / sum(m.numel() for m in state.masks.values())
+    return live(state) / size(state)
 
 
 @torch.no_grad()
@@ -136,10 +145,8 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
     Pruned weights and their optimizer state are set to zero.
     """
     params = prunable_parameters(model)
-    total = sum(m.numel() for m in state.masks.values())
-    live_now = sum(int(m.sum()) for m in state.masks.values())
-    keep = max(int(round(target_density * total)), min_live_per_layer * len(params))
-    n_remove = live_now - keep
+    keep = max(int(round(target_density * size(state))), min_live_per_layer * len(params))
+    n_remove = live(state) - keep
     if n_remove <= 0:
         return 0
     flat_scores, owners = [], []
@@ -178,9 +185,7 @@ def regrow(model: nn.Module, state: SdpState, fraction: float,
     Revived weights start at zero (with zero optimizer state), so the function the model
     computes is unchanged at the moment of regrowth.
     """
-    total = sum(m.numel() for m in state.masks.values())
-    pruned = sum(int((~m).sum()) for m in state.masks.values())
-    n_grow = min(int(round(fraction * total)), pruned)
+    n_grow = min(int(round(fraction * size(state))), size(state) - live(state))
     if n_grow <= 0 or not state.grad_abs:
         state.grad_abs = {}
         return 0
