@@ -58,11 +58,11 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'method':<16}" + "".join(f"{title:>16}" for _, title, _ in COLUMNS) + f"{'time x':>9}"
+    head = f"{'method':<20}" + "".join(f"{title:>16}" for _, title, _ in COLUMNS) + f"{'time x':>9}"
     lines = [head, "-" * len(head)]
     for row in rows:
         cells = "".join(f"{row[k]['mean'] * s:>9.1f} ± {row[k]['std'] * s:<4.1f}" for k, _, s in COLUMNS)
-        lines.append(f"{row['label']:<16}{cells}{row['time_ratio_to_first']:>9.2f}")
+        lines.append(f"{row['label']:<20}{cells}{row['time_ratio_to_first']:>9.2f}")
     return "\n".join(lines)
 
 

@@ -37,6 +37,11 @@ class MethodConfig:
 
 METHODS: dict[str, MethodConfig] = {
     "esacl": MethodConfig("esacl"),
+    # Ablations: each switches off one part of EsaCL.
+    "esacl-noids": MethodConfig("esacl-noids", keep_frac=1.0),
+    "esacl-nosam": MethodConfig("esacl-nosam", rho=0.0),
+    "esacl-magnitude": MethodConfig("esacl-magnitude", prune_score="magnitude"),
+    "esacl-reservoir": MethodConfig("esacl-reservoir", buffer="reservoir"),
     "finetune": MethodConfig("finetune", rho=0.0, keep_frac=1.0, buffer="none", sparse=False),
 }
 
