@@ -1,34 +1,41 @@
-"""``esacl-edge bench``: several methods on one stream and the same seeds, interleaved, in one table."""
+"""``esacl-edge bench``: several methods on one stream and the same seeds, interleaved, in one table.
+
+Each run is a separate ``esacl-edge learn`` process, so its measured peak memory is its own.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import EsaclError
-from .files import write_json
+from .files import atomic_write, write_json
 from .methods import get_method
 from .profiles import Profile
-from .runner import learn
 
 
 def parse_method(spec: str, default_sparsity: float) -> tuple[str, str, float]:
-    """``esacl`` or ``esacl@0.75`` -> (label, method, sparsity)."""
+    """``esacl`` or ``esacl@0.75`` -> (label, method, sparsity); dense methods get sparsity 0."""
     name, _, sp = spec.partition("@")
-    get_method(name)
+    method = get_method(name)
     try:
         sparsity = float(sp) if sp else default_sparsity
     except ValueError:
         raise EsaclError(f"--methods: {spec!r}: sparsity after '@' must be a number") from None
-    if not get_method(name).sparse:
-        sparsity = 0.0
-    return spec if sp else (f"{name}@{sparsity:g}" if get_method(name).sparse else name), name, sparsity
+    if not method.sparse:
+        return name, name, 0.0
+    return f"{name}@{sparsity:g}", name, sparsity
 
 
 def machine() -> dict:
@@ -36,58 +43,90 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "esacl_edge": __version__}
 
 
-COLUMNS = [("final_acc_class_il", "Class-IL %", 100), ("final_acc_task_il", "Task-IL %", 100),
-           ("forgetting_class_il", "Forget %", 100), ("train_seconds", "Time s", 1),
-           ("model_bytes_sparse", "Model KB", 1e-3)]
+METRICS = ("final_acc_class_il", "final_acc_task_il", "forgetting_class_il", "bwt_class_il", "train_seconds",
+           "train_flops", "train_macs", "peak_memory_bytes", "model_bytes_sparse", "model_bytes_dense",
+           "buffer_bytes", "sparsity", "samples_trained")
+COLUMNS = [("final_acc_class_il", "Class-IL %", 100, 1), ("final_acc_task_il", "Task-IL %", 100, 1),
+           ("forgetting_class_il", "Forget %", 100, 1), ("train_flops", "GFLOPs", 1e-9, 1),
+           ("train_seconds", "Time s", 1, 1), ("peak_memory_bytes", "Peak MB", 2 ** -20, 0)]
 
 
 def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
-    """Mean and std per method label over seeds, plus ratios to the first label."""
+    """Mean and std per label over seeds, plus FLOP and time ratios to the first label."""
     rows = []
     for label in labels:
         mine = [r for r in runs if r["label"] == label]
-        row = {"label": label, "seeds": len(mine)}
-        for key, _, _ in COLUMNS + [("model_bytes_dense", "", 1), ("sparsity", "", 1), ("samples_trained", "", 1)]:
+        row: dict = {"label": label, "seeds": len(mine)}
+        for key in METRICS:
             vals = np.array([r[key] for r in mine], dtype=float)
             row[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
         rows.append(row)
     ref = rows[0]
     for row in rows:
-        row["time_ratio_to_first"] = row["train_seconds"]["mean"] / ref["train_seconds"]["mean"]
+        row["flops_ratio_to_first"] = row["train_flops"]["mean"] / max(ref["train_flops"]["mean"], 1e-30)
+        row["time_ratio_to_first"] = row["train_seconds"]["mean"] / max(ref["train_seconds"]["mean"], 1e-30)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'method':<20}" + "".join(f"{title:>16}" for _, title, _ in COLUMNS) + f"{'time x':>9}"
+    head = (f"{'method':<20}" + "".join(f"{title:>17}" for _, title, _, _ in COLUMNS)
+            + f"{'FLOPs x':>9}{'time x':>8}")
     lines = [head, "-" * len(head)]
     for row in rows:
-        cells = "".join(f"{row[k]['mean'] * s:>9.1f} ± {row[k]['std'] * s:<4.1f}" for k, _, s in COLUMNS)
-        lines.append(f"{row['label']:<20}{cells}{row['time_ratio_to_first']:>9.2f}")
+        cells = "".join(f"{row[k]['mean'] * s:>10.{d}f} ±{row[k]['std'] * s:<6.{d}f}" for k, _, s, d in COLUMNS)
+        lines.append(f"{row['label']:<20}{cells}{row['flops_ratio_to_first']:>9.3f}{row['time_ratio_to_first']:>8.2f}")
     return "\n".join(lines)
 
 
+def _learn_in_subprocess(stream: Path, profile_path: Path, run_dir: Path, name: str, sparsity: float, seed: int,
+                         buffer_bytes: int | None, model: str | None, anytime: bool) -> dict:
+    cmd = [sys.executable, "-m", "esacl_edge.cli", "learn", "--stream", str(stream), "--profile", str(profile_path),
+           "--run", str(run_dir), "--method", name, "--sparsity", repr(sparsity), "--seed", str(seed),
+           "--overwrite", "--quiet"]
+    if buffer_bytes is not None:
+        cmd += ["--buffer-bytes", str(buffer_bytes)]
+    if model:
+        cmd += ["--model", model]
+    if anytime:
+        cmd += ["--anytime"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EsaclError(f"run {name} seed {seed} failed: {last}")
+    return json.loads((run_dir / "results.json").read_text())
+
+
 def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | Path, sparsity: float = 0.9,
-          seeds: int = 3, buffer_bytes: int | None = None, model: str | None = None) -> dict:
+          seeds: int = 3, buffer_bytes: int | None = None, model: str | None = None, anytime: bool = False,
+          plots: bool = True) -> dict:
     """Run every method for every seed (seed-major, so methods share machine conditions)."""
     specs = [parse_method(m, sparsity) for m in methods]
     labels = [label for label, _, _ in specs]
     if len(set(labels)) != len(labels):
         raise EsaclError(f"--methods lists the same run twice: {', '.join(labels)}")
-    out = Path(out)
+    out, stream = Path(out), Path(stream)
+    profile_path = out / "profile.yaml"
+    fields = {k: v for k, v in dataclasses.asdict(profile).items() if k != "source"}
+    text = yaml.safe_dump(fields, sort_keys=False)
+    atomic_write(profile_path, lambda f: f.write(text.encode()))
     runs = []
     bar = tqdm(total=seeds * len(specs), desc="bench", unit="run")
     for seed in range(seeds):
         for label, name, sp in specs:
             bar.set_postfix(method=label, seed=seed)
             run_dir = out / "runs" / f"{label.replace('@', '_')}_seed{seed}"
-            r = learn(stream, profile, run_dir, method=name, sparsity=sp, seed=seed, buffer_bytes=buffer_bytes,
-                      model=model, overwrite=True, progress=False)
-            r.pop("prune_events")
+            r = _learn_in_subprocess(stream, profile_path, run_dir, name, sp, seed, buffer_bytes, model, anytime)
+            r.pop("prune_events", None)
             runs.append({"label": label, **r})
             bar.update(1)
     bar.close()
-    report = {"machine": machine(), "profile": profile.name, "stream": str(Path(stream).resolve()),
-              "buffer_bytes": buffer_bytes, "seeds": seeds, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "summary": summarize(runs, labels), "runs": runs}
+    report = {"machine": machine(), "profile": profile.name, "stream": str(stream.resolve()),
+              "buffer_bytes": buffer_bytes, "sparsity": sparsity, "seeds": seeds,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summarize(runs, labels), "runs": runs}
     write_json(out / "bench.json", report)
+    if plots:
+        report["plots"] = [str(p) for p in plot_report(report, out)]
     return report
+
+
+from .plots import plot_report  # noqa: E402  (matplotlib is imported lazily inside)

@@ -53,7 +53,7 @@ def cmd_learn(args: argparse.Namespace) -> None:
 
     r = learn(args.stream, profile=args.profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
               seed=args.seed, model=args.model, buffer_bytes=args.buffer_bytes, overwrite=args.overwrite,
-              progress=not args.quiet)
+              progress=not args.quiet, anytime=args.anytime)
     _print_results(r)
     print(f"results and task snapshots in {args.run}")
 
@@ -84,9 +84,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.passes is not None:
         profile = profile.replace(passes_per_chunk=args.passes)
     report = bench(stream, args.methods.split(","), profile, out, sparsity=args.sparsity, seeds=args.seeds,
-                   buffer_bytes=args.buffer_bytes, model=args.model)
+                   buffer_bytes=args.buffer_bytes, model=args.model, anytime=args.anytime)
     print(format_table(report["summary"]))
-    print(f"wrote {out / 'bench.json'}")
+    print(f"wrote {out / 'bench.json'} and {', '.join(Path(p).name for p in report.get('plots', []))}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--model", choices=MODEL_NAMES, help="backbone (default: by input shape)")
     l.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
     l.add_argument("--overwrite", action="store_true", help="replace a run already in --run")
+    l.add_argument("--anytime", action="store_true", help="also evaluate after every chunk (anytime accuracy)")
     l.add_argument("--quiet", action="store_true", help="no progress bar")
     l.set_defaults(func=cmd_learn)
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=int, default=64, help="with --dataset (default: %(default)s)")
     b.add_argument("--per-class", type=int, help="with --dataset: training samples per class")
     b.add_argument("--test-per-class", type=int, help="with --dataset: test samples per class")
-    b.add_argument("--methods", default="esacl,esacl@0,finetune",
+    b.add_argument("--methods", default="esacl,derpp,sparcl,finetune",
                    help="comma-separated; METHOD@S sets the sparsity of one entry (default: %(default)s)")
     b.add_argument("--sparsity", type=float, default=0.9, help="sparsity of entries without @ (default: %(default)s)")
     b.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--passes", type=int, help="override the profile's passes per chunk")
     b.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
     b.add_argument("--model", choices=MODEL_NAMES, help="backbone (default: by input shape)")
+    b.add_argument("--anytime", action="store_true", help="also measure accuracy after every chunk")
     b.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
 

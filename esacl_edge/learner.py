@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import buffer as rb
-from . import ids, sdp
+from . import ewc, ids, sdp, sparcl
+from .cost import CostMeter, layer_forward_flops
 from .device import autocast_dtype, select_device
 from .errors import EsaclError
 from .methods import MethodConfig, get_method
@@ -94,6 +95,10 @@ class StreamingLearner:
             raise EsaclError(f"buffer budget must be >= 0 bytes, got {budget}")
         self.buffer = rb.new_buffer(budget if self.cfg.buffer != "none" else 0, tuple(input_shape),
                                     input_dtype, num_classes)
+        self.ewc = ewc.EwcState()
+        self.grad_masks: dict[str, torch.Tensor] | None = None  # SparCL gradient masking
+        self.joint_data: list[tuple[np.ndarray, np.ndarray]] = []  # only for the joint upper bound
+        self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape))
         self.progress = TaskProgress()
         self.task_classes: dict[int, list[int]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
@@ -134,8 +139,12 @@ class StreamingLearner:
         task = self.progress.task
         if task < 0:
             raise EsaclError("end_task() called before any task was observed")
+        if self.cfg.joint:
+            self._train_joint()
         if self.cfg.sparse:
             self._prune(1.0 - self.target_sparsity)
+        if self.cfg.ewc_lambda > 0:
+            ewc.consolidate(self.model, self.ewc, self.cfg.ewc_gamma)
         self.snapshots[task] = pack(self.model, self.sdp.masks if self.cfg.sparse else {})
         self.progress = TaskProgress(task=-1)
         return self.snapshots[task]
@@ -150,25 +159,39 @@ class StreamingLearner:
             raise EsaclError(f"labels must be in 0..{self.spec.num_classes - 1}, got {y_np.min()}..{y_np.max()}")
         classes = self.task_classes[task]
         self.task_classes[task] = sorted(set(classes) | set(np.unique(y_np).tolist()))
-        xt, yt = self._tensor(x), torch.as_tensor(y_np, device=self.device)
-        n, bs = len(yt), self.profile.batch_size
+        x_np = np.asarray(x.cpu() if torch.is_tensor(x) else x)
+        if self.cfg.joint:  # the upper bound keeps everything and trains at the task's end
+            self.joint_data.append((x_np.copy(), y_np))
+            self.progress.chunks_done += 1
+            return {"loss": float("nan"), "density": self.density}
+        xt, yt = self._tensor(x_np), torch.as_tensor(y_np, device=self.device)
+        n, bs, passes = len(yt), self.profile.batch_size, self.profile.passes_per_chunk
         logits_rec = np.zeros((n, self.spec.num_classes), np.float32)
         score_rec = np.zeros(n, np.float32)
+        tracker = sparcl.ForgettingTracker.new(n) if self.cfg.ddr_frac > 0 else None
+        active = np.arange(n)
         losses = []
         self.model.train()
-        for p in range(self.profile.passes_per_chunk):
-            order = torch.as_tensor(self.rng.permutation(n), device=self.device)
+        for p in range(passes):
+            if tracker is not None and p == int(self.cfg.ddr_after * passes):
+                active = tracker.keep(active, self.cfg.ddr_frac)
+            order = torch.as_tensor(self.rng.permutation(active), device=self.device)
             # Equal-sized minibatches of at most batch_size: no tiny remainder batch.
-            for idx in torch.tensor_split(order, math.ceil(n / bs)):
+            for idx in torch.tensor_split(order, math.ceil(len(order) / bs)):
                 loss, logits, scores = self._step(xt[idx], yt[idx])
                 losses.append(loss)
-                if p == self.profile.passes_per_chunk - 1:
-                    logits_rec[idx.cpu().numpy()] = logits
-                    score_rec[idx.cpu().numpy()] = scores
-        self._offer(np.asarray(x.cpu() if torch.is_tensor(x) else x), y_np, task, logits_rec, score_rec)
+                idx_np = idx.cpu().numpy()
+                logits_rec[idx_np], score_rec[idx_np] = logits, scores
+                if tracker is not None:
+                    tracker.update(idx_np, logits.argmax(1) == y_np[idx_np])
+        self._offer(x_np, y_np, task, logits_rec, score_rec)
         self.progress.chunks_done += 1
         if self.cfg.sparse:
             self._prune_on_schedule(xt, yt)
+            if self.cfg.mask_update_every and self.progress.chunks_done % self.cfg.mask_update_every == 0:
+                sparcl.update_masks(self.model, self.sdp, self.cfg.importance_lambda, self.cfg.mask_update_frac,
+                                    self.optimizer)
+                self._masks_changed()
         return {"loss": float(np.mean(losses)), "density": self.density}
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, np.ndarray, np.ndarray]:
@@ -178,20 +201,23 @@ class StreamingLearner:
         if cfg.keep_frac < 1.0:
             with torch.no_grad(), self._autocast():
                 logits = model(xb).float()
+            self.cost.forward(len(yb))
             scores = ids.sample_scores(logits, yb, cfg.ids_score)
             keep = ids.select_step(scores, yb, cfg.keep_frac)
         else:
             logits = scores = keep = None
         xk, yk = (xb, yb) if keep is None else (xb[keep], yb[keep])
-        replay = self._replay_batch(len(yb))
+        replay = self._replay_batch(round(cfg.replay_ratio * len(yb)))
         # 2. Ascent: gradient at theta*m, perturbation epsilon on live weights only.
+        n_train = len(yk) + (0 if replay is None else len(replay[1]))
         self.optimizer.zero_grad(set_to_none=True)
         loss, out_cur = self._loss(xk, yk, replay)
         loss.backward()
+        self.cost.train_pass(n_train)
         if logits is None:  # no scoring pass: record from the training forward
             logits = out_cur.detach().float()
             scores = ids.sample_scores(logits, yb, cfg.ids_score)
-        if self.progress.task > 0 and self.progress.steps < cfg.regrow_steps and cfg.sparse:
+        if cfg.sparse and (cfg.mask_update_every or (self.progress.task > 0 and self.progress.steps < cfg.regrow_steps)):
             sdp.record_grad_abs(model, self.sdp)
         if cfg.rho > 0:
             eps = sdp.perturb(model, self.sdp, cfg.rho)
@@ -200,11 +226,16 @@ class StreamingLearner:
             with _frozen_norm_stats(model):
                 loss, _ = self._loss(xk, yk, replay)
                 loss.backward()
+            self.cost.train_pass(n_train)
             sdp.restore(model, eps)
         if cfg.sparse:
             sdp.mask_grads(model, self.sdp)
             # 4. Pruning statistics at the perturbed point.
             sdp.accumulate(model, self.sdp)
+            if self.grad_masks is not None:
+                sdp.mask_grads(model, self.sdp, self.grad_masks)
+        if cfg.ewc_lambda > 0:
+            ewc.accumulate(model, self.ewc)
         self.optimizer.step()
         self.progress.steps += 1
         self.samples_trained += len(yk)
@@ -222,14 +253,16 @@ class StreamingLearner:
     def _loss(self, x: torch.Tensor, y: torch.Tensor, replay) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy on current samples + DER++ (alpha * logit MSE + beta * CE) on replay."""
         with self._autocast():
-            if replay is None:
-                out = self.model(x).float()
-                return F.cross_entropy(out, y), out
-            rx, ry, rlogits = replay
-            out = self.model(torch.cat([x, rx])).float()
-        cur, old = out[: len(y)], out[len(y):]
-        loss = (F.cross_entropy(cur, y) + self.cfg.alpha * F.mse_loss(old, rlogits)
-                + self.cfg.beta * F.cross_entropy(old, ry))
+            out = self.model(x if replay is None else torch.cat([x, replay[0]])).float()
+        cur = out[: len(y)]
+        loss = F.cross_entropy(cur, y)
+        if replay is not None:
+            old, (_, ry, rlogits) = out[len(y):], replay
+            if self.cfg.alpha:
+                loss = loss + self.cfg.alpha * F.mse_loss(old, rlogits)
+            loss = loss + self.cfg.beta * F.cross_entropy(old, ry)
+        if self.cfg.ewc_lambda > 0:
+            loss = loss + self.cfg.ewc_lambda * ewc.penalty(self.model, self.ewc)
         return loss, cur
 
     def _offer(self, x: np.ndarray, y: np.ndarray, task: int, logits: np.ndarray, scores: np.ndarray) -> None:
@@ -240,8 +273,31 @@ class StreamingLearner:
 
     # ------------------------------------------------------------------ SDP schedule
     def _prune(self, target_density: float) -> int:
-        score = sdp.scores(self.model, self.sdp, self.cfg.prune_score)
-        return sdp.prune_to(self.model, self.sdp, target_density, score, self.optimizer)
+        score = sdp.scores(self.model, self.sdp, self.cfg.prune_score, self.cfg.importance_lambda)
+        removed = sdp.prune_to(self.model, self.sdp, target_density, score, self.optimizer)
+        if removed:
+            self._masks_changed()
+        return removed
+
+    def _masks_changed(self) -> None:
+        """Refresh what depends on the masks: SparCL's gradient masks and the FLOP densities."""
+        if self.cfg.grad_keep < 1.0:
+            self.grad_masks = sparcl.gradient_masks(self.model, self.sdp, self.cfg.importance_lambda,
+                                                    self.cfg.grad_keep)
+        weight = {n: float(m.float().mean()) for n, m in self.sdp.masks.items()}
+        grad = {n: float(m.float().mean()) for n, m in self.grad_masks.items()} if self.grad_masks else None
+        self.cost.set_density(weight, grad)
+
+    def _train_joint(self) -> None:
+        """Joint upper bound: ``passes_per_chunk`` epochs over all data seen so far (plain SGD)."""
+        x_all = np.concatenate([x for x, _ in self.joint_data])
+        y_all = np.concatenate([y for _, y in self.joint_data])
+        xt, yt = self._tensor(x_all), torch.as_tensor(y_all, device=self.device)
+        self.model.train()
+        for _ in range(self.profile.passes_per_chunk):
+            order = torch.as_tensor(self.rng.permutation(len(yt)), device=self.device)
+            for idx in torch.tensor_split(order, math.ceil(len(order) / self.profile.batch_size)):
+                self._step(xt[idx], yt[idx])
 
     def _prune_on_schedule(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """After a chunk: prune to the cubic schedule's density (no fine-tuning afterwards)."""
@@ -263,6 +319,7 @@ class StreamingLearner:
 
     def _regrow(self) -> None:
         grown = sdp.regrow(self.model, self.sdp, self.cfg.regrow_frac, self.optimizer)
+        self._masks_changed()
         # The schedule for this task starts from the regrown density.
         self.progress.start_density = self.density
         if grown:
@@ -329,6 +386,10 @@ class StreamingLearner:
         """Bytes of the model as dense float32 and in the compact snapshot encoding."""
         return {"dense": dense_bytes(self.model),
                 "sparse": packed_bytes(pack(self.model, self.sdp.masks if self.cfg.sparse else {}))}
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of exactly-zero weights per prunable layer."""
+        return {n: float((p == 0).float().mean()) for n, p in prunable_parameters(self.model).items()}
 
     def sparsity(self) -> float:
         """Fraction of exactly-zero prunable weights in the live model."""

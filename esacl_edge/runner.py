@@ -12,6 +12,7 @@ from . import __version__
 from .errors import EsaclError
 from .files import write_json
 from .learner import StreamingLearner
+from .memory import peak_memory_bytes
 from .metrics import backward_transfer, final_accuracy, forgetting
 from .methods import MethodConfig
 from .profiles import Profile, load_profile
@@ -37,8 +38,12 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir: str | Path = "esacl-run",
           method: str | MethodConfig = "esacl", sparsity: float | None = None, seed: int = 0, model: str | None = None,
-          buffer_bytes: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Learn the stream chunk by chunk; write per-task snapshots and ``results.json`` to ``run_dir``."""
+          buffer_bytes: int | None = None, overwrite: bool = False, progress: bool = True,
+          anytime: bool = False) -> dict:
+    """Learn the stream chunk by chunk; write per-task snapshots and ``results.json`` to ``run_dir``.
+
+    With ``anytime``, also evaluate on every task seen so far after every chunk.
+    """
     manifest = read_manifest(stream_dir)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     tests = [load_test(manifest, t) for t in range(len(manifest.tasks))]  # fail early on a bad test split
@@ -50,6 +55,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                                class_names=list(manifest.class_names) if manifest.class_names else None)
     acc_c: list[list[float]] = []
     acc_t: list[list[float]] = []
+    anytime_c: list[float] = []
     train_seconds = 0.0
     total = sum(len(t.chunks) for t in manifest.tasks)
     bar = tqdm(total=total, desc="learn", unit="chunk", disable=not progress)
@@ -64,6 +70,9 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         train_seconds += time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(task=chunk.task, loss=f"{info['loss']:.3f}", density=f"{learner.density:.3f}")
+        if anytime:
+            seen = [learner.evaluate(*tests[j], task=j)["class_il"] for j in range(chunk.task + 1)]
+            anytime_c.append(sum(seen) / len(seen))
         if last:
             row = [learner.evaluate(*tests[j], task=j) for j in range(chunk.task + 1)]
             acc_c.append([r["class_il"] for r in row])
@@ -81,10 +90,15 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         "model_bytes_dense": sizes["dense"], "model_bytes_sparse": sizes["sparse"],
         "buffer_capacity": learner.buffer.capacity, "buffer_size": learner.buffer.size,
         "buffer_bytes": learner.buffer.nbytes, "train_seconds": train_seconds,
-        "samples_trained": learner.samples_trained, "method": learner.cfg.name, "profile": prof.name,
+        "samples_trained": learner.samples_trained, "train_flops": learner.cost.flops,
+        "train_macs": learner.cost.macs, "dense_forward_flops_per_sample": learner.cost.dense_forward_flops,
+        "peak_memory_bytes": peak_memory_bytes(learner.device), "layer_sparsity": learner.layer_sparsity(),
+        "method": learner.cfg.name, "profile": prof.name,
         "model": learner.spec.model, "device": str(learner.device), "seed": seed,
         "stream": str(Path(stream_dir).resolve()), "tasks": len(manifest.tasks), "chunks": total,
         "prune_events": learner.prune_events, "esacl_edge_version": __version__,
     }
+    if anytime:
+        results["anytime_acc_class_il"] = anytime_c
     write_json(run_dir / "results.json", results)
     return results

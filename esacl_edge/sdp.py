@@ -22,7 +22,7 @@ from torch import nn
 
 from .models import prunable_parameters
 
-SCORE_KINDS = ("directional", "magnitude")
+SCORE_KINDS = ("directional", "magnitude", "sparcl")
 
 
 @dataclass
@@ -87,10 +87,12 @@ def restore(model: nn.Module, eps: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def mask_grads(model: nn.Module, state: SdpState) -> None:
+def mask_grads(model: nn.Module, state: SdpState, masks: dict[str, torch.Tensor] | None = None) -> None:
+    """Zero the gradients outside ``masks`` (default: the weight masks)."""
+    masks = state.masks if masks is None else masks
     for name, p in prunable_parameters(model).items():
         if p.grad is not None:
-            p.grad.mul_(state.masks[name])
+            p.grad.mul_(masks[name])
 
 
 @torch.no_grad()
@@ -116,14 +118,20 @@ def record_grad_abs(model: nn.Module, state: SdpState) -> None:
 
 
 @torch.no_grad()
-def scores(model: nn.Module, state: SdpState, kind: str = "directional") -> dict[str, torch.Tensor]:
-    """Pruning scores per prunable weight; lower means safer to remove."""
+def scores(model: nn.Module, state: SdpState, kind: str = "directional", lam: float = 0.5) -> dict[str, torch.Tensor]:
+    """Pruning scores per prunable weight; lower means safer to remove.
+
+    ``directional`` is SDP's |Delta|; ``magnitude`` is |theta|; ``sparcl`` is SparCL's
+    importance |theta| + lam * |grad| (|grad| as the root of the running mean of g^2).
+    """
     params = prunable_parameters(model)
+    bias = 1 - state.decay ** max(state.updates, 1)  # EMA bias correction
     if kind == "magnitude":
         return {n: p.abs() for n, p in params.items()}
+    if kind == "sparcl":
+        return {n: p.abs() + lam * torch.sqrt(state.f[n] / bias) for n, p in params.items()}
     if kind != "directional":
-        raise ValueError(f"unknown SDP score {kind!r}; choose one of {', '.join(SCORE_KINDS)}")
-    bias = 1 - state.decay ** max(state.updates, 1)  # EMA bias correction
+        raise ValueError(f"unknown pruning score {kind!r}; choose one of {', '.join(SCORE_KINDS)}")
     return {n: (-state.a[n] / bias + 0.5 * p * p * state.f[n] / bias).abs() for n, p in params.items()}
 
 

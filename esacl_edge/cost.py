@@ -1,0 +1,72 @@
+"""Training cost accounting: FLOPs by the RigL convention, for every method alike.
+
+Per-layer dense forward FLOPs come from ``torch.utils.flop_counter`` on one sample. A
+sparse layer's forward costs its dense FLOPs x its weight density; a backward pass costs
+two forwards: the input-gradient half at the weight density, the weight-gradient half at
+the gradient density (lower than the weight density only under gradient masking). FLOPs
+= 2 x MACs. Evaluation is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import prunable_parameters
+
+
+def layer_forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Dense forward FLOPs of one sample, per prunable weight (keyed like ``prunable_parameters``)."""
+    h, w, c = input_shape
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, c, h, w, device=device))
+    model.train(was_training)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    out = {}
+    for name in prunable_parameters(model):
+        module_path = name[: -len(".weight")]
+        out[name] = int(counts.get(f"{root}.{module_path}", 0))
+    return out
+
+
+@dataclass
+class CostMeter:
+    """Accumulates training FLOPs as passes happen."""
+
+    layer_flops: dict[str, int]
+    weight_density: dict[str, float] = field(default_factory=dict)
+    grad_density: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0
+
+    def set_density(self, weight: dict[str, float], grad: dict[str, float] | None = None) -> None:
+        self.weight_density = dict(weight)
+        self.grad_density = dict(grad if grad is not None else weight)
+
+    def _forward(self) -> float:
+        return sum(f * self.weight_density.get(n, 1.0) for n, f in self.layer_flops.items())
+
+    def _weight_grad(self) -> float:
+        return sum(f * self.grad_density.get(n, 1.0) for n, f in self.layer_flops.items())
+
+    def forward(self, samples: int) -> None:
+        """A forward pass without gradients (e.g. IDS scoring)."""
+        self.flops += samples * self._forward()
+
+    def train_pass(self, samples: int) -> None:
+        """Forward + backward (input gradients at weight density, weight gradients at gradient density)."""
+        self.flops += samples * (2 * self._forward() + self._weight_grad())
+
+    @property
+    def macs(self) -> float:
+        return self.flops / 2
+
+    @property
+    def dense_forward_flops(self) -> int:
+        return sum(self.layer_flops.values())
