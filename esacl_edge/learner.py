@@ -188,7 +188,9 @@ class StreamingLearner:
         self.progress.chunks_done += 1
         if self.cfg.sparse:
             self._prune_on_schedule(xt, yt)
-            if self.cfg.mask_update_every and self.progress.chunks_done % self.cfg.mask_update_every == 0:
+            last_chunk = self.progress.chunks_done == self.progress.n_chunks
+            if self.cfg.mask_update_every and self.progress.chunks_done % self.cfg.mask_update_every == 0 \
+                    and not last_chunk:  # weights regrown now would stay zero in the snapshot
                 sparcl.update_masks(self.model, self.sdp, self.cfg.importance_lambda, self.cfg.mask_update_frac,
                                     self.optimizer)
                 self._masks_changed()
