@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import StreamError
-from .stream import Manifest, write_stream
+from .stream import Manifest, read_npz, write_stream
 
 
 @dataclass
@@ -43,21 +42,8 @@ def load_npz_source(path: str | Path) -> Source:
     path = Path(path)
     if not path.is_file():
         raise StreamError(f"{path}: dataset file not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
-            if missing:
-                raise StreamError(f"{path}: missing arrays {sorted(missing)}")
-            arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-            names = [str(n) for n in data["class_names"]] if "class_names" in data.files else None
-    except StreamError:
-        raise
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise StreamError(f"{path}: holds a pickled object array; only plain arrays are accepted") from None
-        raise StreamError(f"{path}: not a readable .npz file: {exc}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise StreamError(f"{path}: not a readable .npz file: {exc}") from None
+    arrays = read_npz(path, ("x_train", "y_train", "x_test", "y_test"), optional=("class_names",))
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim != 4:

@@ -17,6 +17,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_report(report: dict, out: str | Path) -> list[Path]:
     """Write the three plots next to ``bench.json``; returns their paths."""
     plt = _pyplot()
@@ -40,10 +47,7 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("task evaluated")
         ax.set_ylabel("after task")
-    fig.tight_layout()
-    paths.append(out / "acc_matrix_class_il.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "acc_matrix_class_il.png"))
 
     # Final Class-IL accuracy against training FLOPs.
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -56,10 +60,7 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
     ax.set_xlabel("training FLOPs (RigL convention)")
     ax.set_ylabel("final Class-IL accuracy (%)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_flops.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "accuracy_vs_flops.png"))
 
     # Per-layer sparsity of the first seed's final model, for the methods that prune.
     sparse = [r for r in runs if r["seed"] == 0 and r["sparsity"] > 0]
@@ -74,8 +75,5 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
         ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("sparsity (%)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "layer_sparsity.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(plt, fig, out / "layer_sparsity.png"))
     return paths

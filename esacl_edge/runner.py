@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -17,13 +18,24 @@ from .metrics import backward_transfer, final_accuracy, forgetting
 from .methods import MethodConfig
 from .profiles import Profile, load_profile
 from .snapshot import save_snapshot
-from .stream import iter_chunks, load_test, read_manifest
+from .stream import Chunk, Manifest, iter_chunks, load_test, read_manifest
 
 
 def default_model(input_shape: tuple[int, int, int]) -> str:
     """Reduced ResNet-18 for colour images of 32x32 and up, the small CNN otherwise."""
     h, w, c = input_shape
     return "resnet18_reduced" if c == 3 and min(h, w) >= 32 else "small_cnn"
+
+
+def feed(learner: StreamingLearner, manifest: Manifest) -> Iterator[tuple[Chunk, dict]]:
+    """Learn the stream in order, tasks delimited by the manifest; yield each chunk once learned."""
+    for chunk in iter_chunks(manifest):
+        if chunk.index == 0:
+            learner.begin_task(chunk.task, chunk.n_chunks, list(manifest.tasks[chunk.task].classes))
+        info = learner.observe(chunk.x, chunk.y, chunk.task)
+        if chunk.index == chunk.n_chunks - 1:
+            learner.end_task()
+        yield chunk, info
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -59,15 +71,15 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
     train_seconds = 0.0
     total = sum(len(t.chunks) for t in manifest.tasks)
     bar = tqdm(total=total, desc="learn", unit="chunk", disable=not progress)
-    for chunk in iter_chunks(manifest):
-        start = time.perf_counter()
-        if chunk.index == 0:
-            learner.begin_task(chunk.task, chunk.n_chunks, list(manifest.tasks[chunk.task].classes))
-        info = learner.observe(chunk.x, chunk.y, chunk.task)
-        last = chunk.index == chunk.n_chunks - 1
-        if last:
-            learner.end_task()
+    chunks = feed(learner, manifest)
+    while True:
+        start = time.perf_counter()  # train time includes reading and validating the chunk
+        step = next(chunks, None)
+        if step is None:
+            break
+        chunk, info = step
         train_seconds += time.perf_counter() - start
+        last = chunk.index == chunk.n_chunks - 1
         bar.update(1)
         bar.set_postfix(task=chunk.task, loss=f"{info['loss']:.3f}", density=f"{learner.density:.3f}")
         if anytime:

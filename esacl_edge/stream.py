@@ -135,16 +135,18 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
                     class_names=tuple(map(str, names)) if names else None, normalization=norm)
 
 
-def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Load one chunk or test file and check it against the manifest; errors name the file."""
+def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Load named arrays with ``allow_pickle=False``; any problem is one StreamError naming the file."""
     where = str(path)
     if not path.is_file():
-        raise StreamError(f"{where}: chunk file not found")
+        raise StreamError(f"{where}: file not found")
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files or "y" not in data.files:
-                raise StreamError(f"{where}: must hold arrays 'x' and 'y', has {sorted(data.files)}")
-            x, y = data["x"], data["y"]
+            missing = [k for k in required if k not in data.files]
+            if missing:
+                raise StreamError(f"{where}: must hold arrays {', '.join(map(repr, required))}; "
+                                  f"missing {', '.join(map(repr, missing))}")
+            return {k: data[k] for k in required + optional if k in data.files}
     except StreamError:
         raise
     except ValueError as exc:
@@ -153,6 +155,15 @@ def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...]) -> tup
         raise StreamError(f"{where}: not a readable .npz file: {exc}") from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise StreamError(f"{where}: not a readable .npz file (truncated or corrupt): {exc}") from None
+
+
+def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Load one chunk or test file and check it against the manifest; errors name the file."""
+    where = str(path)
+    if not path.is_file():
+        raise StreamError(f"{where}: chunk file not found")
+    arrays = read_npz(path, ("x", "y"))
+    x, y = arrays["x"], arrays["y"]
     if x.dtype != np.dtype(manifest.dtype):
         raise StreamError(f"{where}: x has dtype {x.dtype}, the manifest says {manifest.dtype}")
     if x.ndim != 4 or tuple(x.shape[1:]) != manifest.input_shape:

@@ -1,4 +1,3 @@
-import json
 import os
 
 import numpy as np
@@ -10,7 +9,8 @@ import torch
 from esacl_edge import StreamingLearner
 from esacl_edge.errors import EsaclError, ExportError
 from esacl_edge.export import parity
-from esacl_edge.stream import iter_chunks, load_test
+from esacl_edge.runner import feed
+from esacl_edge.stream import load_test
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +18,9 @@ def learned(tiny_stream, fast_profile):
     """A learner that went through three tasks of the tiny stream at 80% sparsity."""
     learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), sparsity=0.8, input_dtype="uint8",
                                normalization=tiny_stream.normalization, buffer_bytes=4000)
-    for chunk in iter_chunks(tiny_stream):
-        if chunk.task > 2:
-            break
-        if chunk.index == 0:
-            learner.begin_task(chunk.task, chunk.n_chunks)
-        learner.observe(chunk.x, chunk.y, chunk.task)
-        if chunk.index == chunk.n_chunks - 1:
-            learner.end_task()
-    return learner
+    for chunk, _ in feed(learner, tiny_stream):
+        if chunk.task == 2 and chunk.index == chunk.n_chunks - 1:
+            return learner
 
 
 def _run(path, x_nhwc):

@@ -9,6 +9,7 @@ from torch import nn
 from esacl_edge import StreamingLearner, sdp
 from esacl_edge.methods import get_method
 from esacl_edge.models import prunable_parameters
+from esacl_edge.runner import feed
 
 
 def _chunk(n=48, seed=0):
@@ -64,18 +65,12 @@ def test_cubic_schedule_shape():
 
 @pytest.mark.parametrize("target", [0.75, 0.9, 0.95])
 def test_schedule_lands_on_target_sparsity(tiny_stream, fast_profile, target):
-    from esacl_edge.stream import iter_chunks
-
     learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), sparsity=target, input_dtype="uint8",
                                normalization=tiny_stream.normalization)
     total = sum(p.numel() for p in prunable_parameters(learner.model).values())
     densities = []
-    for chunk in iter_chunks(tiny_stream):
-        if chunk.index == 0:
-            learner.begin_task(chunk.task, chunk.n_chunks)
-        learner.observe(chunk.x, chunk.y, chunk.task)
+    for chunk, _ in feed(learner, tiny_stream):
         if chunk.index == chunk.n_chunks - 1:
-            learner.end_task()
             densities.append(learner.density)
             assert learner.sparsity() == pytest.approx(target, abs=1 / total + 1e-9)
     assert all(d == pytest.approx(1 - target, abs=1 / total) for d in densities)
@@ -157,7 +152,7 @@ def test_no_retraining_needed_after_the_last_pruning_event(monkeypatch):
     stays within 3 points of the accuracy just before it: SDP prunes where the loss is flat,
     and there is no fine-tuning phase to hide a drop."""
     from esacl_edge.datasets import make_stream
-    from esacl_edge.stream import iter_chunks, load_test
+    from esacl_edge.stream import load_test
 
     stream = make_stream("digits", Path(tempfile.mkdtemp()) / "s", tasks=5, chunk_size=64, seed=0)
     learner = StreamingLearner("small_cnn", "cpu", 10, (8, 8, 1), sparsity=0.9, input_dtype="uint8",
@@ -175,12 +170,8 @@ def test_no_retraining_needed_after_the_last_pruning_event(monkeypatch):
         return removed
 
     monkeypatch.setattr(sdp, "prune_to", measured_prune)
-    for chunk in iter_chunks(stream):
-        if chunk.index == 0:
-            learner.begin_task(chunk.task, chunk.n_chunks)
-        learner.observe(chunk.x, chunk.y, chunk.task)
-        if chunk.index == chunk.n_chunks - 1:
-            learner.end_task()
+    for _ in feed(learner, stream):
+        pass
     assert sorted(events) == [0, 1, 2, 3, 4]
     for task, (before, after) in events.items():
         assert after >= before - 0.03, (task, before, after)
