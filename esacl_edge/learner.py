@@ -104,7 +104,6 @@ class StreamingLearner:
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.prune_events: list[dict] = []
         self.samples_trained = 0
-        self._chunk_record: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ data helpers
     def _tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
