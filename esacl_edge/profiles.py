@@ -1,8 +1,8 @@
-"""Device profiles: YAML files that say where and how a device learns.
+"""Device profiles: YAML files that say what a device has and how it may learn.
 
-A profile is resolved by name (a file ``NAME.yaml`` shipped in ``device_profiles/``) or by
-path, validated field by field, and turned into a frozen :class:`Profile`. Nothing else in
-the package reads YAML.
+A profile is resolved by name (``NAME.yaml`` shipped in the package's ``device_profiles/``)
+or by path, validated field by field against :data:`SCHEMA`, and turned into a frozen
+:class:`Profile`. Nothing else in the package reads YAML. Budgets are bytes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -20,73 +20,157 @@ from .errors import ProfileError
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Validated device profile. Budgets are bytes."""
+    """A validated device profile (flat; the YAML groups the same fields in sections)."""
 
     name: str
+    description: str = ""
+    schema_version: int = SCHEMA_VERSION
+    # hardware
+    memory_mb: int = 8192
+    unified_memory: bool = False
+    gpu_compute_capability: str | None = None
+    sparse_tensor_cores: bool = False
+    # budgets (bytes)
+    training_peak_bytes: int = 4 * 2 ** 30
+    buffer_bytes: int = 65536
+    model_bytes: int | None = None
+    # training
+    training_supported: bool = True
     device: str = "cpu"
     fallback: str = "cpu"
     precision: str = "fp32"
-    target_sparsity: float = 0.9
-    buffer_bytes: int = 65536
+    target_sparsity: float | None = 0.9
     batch_size: int = 32
-    passes_per_chunk: int = 1
+    passes_per_chunk: int = 10
     threads: int = 0
-    description: str = ""
-    schema_version: int = SCHEMA_VERSION
+    runtime_overhead_bytes: int = 0
+    # export
+    opset: int = 18
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
     source: str = ""
 
     def replace(self, **changes: Any) -> "Profile":
         return dataclasses.replace(self, **changes)
 
 
-def _check(where: str, field: str, value: Any, ok: bool, want: str) -> None:
-    if not ok:
-        raise ProfileError(f"{where}: field '{field}': {want}, got {value!r}")
+def _int(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: type(v) is int and v >= low), f"must be an integer >= {low}"
+
+
+def _optional(check: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or check[0](v)), f"{check[1]} or null"
+
+
+_BOOL = ((lambda v: type(v) is bool), "must be true or false")
+_SPARSITY = ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0),
+             "must be a number in [0, 1)")
+_CC = ((lambda v: isinstance(v, str) and len(v.split(".")) == 2 and all(p.isdigit() for p in v.split("."))),
+       "must be a string like \"8.7\"")
+
+
+def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), f"must be one of {', '.join(options)}"
+
+
+_PROVIDER_LIST = ((lambda v: isinstance(v, list) and v and all(p in PROVIDERS for p in v)),
+                  f"must be a non-empty list of {', '.join(PROVIDERS)}")
+
+# YAML section -> {key: (Profile field, (check, what it must be), required)}
+SCHEMA: dict[str, dict[str, tuple[str, tuple[Callable[[Any], bool], str], bool]]] = {
+    "hardware": {
+        "memory_mb": ("memory_mb", _int(1), True),
+        "unified_memory": ("unified_memory", _BOOL, True),
+        "gpu_compute_capability": ("gpu_compute_capability", _optional(_CC), True),
+        "sparse_tensor_cores": ("sparse_tensor_cores", _BOOL, True),
+    },
+    "budgets": {
+        "training_peak_bytes": ("training_peak_bytes", _int(1), True),
+        "buffer_bytes": ("buffer_bytes", _int(0), True),
+        "model_bytes": ("model_bytes", _optional(_int(1)), False),
+    },
+    "training": {
+        "supported": ("training_supported", _BOOL, False),
+        "device": ("device", _choice(DEVICES), True),
+        "fallback": ("fallback", _choice(("cpu",)), False),
+        "precision": ("precision", _choice(PRECISIONS), False),
+        "target_sparsity": ("target_sparsity", _optional(_SPARSITY), False),
+        "batch_size": ("batch_size", _int(1), True),
+        "passes_per_chunk": ("passes_per_chunk", _int(1), True),
+        "threads": ("threads", _int(0), False),
+        "runtime_overhead_bytes": ("runtime_overhead_bytes", _int(0), False),
+    },
+    "export": {
+        "opset": ("opset", ((lambda v: type(v) is int and 7 <= v <= 23), "must be an integer from 7 to 23"), False),
+        "providers": ("providers", _PROVIDER_LIST, False),
+    },
+}
+_TOP = {"schema_version", "name", "description", "alias_of"}
 
 
 def validate(raw: Any, where: str) -> Profile:
-    """Turn a parsed YAML mapping into a Profile; one clear error per bad field."""
+    """Turn a parsed YAML mapping into a Profile; one clear error naming the first bad field."""
     if not isinstance(raw, dict):
-        raise ProfileError(f"{where}: a profile must be a YAML mapping of fields, got {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(Profile)} - {"source"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ProfileError(f"{where}: unknown field '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    v = dict(raw)
-    if "name" not in v:
-        raise ProfileError(f"{where}: field 'name' is missing")
-    _check(where, "name", v["name"], isinstance(v["name"], str) and v["name"] != "", "must be a non-empty string")
-    sv = v.get("schema_version", SCHEMA_VERSION)
-    _check(where, "schema_version", sv, type(sv) is int and 1 <= sv <= SCHEMA_VERSION,
-           f"must be an integer from 1 to {SCHEMA_VERSION}")
-    for key in ("device", "fallback"):
-        if key in v:
-            _check(where, key, v[key], v[key] in DEVICES, f"must be one of {', '.join(DEVICES)}")
-    if "precision" in v:
-        _check(where, "precision", v["precision"], v["precision"] in PRECISIONS,
-               f"must be one of {', '.join(PRECISIONS)}")
-    if "target_sparsity" in v:
-        s = v["target_sparsity"]
-        _check(where, "target_sparsity", s, isinstance(s, (int, float)) and not isinstance(s, bool)
-               and 0.0 <= s < 1.0, "must be a number in [0, 1)")
-        v["target_sparsity"] = float(s)
-    for key, low in (("buffer_bytes", 0), ("batch_size", 1), ("passes_per_chunk", 1), ("threads", 0)):
-        if key in v:
-            _check(where, key, v[key], type(v[key]) is int and v[key] >= low,
-                   f"must be an integer >= {low}")
-    if "description" in v:
-        _check(where, "description", v["description"], isinstance(v["description"], str), "must be a string")
-    return Profile(**v, source=where)
+        raise ProfileError(f"{where}: a profile must be a YAML mapping, got {type(raw).__name__}")
+
+    def bad(field: str, value: Any, want: str) -> ProfileError:
+        return ProfileError(f"{where}: field '{field}': {want}, got {value!r}")
+
+    for key in raw:
+        if key not in _TOP and key not in SCHEMA:
+            raise ProfileError(f"{where}: unknown field '{key}' (sections: {', '.join(SCHEMA)})")
+    sv = raw.get("schema_version")
+    if type(sv) is not int or sv < 1:
+        raise bad("schema_version", sv, "must be a positive integer")
+    if sv > SCHEMA_VERSION:
+        raise bad("schema_version", sv, f"is newer than this esacl-edge reads ({SCHEMA_VERSION}); upgrade esacl-edge")
+    values: dict[str, Any] = {}
+    for key, want in (("name", "must be a non-empty string"), ("description", "must be a string")):
+        if key in raw or key == "name":
+            v = raw.get(key)
+            if not isinstance(v, str) or (key == "name" and not v):
+                raise bad(key, v, want)
+            values[key] = v
+    for section, fields in SCHEMA.items():
+        body = raw.get(section)
+        if body is None:
+            if any(req for _, _, req in fields.values()):
+                raise ProfileError(f"{where}: section '{section}' is missing")
+            continue
+        if not isinstance(body, dict):
+            raise bad(section, body, "must be a mapping (section)")
+        for key in body:
+            if key not in fields:
+                raise ProfileError(f"{where}: unknown field '{section}.{key}' (known: {', '.join(fields)})")
+        for key, (attr, (check, want), required) in fields.items():
+            if key not in body:
+                if required:
+                    raise ProfileError(f"{where}: field '{section}.{key}' is missing")
+                continue
+            if not check(body[key]):
+                raise bad(f"{section}.{key}", body[key], want)
+            values[attr] = tuple(body[key]) if isinstance(body[key], list) else body[key]
+    if values.get("target_sparsity") is None and values.get("model_bytes") is None:
+        raise ProfileError(f"{where}: field 'training.target_sparsity': set it, or set budgets.model_bytes "
+                           "to derive it")
+    if "target_sparsity" in values and values["target_sparsity"] is not None:
+        values["target_sparsity"] = float(values["target_sparsity"])
+    values.setdefault("target_sparsity", None)
+    values["schema_version"] = sv
+    return Profile(**values, source=where)
+
+
+def _folder():
+    return resources.files("esacl_edge") / "device_profiles"
 
 
 def profile_names() -> list[str]:
     """Names of the profiles shipped with the package."""
-    folder = resources.files("esacl_edge") / "device_profiles"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in _folder().iterdir() if p.name.endswith(".yaml"))
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -98,7 +182,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
             raise ProfileError(f"{path}: profile file not found")
         where, text = str(path), path.read_text(encoding="utf-8")
     else:
-        res = resources.files("esacl_edge") / "device_profiles" / f"{text_path}.yaml"
+        res = _folder() / f"{text_path}.yaml"
         if not res.is_file():
             raise ProfileError(f"unknown profile {text_path!r}: not a file, and not one of "
                                f"{', '.join(profile_names())}")
@@ -109,4 +193,12 @@ def load_profile(name_or_path: str | Path) -> Profile:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ProfileError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if isinstance(raw, dict) and "alias_of" in raw:
+        target = raw["alias_of"]
+        if not isinstance(target, str) or target not in profile_names() or set(raw) - _TOP:
+            raise ProfileError(f"{where}: field 'alias_of': must name a shipped profile and stand alone, "
+                               f"got {target!r}")
+        real = load_profile(target)
+        return real.replace(name=str(raw.get("name", real.name)),
+                            description=str(raw.get("description", real.description)), source=f"{where} -> {real.source}")
     return validate(raw, where)
