@@ -58,14 +58,14 @@ METHODS: dict[str, MethodConfig] = {
     "esacl-reservoir": MethodConfig("esacl-reservoir", buffer="reservoir"),
     # Dense baselines: plain SGD steps on whole minibatches.
     "finetune": MethodConfig("finetune", rho=0.0, keep_frac=1.0, buffer="none", sparse=False),
-    "ewc": MethodConfig("ewc", rho=0.0, keep_frac=1.0, buffer="none", sparse=False, ewc_lambda=100.0),
+    "ewc": MethodConfig("ewc", rho=0.0, keep_frac=1.0, buffer="none", sparse=False, ewc_lambda=10.0),
     "er": MethodConfig("er", rho=0.0, keep_frac=1.0, buffer="reservoir", sparse=False, alpha=0.0, beta=1.0),
     "derpp": MethodConfig("derpp", rho=0.0, keep_frac=1.0, buffer="reservoir", sparse=False),
     "joint": MethodConfig("joint", rho=0.0, keep_frac=1.0, buffer="none", sparse=False, joint=True),
     # SparCL-style sparse baselines (hyperparameters from SparCL's released script where it has them).
     "sparcl": _SPARCL,
     "sparcl-er": _SPARCL.replace(name="sparcl-er", alpha=0.0, beta=1.0),
-    "sparcl-ewc": _SPARCL.replace(name="sparcl-ewc", buffer="none", ewc_lambda=100.0),
+    "sparcl-ewc": _SPARCL.replace(name="sparcl-ewc", buffer="none", ewc_lambda=10.0),
 }
 
 
