@@ -5,7 +5,6 @@ Each run is a separate ``esacl-edge learn`` process, so its measured peak memory
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import subprocess
@@ -15,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import EsaclError
 from .files import atomic_write, write_json
 from .methods import get_method
-from .profiles import Profile
+from .profiles import Profile, to_yaml
 
 
 def parse_method(spec: str, default_sparsity: float) -> tuple[str, str, float]:
@@ -106,8 +104,7 @@ def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | P
         raise EsaclError(f"--methods lists the same run twice: {', '.join(labels)}")
     out, stream = Path(out), Path(stream)
     profile_path = out / "profile.yaml"
-    fields = {k: v for k, v in dataclasses.asdict(profile).items() if k != "source"}
-    text = yaml.safe_dump(fields, sort_keys=False)
+    text = to_yaml(profile)
     atomic_write(profile_path, lambda f: f.write(text.encode()))
     runs = []
     bar = tqdm(total=seeds * len(specs), desc="bench", unit="run")

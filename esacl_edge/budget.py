@@ -1,14 +1,35 @@
-"""Budget arithmetic: bytes of the replay buffer and of the model, dense and sparse."""
+"""Budget arithmetic: from a profile's byte budgets to concrete settings.
+
+* Deployed-model budget -> target sparsity. A pruned weight tensor is stored as its live
+  float32 values plus a 1-bit mask per weight (the snapshot encoding); everything else
+  (biases, norms, the Normalize constants) is stored dense.
+* Buffer budget -> buffer capacity in samples for the stream's input shape and dtype.
+* Training-peak budget -> the largest batch (at most the profile's) whose estimated peak
+  fits: runtime + weights + gradients + optimizer state + SAM perturbation + masks and
+  pruning statistics + EWC state + activations at the batch + the buffer.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
+
+from .errors import EsaclError
+from .methods import MethodConfig
+from .models import build_model, prunable_parameters
+from .profiles import Profile
 
 # Per buffered sample besides its input: label (int16), task id (int16), insertion score (float32).
 LABEL_BYTES, TASK_BYTES, SCORE_BYTES, LOGIT_BYTES = 2, 2, 4, 4
-WEIGHT_BYTES = 4  # float32
+FLOAT_BYTES = 4
+
+
+class BudgetError(EsaclError):
+    """A profile's budget cannot hold what the run needs; the message says which term and what to change."""
 
 
 def buffer_bytes_per_sample(input_shape: tuple[int, ...], dtype: str | np.dtype, num_classes: int) -> int:
@@ -23,10 +44,124 @@ def buffer_capacity(budget_bytes: int, input_shape: tuple[int, ...], dtype: str 
     return budget_bytes // buffer_bytes_per_sample(input_shape, dtype, num_classes)
 
 
-def dense_weight_bytes(numel: int) -> int:
-    return numel * WEIGHT_BYTES
+def stored_model_bytes(model: nn.Module, sparsity: float) -> int:
+    """Bytes of the snapshot encoding at ``sparsity``: live values + mask bits + dense rest."""
+    prunable = prunable_parameters(model)
+    d = sum(p.numel() for p in prunable.values())
+    names = {f"{n}" for n in prunable}
+    rest = sum(t.numel() for n, t in model.state_dict().items() if n not in names)
+    live = int(round((1 - sparsity) * d))
+    masks = sum(math.ceil(p.numel() / 8) for p in prunable.values())
+    return FLOAT_BYTES * (live + rest) + masks
 
 
-def sparse_weight_bytes(numel: int, live: int) -> int:
-    """A pruned tensor stored as its live values plus a 1-bit-per-weight mask (the snapshot encoding)."""
-    return live * WEIGHT_BYTES + math.ceil(numel / 8)
+def sparsity_for_model_budget(model: nn.Module, budget_bytes: int) -> float:
+    """The lowest sparsity whose snapshot fits in ``budget_bytes`` (0 when the dense model fits)."""
+    prunable = prunable_parameters(model)
+    d = sum(p.numel() for p in prunable.values())
+    dense = sum(t.numel() for t in model.state_dict().values()) * FLOAT_BYTES
+    if dense <= budget_bytes:
+        return 0.0
+    fixed = stored_model_bytes(model, 1.0)  # masks and dense rest, no live weight
+    live = (budget_bytes - fixed) // FLOAT_BYTES
+    if live < len(prunable):  # every layer keeps at least one weight
+        raise BudgetError(f"budgets.model_bytes = {budget_bytes:,} B is too small for this model: its masks and "
+                          f"dense parameters alone take {fixed:,} B; raise it to at least "
+                          f"{fixed + FLOAT_BYTES * len(prunable):,} B or choose a smaller model")
+    return 1.0 - live / d
+
+
+def activation_bytes_per_sample(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Bytes of every module output in one training forward of one sample (kept for backward)."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if torch.is_tensor(output):
+            total += output.numel() * FLOAT_BYTES
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    h, w, c = input_shape
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, c, h, w))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total + h * w * c * FLOAT_BYTES
+
+
+@dataclass
+class Plan:
+    """The settings a profile yields for one model and stream, with the arithmetic behind them."""
+
+    model: str
+    input_shape: tuple[int, int, int]
+    target_sparsity: float
+    sparsity_from: str
+    model_bytes_dense: int
+    model_bytes_stored: int
+    buffer_capacity: int
+    buffer_bytes: int
+    batch_size: int
+    memory_budget_bytes: int
+    memory_terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def memory_estimate_bytes(self) -> int:
+        return sum(self.memory_terms.values())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "memory_estimate_bytes": self.memory_estimate_bytes}
+
+
+def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], num_classes: int,
+         method: MethodConfig, input_dtype: str = "uint8", sparsity: float | None = None,
+         buffer_bytes: int | None = None) -> Plan:
+    """Derive sparsity, buffer capacity and batch size from ``profile``; raise BudgetError if nothing fits."""
+    model = build_model(model_name, input_shape, num_classes)
+    n_params = sum(p.numel() for p in model.parameters())
+    d = sum(p.numel() for p in prunable_parameters(model).values())
+    if not method.sparse:
+        target, source = 0.0, "method is dense"
+    elif sparsity is not None:
+        target, source = float(sparsity), "set for this run"
+    elif profile.target_sparsity is not None:
+        target, source = profile.target_sparsity, "profile training.target_sparsity"
+    else:
+        target, source = sparsity_for_model_budget(model, profile.model_bytes), "profile budgets.model_bytes"
+    stored = stored_model_bytes(model, target) if method.sparse else n_params * FLOAT_BYTES
+    if profile.model_bytes is not None and stored > profile.model_bytes:
+        raise BudgetError(f"profile {profile.name}: the model at sparsity {target:.3f} takes {stored:,} B, over "
+                          f"budgets.model_bytes = {profile.model_bytes:,} B; raise the sparsity or the budget")
+    buf_budget = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
+    capacity = buffer_capacity(buf_budget, input_shape, input_dtype, num_classes) if method.buffer != "none" else 0
+    buf_bytes = capacity * buffer_bytes_per_sample(input_shape, input_dtype, num_classes)
+    fixed = {
+        "runtime": profile.runtime_overhead_bytes,
+        "weights": n_params * FLOAT_BYTES,
+        "gradients": n_params * FLOAT_BYTES,
+        "optimizer_state": n_params * FLOAT_BYTES if method.momentum > 0 else 0,
+        "sam_perturbation": n_params * FLOAT_BYTES if method.rho > 0 else 0,
+        "masks_and_pruning_stats": d * (1 + 3 * FLOAT_BYTES) if method.sparse else 0,
+        "ewc_state": 3 * n_params * FLOAT_BYTES if method.ewc_lambda > 0 else 0,
+        "buffer": buf_bytes,
+    }
+    per_sample = activation_bytes_per_sample(model, input_shape)
+    # A step forwards the minibatch and a replay batch of replay_ratio x its size together.
+    per_batch_sample = per_sample * (1 + (method.replay_ratio if capacity else 0))
+    room = profile.training_peak_bytes - sum(fixed.values())
+    batch = min(profile.batch_size, room // per_batch_sample) if room > 0 else 0
+    if batch < 1:
+        largest = max(fixed, key=fixed.get)
+        need = sum(fixed.values()) + per_batch_sample
+        raise BudgetError(
+            f"profile {profile.name}: budgets.training_peak_bytes = {profile.training_peak_bytes:,} B cannot hold "
+            f"one training batch of {model_name}: fixed terms take {sum(fixed.values()):,} B, the largest is "
+            f"{largest} ({fixed[largest]:,} B), and one sample's activations take {per_batch_sample:,} B; raise "
+            f"the budget to at least {need:,} B, or shrink {largest}"
+            + (" (budgets.buffer_bytes)" if largest == "buffer" else ""))
+    terms = {**fixed, "activations": int(batch * per_batch_sample)}
+    return Plan(model_name, tuple(input_shape), target, source, n_params * FLOAT_BYTES, stored, capacity, buf_bytes,
+                int(batch), profile.training_peak_bytes, terms)

@@ -34,7 +34,7 @@ class ReplayBuffer:
 
 
 def new_buffer(budget_bytes: int, input_shape: tuple[int, int, int], dtype: str, num_classes: int) -> ReplayBuffer:
-    """Allocate the largest buffer whose arrays fit in ``budget_bytes``."""
+    """Allocate the largest buffer whose arrays fit in ``budget_bytes`` (see ``budget.buffer_capacity``)."""
     cap = buffer_capacity(budget_bytes, input_shape, dtype, num_classes)
     buf = ReplayBuffer(x=np.zeros((cap, *input_shape), dtype=dtype), y=np.zeros(cap, np.int16),
                        task=np.zeros(cap, np.int16), logits=np.zeros((cap, num_classes), np.float32),

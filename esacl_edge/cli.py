@@ -15,6 +15,7 @@ from .metrics import format_matrix
 from .models import MODEL_NAMES
 
 DEFAULT_RUN = "esacl-run"
+DEMO_BUFFER_BYTES = 22400  # 200 digits samples of 112 bytes: a buffer far smaller than the stream
 
 
 def _print_results(r: dict) -> None:
@@ -89,6 +90,48 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'bench.json'} and {', '.join(Path(p).name for p in report.get('plots', []))}")
 
 
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2 ** 20:,.2f} MiB"
+
+
+def cmd_profiles(args: argparse.Namespace) -> None:
+    from .budget import plan
+    from .methods import get_method
+    from .profiles import load_profile, profile_names
+
+    if args.action == "list":
+        print(f"{'profile':<18}{'device':<7}{'memory':>10}{'train peak':>14}{'buffer':>12}{'model':>12}  description")
+        for name in profile_names():
+            p = load_profile(name)
+            print(f"{name:<18}{p.device:<7}{p.memory_mb:>7} MB{_mib(p.training_peak_bytes):>14}"
+                  f"{_mib(p.buffer_bytes):>12}{_mib(p.model_bytes):>12}  {p.description}")
+        return
+    if not args.name:
+        raise EsaclError(f"profiles {args.action} needs a profile name or YAML path")
+    p = load_profile(args.name)
+    if args.action == "show":
+        print(f"# {p.source}")
+        for key, value in vars(p).items():
+            if key != "source":
+                print(f"{key:<24}{value}")
+        print()
+    try:
+        h, w, c = (int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        raise EsaclError(f"--input-shape must be H,W,C, got {args.input_shape!r}") from None
+    pl = plan(p, args.model, (h, w, c), args.num_classes, get_method(args.method), args.dtype)
+    print(f"derived for {args.model} on {h}x{w}x{c} {args.dtype}, {args.num_classes} classes, method {args.method}:")
+    print(f"  target sparsity   {pl.target_sparsity:.4f}  ({pl.sparsity_from})")
+    print(f"  model             {pl.model_bytes_dense:,} B dense -> {pl.model_bytes_stored:,} B stored"
+          + (f" (budget {p.model_bytes:,} B)" if p.model_bytes else ""))
+    print(f"  replay buffer     {pl.buffer_capacity:,} samples = {pl.buffer_bytes:,} B (budget {p.buffer_bytes:,} B)")
+    print(f"  batch size        {pl.batch_size} (profile allows up to {p.batch_size})")
+    print(f"  training peak     estimate {pl.memory_estimate_bytes:,} B of budget {pl.memory_budget_bytes:,} B:")
+    for term, value in pl.memory_terms.items():
+        print(f"    {term:<24}{value:>16,} B")
+    print("  fits: yes" + ("" if p.training_supported else " (deployment only: this profile does not train)"))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .datasets import make_stream
     from .export import export_onnx
@@ -99,8 +142,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     stream, run = out / "stream", out / "run"
     if not (stream / "manifest.json").exists():
         make_stream("digits", stream, tasks=5, chunk_size=64, seed=args.seed)
-    print(f"Split-Digits stream in {stream}; learning with EsaCL at 90% sparsity on the cpu profile")
-    r = learn(stream, profile="cpu", run_dir=run, method="esacl", sparsity=0.9, seed=args.seed, overwrite=True)
+    print(f"Split-Digits stream in {stream}; learning with EsaCL at 90% sparsity on the cpu profile, "
+          f"replay buffer of {DEMO_BUFFER_BYTES:,} bytes")
+    r = learn(stream, profile="cpu", run_dir=run, method="esacl", sparsity=0.9, seed=args.seed, overwrite=True,
+              buffer_bytes=DEMO_BUFFER_BYTES)
     _print_results(r)
     last = r["tasks"] - 1
     model, meta = load_snapshot(run, last)
@@ -162,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--anytime", action="store_true", help="also measure accuracy after every chunk")
     b.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
+
+    pr = sub.add_parser("profiles", help="list device profiles, show one, or check a model against its budgets")
+    pr.add_argument("action", nargs="?", default="list", choices=("list", "show", "check"))
+    pr.add_argument("name", nargs="?", help="profile name or YAML path (show, check)")
+    pr.add_argument("--model", default="small_cnn", choices=MODEL_NAMES, help="(default: %(default)s)")
+    pr.add_argument("--input-shape", default="28,28,1", help="H,W,C of one stored sample (default: %(default)s)")
+    pr.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
+    pr.add_argument("--dtype", default="uint8", choices=("uint8", "float32"), help="input storage (default: %(default)s)")
+    pr.add_argument("--method", default="esacl", choices=sorted(METHODS), help="(default: %(default)s)")
+    pr.set_defaults(func=cmd_profiles)
 
     e = sub.add_parser("export", help="export the model of one task to ONNX and check it with onnxruntime",
                        description="Export the model as it was at the end of task N (tasks count from 0) to a "

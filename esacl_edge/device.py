@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -10,14 +11,33 @@ import torch
 from .profiles import Profile
 
 
-def select_device(profile: Profile, cuda_available: Callable[[], bool] = torch.cuda.is_available) -> torch.device:
+def detect_jetson(root: str | Path = "/") -> str | None:
+    """The board name if this is an NVIDIA Jetson (from the files L4T boards carry), else None."""
+    root = Path(root)
+    model = root / "proc/device-tree/model"
+    if model.is_file():
+        name = model.read_bytes().rstrip(b"\0").decode("utf-8", errors="replace").strip()
+        if "jetson" in name.lower():
+            return name
+    release = root / "etc/nv_tegra_release"
+    if release.is_file():
+        first = release.read_text(encoding="utf-8", errors="replace").splitlines()
+        return f"NVIDIA Jetson ({first[0].strip('# ').strip()})" if first else "NVIDIA Jetson"
+    return None
+
+
+def select_device(profile: Profile, cuda_available: Callable[[], bool] = torch.cuda.is_available,
+                  jetson: Callable[[], str | None] = detect_jetson) -> torch.device:
     """CUDA when the profile asks for it and it is there; otherwise the profile's fallback (CPU)."""
     device = torch.device("cpu")
     if profile.device == "cuda":
         if cuda_available():
             device = torch.device("cuda")
         else:
-            warnings.warn(f"profile {profile.name}: CUDA is not available, training on the CPU instead",
+            board = jetson()
+            hint = (f" This is a {board}: install NVIDIA's PyTorch wheel for your JetPack to train on its GPU."
+                    if board else "")
+            warnings.warn(f"profile {profile.name}: CUDA is not available, training on the CPU instead.{hint}",
                           RuntimeWarning, stacklevel=2)
     if device.type == "cpu" and profile.threads > 0:
         torch.set_num_threads(profile.threads)

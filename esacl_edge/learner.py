@@ -20,6 +20,7 @@ from torch import nn
 
 from . import buffer as rb
 from . import ewc, ids, sdp, sparcl
+from .budget import plan
 from .cost import CostMeter, layer_forward_flops
 from .device import autocast_dtype, select_device
 from .errors import EsaclError
@@ -73,12 +74,19 @@ class StreamingLearner:
                  input_shape: tuple[int, int, int] = (8, 8, 1), *, method: str | MethodConfig = "esacl",
                  sparsity: float | None = None, buffer_bytes: int | None = None, input_dtype: str = "float32",
                  normalization: dict | None = None, seed: int = 0, class_names: list[str] | None = None) -> None:
-        self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self.cfg = method if isinstance(method, MethodConfig) else get_method(method)
-        target = self.profile.target_sparsity if sparsity is None else float(sparsity)
-        if not 0.0 <= target < 1.0:
-            raise EsaclError(f"sparsity must be in [0, 1), got {target}")
-        self.target_sparsity = target if self.cfg.sparse else 0.0
+        if sparsity is not None and not 0.0 <= sparsity < 1.0:
+            raise EsaclError(f"sparsity must be in [0, 1), got {sparsity}")
+        if buffer_bytes is not None and buffer_bytes < 0:
+            raise EsaclError(f"buffer budget must be >= 0 bytes, got {buffer_bytes}")
+        if not profile.training_supported:
+            raise EsaclError(f"profile {profile.name} ({profile.source}) does not support training: "
+                             f"{profile.description}")
+        # The budgets decide sparsity, buffer capacity and batch size, before anything is trained.
+        self.plan = plan(profile, model, tuple(input_shape), num_classes, self.cfg, input_dtype, sparsity, buffer_bytes)
+        self.profile = profile.replace(batch_size=self.plan.batch_size)
+        self.target_sparsity = self.plan.target_sparsity
         self.seed = seed
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -90,11 +98,7 @@ class StreamingLearner:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                                          weight_decay=self.cfg.weight_decay)
         self.sdp = sdp.init_state(self.model, self.cfg.stat_decay)
-        budget = self.profile.buffer_bytes if buffer_bytes is None else int(buffer_bytes)
-        if budget < 0:
-            raise EsaclError(f"buffer budget must be >= 0 bytes, got {budget}")
-        self.buffer = rb.new_buffer(budget if self.cfg.buffer != "none" else 0, tuple(input_shape),
-                                    input_dtype, num_classes)
+        self.buffer = rb.new_buffer(self.plan.buffer_bytes, tuple(input_shape), input_dtype, num_classes)
         self.ewc = ewc.EwcState()
         self.grad_masks: dict[str, torch.Tensor] | None = None  # SparCL gradient masking
         self.joint_data: list[tuple[np.ndarray, np.ndarray]] = []  # only for the joint upper bound

@@ -164,6 +164,16 @@ def validate(raw: Any, where: str) -> Profile:
     return Profile(**values, source=where)
 
 
+def to_yaml(profile: Profile) -> str:
+    """The profile as YAML in the shipped layout (sections), loadable with :func:`load_profile`."""
+    out: dict[str, Any] = {"schema_version": profile.schema_version, "name": profile.name,
+                           "description": profile.description}
+    for section, fields in SCHEMA.items():
+        out[section] = {key: (list(v) if isinstance(v := getattr(profile, attr), tuple) else v)
+                        for key, (attr, _, _) in fields.items()}
+    return yaml.safe_dump(out, sort_keys=False)
+
+
 def _folder():
     return resources.files("esacl_edge") / "device_profiles"
 

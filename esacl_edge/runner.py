@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -59,12 +60,13 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
     manifest = read_manifest(stream_dir)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     tests = [load_test(manifest, t) for t in range(len(manifest.tasks))]  # fail early on a bad test split
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, overwrite)
+    # The learner checks the profile's budgets, so a run that cannot fit stops before touching run_dir.
     learner = StreamingLearner(model or default_model(manifest.input_shape), prof, manifest.num_classes,
                                manifest.input_shape, method=method, sparsity=sparsity, buffer_bytes=buffer_bytes,
                                input_dtype=manifest.dtype, normalization=manifest.normalization, seed=seed,
                                class_names=list(manifest.class_names) if manifest.class_names else None)
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, overwrite)
     acc_c: list[list[float]] = []
     acc_t: list[list[float]] = []
     anytime_c: list[float] = []
@@ -93,6 +95,11 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                           [learner.task_classes[t] for t in sorted(learner.task_classes)], learner.sparsity())
     bar.close()
     sizes = learner.model_bytes()
+    peak = peak_memory_bytes(learner.device)
+    if peak > learner.plan.memory_budget_bytes:
+        warnings.warn(f"profile {prof.name}: measured peak memory {peak:,} B exceeds "
+                      f"budgets.training_peak_bytes = {learner.plan.memory_budget_bytes:,} B", RuntimeWarning,
+                      stacklevel=2)
     results = {
         "acc_matrix_class_il": acc_c, "acc_matrix_task_il": acc_t,
         "final_acc_class_il": final_accuracy(acc_c), "final_acc_task_il": final_accuracy(acc_t),
@@ -104,7 +111,10 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         "buffer_bytes": learner.buffer.nbytes, "train_seconds": train_seconds,
         "samples_trained": learner.samples_trained, "train_flops": learner.cost.flops,
         "train_macs": learner.cost.macs, "dense_forward_flops_per_sample": learner.cost.dense_forward_flops,
-        "peak_memory_bytes": peak_memory_bytes(learner.device), "layer_sparsity": learner.layer_sparsity(),
+        "peak_memory_bytes": peak, "memory_peak_bytes": peak, "memory_budget_bytes": learner.plan.memory_budget_bytes,
+        "memory_estimate_bytes": learner.plan.memory_estimate_bytes, "memory_terms": learner.plan.memory_terms,
+        "batch_size": learner.plan.batch_size, "sparsity_from": learner.plan.sparsity_from,
+        "layer_sparsity": learner.layer_sparsity(),
         "method": learner.cfg.name, "profile": prof.name,
         "model": learner.spec.model, "device": str(learner.device), "seed": seed,
         "stream": str(Path(stream_dir).resolve()), "tasks": len(manifest.tasks), "chunks": total,

@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from esacl_edge.cli import main
+from esacl_edge.profiles import load_profile, to_yaml
 from esacl_edge.stream import load_test, read_manifest
 
 RESULT_KEYS = {"acc_matrix_class_il", "acc_matrix_task_il", "final_acc_class_il", "final_acc_task_il",
@@ -17,7 +18,8 @@ RESULT_KEYS = {"acc_matrix_class_il", "acc_matrix_task_il", "final_acc_class_il"
 @pytest.fixture
 def profile_file(tmp_path):
     path = tmp_path / "tiny.yaml"
-    path.write_text("name: tiny\nbatch_size: 16\npasses_per_chunk: 2\nbuffer_bytes: 4480\ntarget_sparsity: 0.8\n")
+    path.write_text(to_yaml(load_profile("cpu").replace(name="tiny", batch_size=16, passes_per_chunk=2,
+                                                        buffer_bytes=4480, target_sparsity=0.8)))
     return path
 
 
@@ -64,10 +66,10 @@ def test_cli_export_of_missing_task(tmp_path, capsys):
 
 def test_cli_bad_profile_is_one_line(tmp_path, tiny_stream, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nbatch_size: -4\n")
+    bad.write_text(to_yaml(load_profile("cpu")).replace("batch_size: 32", "batch_size: -4"))
     assert main(["learn", "--profile", str(bad), "--stream", str(tiny_stream.root), "--run", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"esacl-edge: error: {bad}: field 'batch_size': must be an integer >= 1, got -4"
+    assert err == f"esacl-edge: error: {bad}: field 'training.batch_size': must be an integer >= 1, got -4"
     assert not (tmp_path / "r").exists()
 
 
