@@ -34,8 +34,40 @@ def _print_results(r: dict) -> None:
 
 
 def _print_export(report: dict) -> None:
-    print(f"wrote {report['path']} ({report['bytes']:,} bytes, opset {report['opset']}); "
-          f"onnxruntime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
+    line = (f"wrote {report['path']} ({report['variant']}, {report['bytes']:,} bytes, {report['gzip_bytes']:,} gzipped, "
+            f"opset {report['opset']}); onnxruntime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
+    if "top1_agreement" in report:
+        line += f", top-1 agreement {100 * report['top1_agreement']:.1f}%"
+    print(line)
+    if "accuracy_onnx" in report:
+        print(f"accuracy on the test data of tasks 0..{report['task']}: PyTorch snapshot "
+              f"{100 * report['accuracy_torch']:.2f}%, this file {100 * report['accuracy_onnx']:.2f}%")
+    print(f"sidecar {report['path']}.json")
+
+
+def export_task(run: str | Path, task: int, out: str | Path, variant: str = "sparse", profile: str | None = None,
+                opset: int | None = None, stream: str | None = None, min_l1: float = 0.0) -> dict:
+    """Export the snapshot of ``task`` in ``run``; test data from ``stream`` (or the run's own) if present."""
+    import numpy as np
+
+    from .export import export_variant
+    from .profiles import load_profile, profile_names
+    from .snapshot import load_calibration, load_snapshot
+    from .stream import load_test, read_manifest
+
+    model, meta = load_snapshot(run, task)
+    name = profile or (meta.get("profile") if meta.get("profile") in profile_names() else "cpu")
+    prof = load_profile(name)
+    stream = stream or meta.get("stream")
+    test = None
+    if stream and (Path(stream) / "manifest.json").is_file():
+        manifest = read_manifest(stream)
+        parts = [load_test(manifest, t) for t in range(task + 1) if manifest.tasks[t].test]
+        test = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])) if parts else None
+    info = {"task": task, "task_classes": meta["task_classes"][: task + 1], "pattern": meta.get("pattern"),
+            "providers": list(prof.providers)}
+    return export_variant(model, meta["spec"], out, variant, info, calibration=load_calibration(run, task),
+                          opset=opset or prof.opset, test=test, min_l1=min_l1)
 
 
 def cmd_make_stream(args: argparse.Namespace) -> None:
@@ -54,17 +86,14 @@ def cmd_learn(args: argparse.Namespace) -> None:
 
     r = learn(args.stream, profile=args.profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
               seed=args.seed, model=args.model, buffer_bytes=args.buffer_bytes, overwrite=args.overwrite,
-              progress=not args.quiet, anytime=args.anytime)
+              progress=not args.quiet, anytime=args.anytime, pattern=args.pattern)
     _print_results(r)
     print(f"results and task snapshots in {args.run}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_onnx
-    from .snapshot import load_snapshot
-
-    model, meta = load_snapshot(args.run, args.task)
-    _print_export(export_onnx(model, meta["spec"], args.out, opset=args.opset))
+    _print_export(export_task(args.run, args.task, args.out, args.variant, args.profile, args.opset, args.stream,
+                              args.min_l1))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -134,9 +163,7 @@ def cmd_profiles(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .datasets import make_stream
-    from .export import export_onnx
     from .runner import learn
-    from .snapshot import load_snapshot
 
     out = Path(args.out)
     stream, run = out / "stream", out / "run"
@@ -148,8 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
               buffer_bytes=DEMO_BUFFER_BYTES)
     _print_results(r)
     last = r["tasks"] - 1
-    model, meta = load_snapshot(run, last)
-    _print_export(export_onnx(model, meta["spec"], out / f"model_task{last}.onnx"))
+    _print_export(export_task(run, last, out / f"model_task{last}.onnx"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
     l.add_argument("--overwrite", action="store_true", help="replace a run already in --run")
     l.add_argument("--anytime", action="store_true", help="also evaluate after every chunk (anytime accuracy)")
+    l.add_argument("--pattern", choices=("2:4",), help="N:M structured sparsity for TensorRT sparse tensor cores")
     l.add_argument("--quiet", action="store_true", help="no progress bar")
     l.set_defaults(func=cmd_learn)
 
@@ -224,7 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", type=int, required=True, help="task number, counting from 0")
     e.add_argument("out", help="output .onnx file")
     e.add_argument("--run", default=DEFAULT_RUN, help="run folder (default: %(default)s)")
-    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
+    e.add_argument("--variant", default="sparse", choices=("sparse", "dense", "structured", "int8"),
+                   help="sparse: sparse initializers (default); dense; structured: unused units and channels "
+                   "removed (small_cnn); int8: static quantization calibrated on the task's buffer samples")
+    e.add_argument("--profile", help="device profile for the opset and providers (default: the run's, or cpu)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default: the profile's)")
+    e.add_argument("--stream", help="stream whose test data of tasks 0..N measures accuracy (default: the run's)")
+    e.add_argument("--min-l1", type=float, default=0.0,
+                   help="structured only, lossy: also remove units whose L1 norm is below this share of the "
+                   "layer mean (default: 0, exact)")
     e.set_defaults(func=cmd_export)
     return p
 

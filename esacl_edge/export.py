@@ -1,12 +1,27 @@
 """ONNX export of a task's model: masks baked into the weights, one self-contained file,
 dynamic batch dimension, checked against PyTorch with onnxruntime before it is kept.
+
+Variants (:func:`export_variant`), each with a sidecar ``MODEL.onnx.json``:
+
+* ``sparse`` (default): pruned weights stored as ONNX sparse initializers (live values plus
+  linear indices in the smallest integer type that holds them); onnxruntime densifies them
+  at load, so outputs match the dense file. Strict ``onnx.checker`` wants int64 indices
+  and rejects the smaller ones; onnxruntime reads int8/16/32/64.
+* ``dense``: plain float32 initializers.
+* ``structured``: units and channels the snapshot no longer uses are removed
+  (:mod:`esacl_edge.structured`), a smaller dense network.
+* ``int8``: static QDQ quantization by onnxruntime, calibrated on the replay-buffer samples
+  kept with the snapshot; judged by top-1 agreement and accuracy, not by 1e-4 parity.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
+import json
 import os
+import platform
 import tempfile
 import warnings
 from pathlib import Path
@@ -15,10 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
 from .errors import ExportError
+from .files import write_json
+from .models import prunable_parameters
 from .snapshot import ModelSpec
 
 PARITY_TOLERANCE = 1e-4
+VARIANTS = ("sparse", "dense", "structured", "int8")
+INT8_MIN_AGREEMENT = 0.9
 
 
 def sample_inputs(spec: ModelSpec, n: int = 8, seed: int = 0) -> np.ndarray:
@@ -61,10 +81,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.
 
     path = Path(path)
     model = model.eval().cpu()
-    if not path.parent.is_dir():
-        raise ExportError(f"{path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"{path}: folder {path.parent} is not writable")
+    _check_target(path)
     x = sample if sample is not None else sample_inputs(spec)
     example = torch.from_numpy(_nchw(x[:2] if len(x) >= 2 else np.concatenate([x, x])))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
@@ -92,3 +109,172 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff, "opset": opset}
+
+
+def _check_target(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"{path}: folder {path.parent} is not writable")
+
+
+def _index_dtype(numel: int) -> np.dtype:
+    for dtype in (np.int8, np.int16, np.int32):
+        if numel - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def sparsify_initializers(proto) -> int:
+    """Move every float weight that is cheaper sparse than dense into ``sparse_initializer``."""
+    from onnx import helper, numpy_helper
+
+    moved, keep = 0, []
+    for init in proto.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype != np.float32 or w.ndim < 2:
+            keep.append(init)
+            continue
+        idx = np.flatnonzero(w)
+        dtype = _index_dtype(w.size)
+        if idx.size * (4 + dtype.itemsize) >= w.nbytes:
+            keep.append(init)
+            continue
+        values = numpy_helper.from_array(w.ravel()[idx], init.name)
+        indices = numpy_helper.from_array(idx.astype(dtype), f"{init.name}.indices")
+        proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(w.shape)))
+        moved += 1
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return moved
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over NCHW float32 batches."""
+
+    def __init__(self, name: str, x_nchw: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([{name: x_nchw[i:i + batch]} for i in range(0, len(x_nchw), batch)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantize_int8(dense_path: Path, out_path: Path, calibration_nhwc: np.ndarray) -> None:
+    """Static INT8 (QDQ, per-channel weights) with onnxruntime, calibrated on ``calibration_nhwc``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = dense_path.with_name(dense_path.name + ".pre.onnx")
+    try:
+        quant_pre_process(str(dense_path), str(prepared))
+        quantize_static(str(prepared), str(out_path), _Calibration("input", _nchw(calibration_nhwc)),
+                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256) -> np.ndarray:
+    session = _session(path)
+    x = _nchw(x_nhwc)
+    return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def torch_logits(model: nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(_nchw(x_nhwc))).numpy()
+
+
+def layer_sparsity(model: nn.Module) -> dict[str, float]:
+    return {n: float((p == 0).float().mean()) for n, p in prunable_parameters(model).items()}
+
+
+def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant: str, meta: dict,
+                   calibration: np.ndarray | None = None, opset: int = 18,
+                   test: tuple[np.ndarray, np.ndarray] | None = None, min_l1: float = 0.0) -> dict:
+    """Write ``variant`` of ``model`` to ``path`` plus ``path.json``; return the report (also in the sidecar)."""
+    import onnx
+
+    from .structured import shrink
+
+    if variant not in VARIANTS:
+        raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    path = Path(path)
+    _check_target(path)
+    model = model.eval().cpu()
+    structure = None
+    if variant == "structured":
+        model_out, structure = shrink(model, min_l1)
+    else:
+        model_out = model
+    if variant == "int8" and (calibration is None or len(calibration) == 0):
+        raise ExportError(f"{path}: INT8 export needs calibration samples, and this snapshot has none "
+                          "(the method kept no replay buffer)")
+    sample = sample_inputs(spec) if test is None else test[0][:64].astype(np.float32)
+    dense_tmp = path.with_name(f".{path.name}.dense.onnx")
+    final_tmp = path.with_name(f".{path.name}.final.onnx")
+    try:
+        report = export_onnx(model_out, spec, dense_tmp, sample=sample, opset=opset)
+        if variant in ("dense", "structured"):
+            os.replace(dense_tmp, final_tmp)
+        elif variant == "sparse":
+            proto = onnx.load(dense_tmp)
+            sparsify_initializers(proto)
+            onnx.save(proto, final_tmp)
+            report["max_abs_diff"] = parity(final_tmp, model_out, sample)
+            if not report["max_abs_diff"] <= PARITY_TOLERANCE:
+                raise ExportError(f"{path}: sparse file differs from PyTorch by {report['max_abs_diff']:.3g}")
+        else:
+            quantize_int8(dense_tmp, final_tmp, calibration)
+            got, want = onnx_logits(final_tmp, sample), torch_logits(model, sample)
+            report["max_abs_diff"] = float(np.abs(got - want).max())
+            report["top1_agreement"] = float((got.argmax(1) == want.argmax(1)).mean())
+            if report["top1_agreement"] < INT8_MIN_AGREEMENT:
+                raise ExportError(f"{path}: INT8 model agrees with PyTorch on only "
+                                  f"{100 * report['top1_agreement']:.0f}% of sample predictions")
+        os.replace(final_tmp, path)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{path}: {variant} export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    finally:
+        dense_tmp.unlink(missing_ok=True)
+        final_tmp.unlink(missing_ok=True)
+    raw = path.read_bytes()
+    report.update(variant=variant, bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 6)), opset=opset)
+    if test is not None:
+        x, y = test
+        report["accuracy_torch"] = float((torch_logits(model, x).argmax(1) == y).mean())
+        report["accuracy_onnx"] = float((onnx_logits(path, x).argmax(1) == y).mean())
+    import onnxruntime
+
+    h, w, c = spec.input_shape
+    classes = sorted({c_ for cls in meta.get("task_classes", []) for c_ in cls})
+    sidecar = {
+        **report, "path": path.name, "task": meta.get("task"), "classes": classes,
+        "task_classes": meta.get("task_classes"),
+        "class_names": [spec.class_names[i] for i in classes] if spec.class_names else None,
+        "model": spec.model, "num_classes": spec.num_classes,
+        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": [-1, c, h, w],
+                  "stored_shape": [h, w, c], "stored_dtype": spec.dtype,
+                  "normalization_in_graph": spec.normalization},
+        "output": {"name": "logits", "shape": [-1, spec.num_classes]},
+        "pattern": meta.get("pattern"), "providers": meta.get("providers", ["CPUExecutionProvider"]),
+        "layer_sparsity": layer_sparsity(model_out), "structure": structure,
+        "versions": {"esacl_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+    }
+    write_json(sidecar_path(path), sidecar)
+    return {**sidecar, "path": str(path)}
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")

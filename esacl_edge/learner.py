@@ -30,6 +30,9 @@ from .profiles import Profile, load_profile
 from .snapshot import ModelSpec, dense_bytes, pack, packed_bytes, unpack
 
 
+CALIBRATION_SAMPLES = 256
+
+
 @dataclass
 class TaskProgress:
     """Where the learner is within the current task."""
@@ -73,7 +76,8 @@ class StreamingLearner:
     def __init__(self, model: str = "small_cnn", profile: str | Path | Profile = "cpu", num_classes: int = 10,
                  input_shape: tuple[int, int, int] = (8, 8, 1), *, method: str | MethodConfig = "esacl",
                  sparsity: float | None = None, buffer_bytes: int | None = None, input_dtype: str = "float32",
-                 normalization: dict | None = None, seed: int = 0, class_names: list[str] | None = None) -> None:
+                 normalization: dict | None = None, seed: int = 0, class_names: list[str] | None = None,
+                 pattern: str | None = None) -> None:
         profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self.cfg = method if isinstance(method, MethodConfig) else get_method(method)
         if sparsity is not None and not 0.0 <= sparsity < 1.0:
@@ -85,6 +89,10 @@ class StreamingLearner:
                              f"{profile.description}")
         # The budgets decide sparsity, buffer capacity and batch size, before anything is trained.
         self.plan = plan(profile, model, tuple(input_shape), num_classes, self.cfg, input_dtype, sparsity, buffer_bytes)
+        try:
+            self.pattern = sdp.parse_pattern(pattern)
+        except ValueError as exc:
+            raise EsaclError(str(exc)) from None
         self.profile = profile.replace(batch_size=self.plan.batch_size)
         self.target_sparsity = self.plan.target_sparsity
         self.seed = seed
@@ -106,6 +114,7 @@ class StreamingLearner:
         self.progress = TaskProgress()
         self.task_classes: dict[int, list[int]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.calibration: dict[int, np.ndarray] = {}  # buffer samples kept with each snapshot (INT8 export)
         self.prune_events: list[dict] = []
         self.samples_trained = 0
 
@@ -149,6 +158,8 @@ class StreamingLearner:
         if self.cfg.ewc_lambda > 0:
             ewc.consolidate(self.model, self.ewc, self.cfg.ewc_gamma)
         self.snapshots[task] = pack(self.model, self.sdp.masks if self.cfg.sparse else {})
+        if self.buffer.size:
+            self.calibration[task] = self.buffer.x[rb.sample(self.buffer, CALIBRATION_SAMPLES, self.rng)].copy()
         self.progress = TaskProgress(task=-1)
         return self.snapshots[task]
 
@@ -279,7 +290,7 @@ class StreamingLearner:
     # ------------------------------------------------------------------ SDP schedule
     def _prune(self, target_density: float) -> int:
         score = sdp.scores(self.model, self.sdp, self.cfg.prune_score, self.cfg.importance_lambda)
-        removed = sdp.prune_to(self.model, self.sdp, target_density, score, self.optimizer)
+        removed = sdp.prune_to(self.model, self.sdp, target_density, score, self.optimizer, pattern=self.pattern)
         if removed:
             self._masks_changed()
         return removed
@@ -381,11 +392,20 @@ class StreamingLearner:
             raise EsaclError(f"no snapshot for task {task} (tasks count from 0; finished tasks: {have})")
         return unpack(self.snapshots[task], self.spec.build()).eval()
 
-    def export_onnx(self, task: int, path: str | Path, sample: np.ndarray | None = None, opset: int = 18) -> dict:
-        """Export the model of ``task`` to a single ONNX file and check it against PyTorch."""
-        from .export import export_onnx
+    def export_onnx(self, task: int, path: str | Path, variant: str = "sparse", opset: int | None = None,
+                    test: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+        """Export the model of ``task`` to one ONNX file (+ sidecar JSON), checked against PyTorch.
 
-        return export_onnx(self.snapshot_model(task), self.spec, path, sample=sample, opset=opset)
+        ``variant``: ``sparse`` (default), ``dense``, ``structured`` or ``int8``; ``test`` (x, y)
+        adds accuracy before and after export to the report.
+        """
+        from .export import export_variant
+
+        meta = {"task": task, "task_classes": [self.task_classes[t] for t in sorted(self.task_classes) if t <= task],
+                "pattern": None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}",
+                "providers": list(self.profile.providers)}
+        return export_variant(self.snapshot_model(task), self.spec, path, variant, meta,
+                              calibration=self.calibration.get(task), opset=opset or self.profile.opset, test=test)
 
     def model_bytes(self) -> dict[str, int]:
         """Bytes of the model as dense float32 and in the compact snapshot encoding."""

@@ -52,7 +52,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir: str | Path = "esacl-run",
           method: str | MethodConfig = "esacl", sparsity: float | None = None, seed: int = 0, model: str | None = None,
           buffer_bytes: int | None = None, overwrite: bool = False, progress: bool = True,
-          anytime: bool = False) -> dict:
+          anytime: bool = False, pattern: str | None = None) -> dict:
     """Learn the stream chunk by chunk; write per-task snapshots and ``results.json`` to ``run_dir``.
 
     With ``anytime``, also evaluate on every task seen so far after every chunk.
@@ -64,7 +64,8 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
     learner = StreamingLearner(model or default_model(manifest.input_shape), prof, manifest.num_classes,
                                manifest.input_shape, method=method, sparsity=sparsity, buffer_bytes=buffer_bytes,
                                input_dtype=manifest.dtype, normalization=manifest.normalization, seed=seed,
-                               class_names=list(manifest.class_names) if manifest.class_names else None)
+                               class_names=list(manifest.class_names) if manifest.class_names else None,
+                               pattern=pattern)
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, overwrite)
     acc_c: list[list[float]] = []
@@ -92,7 +93,9 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
             acc_c.append([r["class_il"] for r in row])
             acc_t.append([r["task_il"] for r in row])
             save_snapshot(run_dir, chunk.task, learner.snapshots[chunk.task], learner.spec,
-                          [learner.task_classes[t] for t in sorted(learner.task_classes)], learner.sparsity())
+                          [learner.task_classes[t] for t in sorted(learner.task_classes)], learner.sparsity(),
+                          learner.calibration.get(chunk.task),
+                          {"pattern": pattern, "stream": str(Path(stream_dir).resolve()), "profile": prof.name})
     bar.close()
     sizes = learner.model_bytes()
     peak = peak_memory_bytes(learner.device)
@@ -118,7 +121,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         "method": learner.cfg.name, "profile": prof.name,
         "model": learner.spec.model, "device": str(learner.device), "seed": seed,
         "stream": str(Path(stream_dir).resolve()), "tasks": len(manifest.tasks), "chunks": total,
-        "prune_events": learner.prune_events, "esacl_edge_version": __version__,
+        "pattern": pattern, "prune_events": learner.prune_events, "esacl_edge_version": __version__,
     }
     if anytime:
         results["anytime_acc_class_il"] = anytime_c

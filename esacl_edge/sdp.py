@@ -143,21 +143,44 @@ def _zero_optimizer_state(optimizer: torch.optim.Optimizer | None, p: torch.Tens
             value[where] = 0
 
 
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """``"2:4"`` -> (2, 4): at most N live weights in every M consecutive input channels."""
+    if pattern is None:
+        return None
+    n, _, m = pattern.partition(":")
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ValueError(f"pattern must be N:M with 0 < N < M, like 2:4; got {pattern!r}")
+    return int(n), int(m)
+
+
+def pattern_excess(score: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Live weights beyond the N best of each group of M consecutive input channels (dim 1).
+
+    Layers whose input channels are not a multiple of M are left alone (TensorRT skips them too).
+    """
+    if mask.dim() < 2 or mask.shape[1] % m:
+        return torch.zeros_like(mask)
+    s = torch.where(mask, score.float(), torch.full_like(score, -math.inf, dtype=torch.float32)).movedim(1, -1)
+    grouped = s.reshape(*s.shape[:-1], s.shape[-1] // m, m)
+    rank = grouped.argsort(dim=-1, descending=True).argsort(dim=-1)
+    excess = (rank >= n).reshape(s.shape).movedim(-1, 1)
+    return excess & mask
+
+
 @torch.no_grad()
 def prune_to(model: nn.Module, state: SdpState, target_density: float, score: dict[str, torch.Tensor],
-             optimizer: torch.optim.Optimizer | None = None, min_live_per_layer: int = 1) -> int:
+             optimizer: torch.optim.Optimizer | None = None, min_live_per_layer: int = 1,
+             pattern: tuple[int, int] | None = None) -> int:
     """Prune the lowest-scoring live weights, ranked globally, until exactly
     ``round(target_density * d)`` prunable weights are live. Returns how many were removed.
 
-    Every layer keeps at least ``min_live_per_layer`` weights so no layer is cut off.
+    Every layer keeps at least ``min_live_per_layer`` weights so no layer is cut off. With
+    ``pattern`` (N, M), weights that break N-live-in-M go first, even past the target.
     Pruned weights and their optimizer state are set to zero.
     """
     params = prunable_parameters(model)
     keep = max(int(round(target_density * size(state))), min_live_per_layer * len(params))
-    n_remove = live(state) - keep
-    if n_remove <= 0:
-        return 0
-    flat_scores, owners = [], []
+    flat_scores, owners, forced = [], [], 0
     for name, m in state.masks.items():
         s = score[name].flatten().clone().float()
         s[~m.flatten()] = math.inf  # already pruned
@@ -166,8 +189,15 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
         if live_idx.numel():
             best = live_idx[torch.argsort(s[live_idx], descending=True)[:min_live_per_layer]]
             s[best] = math.inf
+        if pattern is not None:
+            excess = pattern_excess(score[name], m, *pattern).flatten()
+            s[excess] = -math.inf
+            forced += int(excess.sum())
         flat_scores.append(s)
         owners.append(name)
+    n_remove = max(live(state) - keep, forced)
+    if n_remove <= 0:
+        return 0
     allscores = torch.cat(flat_scores)
     cut = torch.topk(allscores, n_remove, largest=False).indices
     remove = torch.zeros_like(allscores, dtype=torch.bool)

@@ -9,7 +9,6 @@ the model's state dict as it is. ``task_N.json`` says how to rebuild the model.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import SnapshotError
-from .files import write_json, write_tensors
+from .files import write_json, write_npz, write_tensors
 from .models import build_model
 
 SCHEMA = 1
@@ -90,11 +89,24 @@ def snapshot_paths(run_dir: str | Path, task: int) -> tuple[Path, Path]:
 
 
 def save_snapshot(run_dir: str | Path, task: int, tensors: dict[str, torch.Tensor], spec: ModelSpec,
-                  task_classes: list[list[int]], sparsity: float) -> None:
+                  task_classes: list[list[int]], sparsity: float, calibration: np.ndarray | None = None,
+                  extra: dict | None = None) -> None:
+    """Write the task's tensors, its calibration samples (buffer inputs as stored), then its metadata."""
     pt, meta = snapshot_paths(run_dir, task)
     write_tensors(pt, tensors)
+    if calibration is not None:
+        write_npz(pt.with_name(f"task_{task}_calib.npz"), x=calibration)
     write_json(meta, {"schema": SCHEMA, "task": task, "spec": asdict(spec), "task_classes": task_classes,
-                      "sparsity": sparsity, "bytes": packed_bytes(tensors)})
+                      "sparsity": sparsity, "bytes": packed_bytes(tensors), **(extra or {})})
+
+
+def load_calibration(run_dir: str | Path, task: int) -> np.ndarray | None:
+    path = Path(run_dir) / "snapshots" / f"task_{task}_calib.npz"
+    if not path.is_file():
+        return None
+    from .stream import read_npz
+
+    return read_npz(path, ("x",))["x"]
 
 
 def available_tasks(run_dir: str | Path) -> list[int]:
@@ -142,5 +154,3 @@ def dense_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def mask_bytes(numel: int) -> int:
-    return math.ceil(numel / 8)

@@ -5,6 +5,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
+    # ```python blocks run here; ```py blocks need a device (TensorRT) and are only shown.
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no Python example"
     monkeypatch.chdir(tmp_path)
