@@ -38,18 +38,23 @@ def main() -> None:
     parser.add_argument("--task", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--stream", help="stream for test accuracy (default: the one the run recorded)")
+    parser.add_argument("--min-l1", type=float, default=0.0, help="also a lossy structured variant at this --min-l1")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for variant in VARIANTS:
-        path = out / f"task{args.task}_{variant}.onnx"
+    variants = [(v, v, 0.0) for v in VARIANTS]
+    if args.min_l1 > 0:
+        variants.append((f"structured-l1-{args.min_l1:g}", "structured", args.min_l1))
+    for label, variant, min_l1 in variants:
+        path = out / f"task{args.task}_{label}.onnx"
         try:
-            r = export_task(args.run, args.task, path, variant)
+            r = export_task(args.run, args.task, path, variant, stream=args.stream, min_l1=min_l1)
         except ExportError as exc:
-            rows.append({"variant": variant, "error": str(exc)})
+            rows.append({"variant": label, "error": str(exc)})
             continue
-        rows.append({"variant": variant, "bytes": r["bytes"], "gzip_bytes": r["gzip_bytes"],
+        rows.append({"variant": label, "bytes": r["bytes"], "gzip_bytes": r["gzip_bytes"],
                      "accuracy_torch": r.get("accuracy_torch"), "accuracy_onnx": r.get("accuracy_onnx"),
                      "max_abs_diff": r["max_abs_diff"], "structure": r.get("structure")})
     # Latency after all exports, interleaved per batch size so the variants share machine conditions.
@@ -71,7 +76,8 @@ def main() -> None:
         print(f"| {r['variant']} | {r['bytes']:,} | {r['gzip_bytes']:,} | {dense['bytes'] / r['bytes']:.1f}x smaller | "
               f"{r['latency_b1_ms']:.3f} | {r['latency_b32_ms']:.3f} | "
               f"{dense['latency_b1_ms'] / r['latency_b1_ms']:.2f}x / {dense['latency_b32_ms'] / r['latency_b32_ms']:.2f}x | "
-              f"{100 * r['accuracy_onnx']:.2f} (PyTorch {100 * r['accuracy_torch']:.2f}) |")
+              + (f"{100 * r['accuracy_onnx']:.2f} (PyTorch {100 * r['accuracy_torch']:.2f}) |"
+                 if r["accuracy_onnx"] is not None else "n/a |"))
     (out / "deploy.json").write_text(json.dumps({"run": args.run, "task": args.task, "rows": rows}, indent=2))
     print(f"wrote {out / 'deploy.json'}")
 

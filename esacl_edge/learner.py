@@ -159,7 +159,9 @@ class StreamingLearner:
             ewc.consolidate(self.model, self.ewc, self.cfg.ewc_gamma)
         self.snapshots[task] = pack(self.model, self.sdp.masks if self.cfg.sparse else {})
         if self.buffer.size:
-            self.calibration[task] = self.buffer.x[rb.sample(self.buffer, CALIBRATION_SAMPLES, self.rng)].copy()
+            # Own generator: drawing calibration samples must not change the training run.
+            pick = rb.sample(self.buffer, CALIBRATION_SAMPLES, np.random.default_rng([self.seed, task]))
+            self.calibration[task] = self.buffer.x[pick].copy()
         self.progress = TaskProgress(task=-1)
         return self.snapshots[task]
 
