@@ -26,8 +26,8 @@ def main() -> None:
         for model, shape in CASES:
             p = plan(profile, model, shape, 10, get_method(args.method))
             rows.append({"profile": name, "training": profile.training_supported, **p.as_dict()})
-    print(f"| profile | model | sparsity (from) | stored model B | buffer samples | batch | peak estimate MiB "
-          f"| budget MiB |\n|---|---|---|---|---|---|---|---|")
+    print("| profile | model | sparsity (from) | stored model B | buffer samples | batch | peak estimate MiB "
+          "| budget MiB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         note = "" if r["training"] else " (deploy only)"
         print(f"| {r['profile']}{note} | {r['model']} {'x'.join(map(str, r['input_shape']))} | "

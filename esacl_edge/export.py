@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import json
 import os
 import platform
 import tempfile
@@ -105,10 +104,15 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"{path}: ONNX export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ExportError(f"{path}: ONNX export failed: {_reason(exc)}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff, "opset": opset}
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of an exception's message (exporter and onnxruntime errors run long)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _check_target(path: Path) -> None:
@@ -242,7 +246,7 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"{path}: {variant} export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ExportError(f"{path}: {variant} export failed: {_reason(exc)}") from exc
     finally:
         dense_tmp.unlink(missing_ok=True)
         final_tmp.unlink(missing_ok=True)

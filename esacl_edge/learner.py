@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from esacl_edge import StreamingLearner
 from esacl_edge.cli import main
