@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import logging
 import os
 import platform
 import tempfile
@@ -87,8 +88,9 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.
     os.close(fd)
     try:
         batch = torch.export.Dim("batch", min=1)
-        # The exporter narrates its progress on stdout; keep the user's terminal for our report.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # The exporter narrates its progress on stdout and logs optional-op notices (e.g. without
+        # torchvision); keep the user's terminal for our report.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), tmp, input_names=["input"], output_names=["logits"],
                               opset_version=opset, dynamo=True, external_data=False,
@@ -108,6 +110,17 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff, "opset": opset}
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _reason(exc: Exception) -> str:
@@ -243,8 +256,8 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
                 raise ExportError(f"{path}: INT8 model agrees with PyTorch on only "
                                   f"{100 * report['top1_agreement']:.0f}% of sample predictions")
         os.replace(final_tmp, path)
-    except ExportError:
-        raise
+    except ExportError as exc:  # name the user's file, not our temporary one
+        raise ExportError(str(exc).replace(str(dense_tmp), str(path))) from None
     except Exception as exc:
         raise ExportError(f"{path}: {variant} export failed: {_reason(exc)}") from exc
     finally:
