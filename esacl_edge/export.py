@@ -33,7 +33,7 @@ from torch import nn
 from . import __version__
 from .errors import ExportError
 from .files import write_json
-from .models import prunable_parameters
+from .models import layer_sparsity
 from .snapshot import ModelSpec
 
 PARITY_TOLERANCE = 1e-4
@@ -206,10 +206,6 @@ def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256) -> np.ndarray:
 def torch_logits(model: nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(_nchw(x_nhwc))).numpy()
-
-
-def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    return {n: float((p == 0).float().mean()) for n, p in prunable_parameters(model).items()}
 
 
 def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant: str, meta: dict,

@@ -24,7 +24,7 @@ from .cost import CostMeter, layer_forward_flops
 from .device import autocast_dtype, select_device
 from .errors import EsaclError
 from .methods import MethodConfig, get_method
-from .models import prunable_parameters
+from .models import layer_sparsity, prunable_parameters
 from .profiles import Profile, load_profile
 from .snapshot import ModelSpec, dense_bytes, pack, packed_bytes, unpack
 
@@ -415,7 +415,7 @@ class StreamingLearner:
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of exactly-zero weights per prunable layer."""
-        return {n: float((p == 0).float().mean()) for n, p in prunable_parameters(self.model).items()}
+        return layer_sparsity(self.model)
 
     def sparsity(self) -> float:
         """Fraction of exactly-zero prunable weights in the live model."""

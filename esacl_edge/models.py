@@ -123,3 +123,8 @@ def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             out[f"{mod_name}.weight" if mod_name else "weight"] = mod.weight
     return out
+
+
+def layer_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of exactly-zero weights per prunable layer."""
+    return {n: float((p == 0).float().mean()) for n, p in prunable_parameters(model).items()}

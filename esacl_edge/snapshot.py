@@ -143,14 +143,5 @@ def load_snapshot(run_dir: str | Path, task: int) -> tuple[nn.Module, dict]:
     return model, meta
 
 
-def sparsity_of(model: nn.Module, prunable: dict[str, torch.Tensor]) -> float:
-    """Fraction of exactly-zero entries among the given weights."""
-    total = sum(p.numel() for p in prunable.values())
-    zeros = sum(int((p == 0).sum()) for p in prunable.values())
-    return zeros / total if total else 0.0
-
-
 def dense_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
