@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,9 @@ DEMO_BUFFER_BYTES = 22400  # 200 digits samples of 112 bytes: a buffer far small
 
 
 def _print_results(r: dict) -> None:
+    if not r["acc_matrix_class_il"]:
+        print(f"no task finished yet ({r['chunks_consumed']} chunks learned)")
+        return
     print(format_matrix(r["acc_matrix_class_il"], "Class-IL accuracy (%), row = after task i, column = task j"))
     print()
     print(format_matrix(r["acc_matrix_task_il"], "Task-IL accuracy (%)"))
@@ -80,14 +84,22 @@ def cmd_make_stream(args: argparse.Namespace) -> None:
           f"{m.num_classes} classes")
 
 
-def cmd_learn(args: argparse.Namespace) -> None:
+def cmd_learn(args: argparse.Namespace) -> int:
     from .runner import learn
 
     r = learn(args.stream, profile=args.profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
               seed=args.seed, model=args.model, buffer_bytes=args.buffer_bytes, overwrite=args.overwrite,
-              progress=not args.quiet, anytime=args.anytime, pattern=args.pattern)
+              progress=not args.quiet, anytime=args.anytime, pattern=args.pattern, follow=args.follow,
+              poll_seconds=args.poll, max_idle=args.max_idle)
+    if r["resumed_at_chunk"]:
+        print(f"resumed {args.run} after {r['resumed_at_chunk']} chunks learned earlier")
     _print_results(r)
     print(f"results and task snapshots in {args.run}")
+    if r["stopped_by"]:
+        print(f"stopped by {r['stopped_by']} after {r['chunks_consumed']} of {r['chunks']} chunks, state saved; "
+              "the same command resumes", file=sys.stderr)
+        return 128 + getattr(signal, r["stopped_by"])
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -199,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-order", help="comma-separated class order, e.g. 3,1,0,2,... (default: 0..K-1)")
     s.set_defaults(func=cmd_make_stream)
 
-    l = sub.add_parser("learn", help="learn a chunk stream, snapshot every task, write results.json")
+    l = sub.add_parser("learn", help="learn a chunk stream, snapshot every task, write results.json",
+                       description="Learn a chunk stream in order. The state is saved after every chunk, so "
+                       "running the same command on the same --run resumes it and learns each chunk exactly once. "
+                       "SIGINT/SIGTERM stop after the current chunk (exit status 130/143).")
     l.add_argument("--profile", default="cpu", help="profile name (cpu, jetson_orin) or YAML path (default: %(default)s)")
     l.add_argument("--stream", required=True, help="chunk stream folder (with manifest.json)")
     l.add_argument("--run", default=DEFAULT_RUN, help="run folder for snapshots and results (default: %(default)s)")
@@ -208,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--seed", type=int, default=0)
     l.add_argument("--model", choices=MODEL_NAMES, help="backbone (default: by input shape)")
     l.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
-    l.add_argument("--overwrite", action="store_true", help="replace a run already in --run")
+    l.add_argument("--overwrite", action="store_true",
+                   help="start afresh, replacing a run already in --run (default: resume it)")
+    l.add_argument("--follow", action="store_true",
+                   help="keep waiting for new chunks (manifest entries or files in a task's chunk_dir)")
+    l.add_argument("--poll", type=float, default=5.0, help="with --follow: seconds between looks (default: %(default)s)")
+    l.add_argument("--max-idle", type=float,
+                   help="with --follow: end (finishing the open task) after this many seconds without a new chunk")
     l.add_argument("--anytime", action="store_true", help="also evaluate after every chunk (anytime accuracy)")
     l.add_argument("--pattern", choices=("2:4",), help="N:M structured sparsity for TensorRT sparse tensor cores")
     l.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -267,14 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default", RuntimeWarning)
     try:
-        args.func(args)
+        status = args.func(args)
     except EsaclError as exc:
         print(f"esacl-edge: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("esacl-edge: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class SnapshotError(EsaclError):
 
 class ExportError(EsaclError):
     """ONNX export failed or the exported file disagrees with PyTorch."""
+
+
+class CheckpointError(EsaclError):
+    """Saved learner state cannot be written, read, or does not match this run."""

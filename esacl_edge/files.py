@@ -27,6 +27,21 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make renames and new files in ``folder`` survive a power loss (a no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -34,8 +49,8 @@ def write_json(path: str | Path, data: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+def write_npz(path: str | Path, compress: bool = True, **arrays: np.ndarray) -> None:
+    atomic_write(path, lambda f: (np.savez_compressed if compress else np.savez)(f, **arrays))
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:

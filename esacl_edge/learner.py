@@ -408,6 +408,21 @@ class StreamingLearner:
         return export_variant(self.snapshot_model(task), self.spec, path, variant, meta,
                               calibration=self.calibration.get(task), opset=opset or self.profile.opset, test=test)
 
+    def save_state(self, folder: str | Path) -> Path:
+        """Save everything needed to continue later (see :mod:`esacl_edge.checkpoint`), crash-safely."""
+        from . import checkpoint
+
+        return checkpoint.save(folder, self)
+
+    def load_state(self, folder: str | Path) -> bool:
+        """Continue from the latest state saved in ``folder`` by a learner built with the same settings.
+
+        Returns False (and changes nothing) when ``folder`` holds no saved state.
+        """
+        from . import checkpoint
+
+        return checkpoint.load(folder, self) is not None
+
     def model_bytes(self) -> dict[str, int]:
         """Bytes of the model as dense float32 and in the compact snapshot encoding."""
         return {"dense": dense_bytes(self.model),

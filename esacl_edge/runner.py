@@ -1,16 +1,20 @@
-"""The ``learn`` job: consume a chunk stream in order, evaluate after every task, snapshot, report."""
+"""The ``learn`` job: consume a chunk stream exactly once, in order, resumable; evaluate, snapshot, report."""
 
 from __future__ import annotations
 
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, checkpoint
 from .errors import EsaclError
 from .files import write_json
 from .learner import StreamingLearner
@@ -19,7 +23,7 @@ from .metrics import backward_transfer, final_accuracy, forgetting
 from .methods import MethodConfig
 from .profiles import Profile, load_profile
 from .snapshot import save_snapshot
-from .stream import Chunk, Manifest, iter_chunks, load_test, read_manifest
+from .stream import Chunk, Manifest, iter_chunks, load_chunk, load_test, read_manifest, sha256_of
 
 
 def default_model(input_shape: tuple[int, int, int]) -> str:
@@ -39,79 +43,279 @@ def feed(learner: StreamingLearner, manifest: Manifest) -> Iterator[tuple[Chunk,
         yield chunk, info
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory unless asked to replace the old one."""
-    if (run_dir / "results.json").exists() or (run_dir / "snapshots").exists():
-        if not overwrite:
-            raise EsaclError(f"{run_dir}: already holds a run; pass --overwrite or choose another --run")
-        shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
-        (run_dir / "results.json").unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+class _StopSignals:
+    """SIGINT/SIGTERM ask the job to stop after the current chunk; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nesacl-edge: {signal.Signals(signum).name}: finishing the current chunk, then saving "
+              "(send it again to abort; the last saved state is kept)", file=sys.stderr, flush=True)
+
+    def wait(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while self.signal is None and time.monotonic() < end:
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+
+
+@dataclass
+class RunRecord:
+    """What the job adds to the learner's state: settings, chunks consumed (with hashes), accuracies."""
+
+    settings: dict
+    consumed: list[dict] = field(default_factory=list)
+    acc_c: list[list[float]] = field(default_factory=list)
+    acc_t: list[list[float]] = field(default_factory=list)
+    anytime_c: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    reported: list[dict] = field(default_factory=list)  # chunks changed after learning, or added too late
+
+
+class _Job:
+    """One ``learn`` job over a run folder: resumes from its saved state, saves after every chunk."""
+
+    def __init__(self, stream_dir: Path, run_dir: Path, learner: StreamingLearner, record: RunRecord,
+                 overwrite: bool, follow: bool, anytime: bool) -> None:
+        self.stream_dir, self.run_dir, self.learner, self.record = stream_dir, run_dir, learner, record
+        self.overwrite, self.follow, self.anytime = overwrite, follow, anytime
+        self.tests: dict[int, tuple] = {}
+        self.consumed = {c["chunk"]: c for c in record.consumed}
+        self.reported = {(r["chunk"], r["reason"]) for r in record.reported}
+        self.verified: set[str] = set()  # learned chunks whose hash was checked in this process
+        self.touched = False
+        self.resumed_at = len(record.consumed)
+
+    # -------------------------------------------------------------- the run folder
+    def _touch(self) -> None:
+        """Create (or, with --overwrite, clear) the run folder: only once there is something to write."""
+        if self.touched:
+            return
+        if self.overwrite:
+            for name in ("snapshots", "state"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            (self.run_dir / "results.json").unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.touched = True
+
+    def _write(self, what: str, fn, *args) -> None:
+        self._touch()
+        try:
+            fn(*args)
+        except OSError as exc:
+            raise EsaclError(f"{self.run_dir}: cannot write {what} ({exc.strerror or exc})") from None
+
+    def save(self) -> None:
+        self._touch()
+        checkpoint.save(self.run_dir / "state", self.learner, asdict(self.record))
+
+    # -------------------------------------------------------------- the stream
+    def report(self, rel: str, reason: str, detail: str) -> None:
+        if (rel, reason) in self.reported:
+            return
+        self.reported.add((rel, reason))
+        self.record.reported.append({"chunk": rel, "reason": reason})
+        warnings.warn(f"{self.stream_dir / rel}: {detail}", RuntimeWarning, stacklevel=2)
+
+    def pending(self, manifest: Manifest) -> list[tuple[int, int]]:
+        """Chunks not yet learned, in stream order: (task, index). Checks the learned ones' hashes."""
+        learner, out = self.learner, []
+        for t, task in enumerate(manifest.tasks):
+            if t > 0 and not any(c["task"] == t - 1 for c in self.record.consumed) and \
+                    not any(pt == t - 1 for pt, _ in out):
+                break  # tasks start in order: wait for the previous task's first chunk
+            for i, rel in enumerate(task.chunks):
+                seen = self.consumed.get(rel)
+                if seen is not None:
+                    if seen["task"] != t:
+                        self.report(rel, "moved", f"was learned as a chunk of task {seen['task']}, the manifest "
+                                    f"now lists it under task {t}; not learned again")
+                    elif rel not in self.verified and \
+                            (digest := sha256_of(manifest.path(rel))) not in (None, seen["sha256"]):
+                        self.report(rel, "changed", "changed since it was learned (sha256 "
+                                    f"{seen['sha256'][:12]}... then, {digest[:12]}... now); not learned again")
+                elif t in learner.snapshots:
+                    self.report(rel, "late", f"arrived after task {t} was finished; not learned")
+                else:
+                    out.append((t, i))
+            self.verified.update(task.chunks)
+        return out
+
+    def test(self, manifest: Manifest, task: int) -> tuple:
+        if task not in self.tests:
+            self.tests[task] = load_test(manifest, task)
+        return self.tests[task]
+
+    # -------------------------------------------------------------- learning
+    def finish_task(self, manifest: Manifest) -> None:
+        learner = self.learner
+        task = learner.progress.task
+        learner.end_task()
+        row = [learner.evaluate(*self.test(manifest, j), task=j) for j in range(task + 1)]
+        self.record.acc_c.append([r["class_il"] for r in row])
+        self.record.acc_t.append([r["task_il"] for r in row])
+        self._write("the task snapshot", save_snapshot, self.run_dir, task, learner.snapshots[task], learner.spec,
+                    [learner.task_classes[t] for t in sorted(learner.task_classes)], learner.sparsity(),
+                    learner.calibration.get(task), {"pattern": self.record.settings["pattern"],
+                                                    "stream": self.record.settings["stream"],
+                                                    "profile": learner.profile.name})
+
+    def learn_chunk(self, manifest: Manifest, t: int, i: int) -> dict:
+        learner, task = self.learner, manifest.tasks[t]
+        start = time.perf_counter()  # train time includes reading and validating the chunk
+        chunk = load_chunk(manifest, t, i)
+        if t != learner.progress.task:
+            if learner.progress.task >= 0:
+                self.finish_task(manifest)
+            known = not self.follow or task.complete
+            learner.begin_task(t, len(task.chunks) if known else None, list(task.classes))
+        info = learner.observe(chunk.x, chunk.y, t)
+        self.record.train_seconds += time.perf_counter() - start
+        self.record.consumed.append({"task": t, "chunk": task.chunks[i], "sha256": chunk.sha256})
+        self.consumed[task.chunks[i]] = self.record.consumed[-1]
+        if self.anytime:
+            seen = [learner.evaluate(*self.test(manifest, j), task=j)["class_il"] for j in range(t + 1)]
+            self.record.anytime_c.append(sum(seen) / len(seen))
+        if learner.progress.chunks_done == learner.progress.n_chunks:
+            self.finish_task(manifest)
+        return info
+
+    def task_over(self, manifest: Manifest) -> bool:
+        """Whether the open task can get no more chunks."""
+        t = self.learner.progress.task
+        return t >= 0 and (not self.follow or manifest.tasks[t].complete)
+
+
+def _settings_differ(saved: dict, now: dict) -> str:
+    """The settings a resumed run must share (the stream may have moved: its chunks are checked by hash)."""
+    return ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now
+                     if k != "stream" and saved.get(k) != now.get(k))
 
 
 def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir: str | Path = "esacl-run",
           method: str | MethodConfig = "esacl", sparsity: float | None = None, seed: int = 0, model: str | None = None,
           buffer_bytes: int | None = None, overwrite: bool = False, progress: bool = True,
-          anytime: bool = False, pattern: str | None = None) -> dict:
+          anytime: bool = False, pattern: str | None = None, follow: bool = False, poll_seconds: float = 5.0,
+          max_idle: float | None = None) -> dict:
     """Learn the stream chunk by chunk; write per-task snapshots and ``results.json`` to ``run_dir``.
 
-    With ``anytime``, also evaluate on every task seen so far after every chunk.
+    The learner's state is saved in ``run_dir/state`` after every chunk. On a run folder
+    that holds saved state, the job resumes and learns each remaining chunk exactly once.
+    SIGINT/SIGTERM stop it after the current chunk (``results["stopped_by"]``). With
+    ``follow``, it waits for new chunks (polling every ``poll_seconds``) until stopped or
+    until ``max_idle`` seconds pass without one. With ``anytime``, it also evaluates on every
+    task seen so far after every chunk.
     """
+    stream_dir, run_dir = Path(stream_dir), Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EsaclError(f"{run_dir}: is a file, not a run folder")
     manifest = read_manifest(stream_dir)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    tests = [load_test(manifest, t) for t in range(len(manifest.tasks))]  # fail early on a bad test split
     # The learner checks the profile's budgets, so a run that cannot fit stops before touching run_dir.
     learner = StreamingLearner(model or default_model(manifest.input_shape), prof, manifest.num_classes,
                                manifest.input_shape, method=method, sparsity=sparsity, buffer_bytes=buffer_bytes,
                                input_dtype=manifest.dtype, normalization=manifest.normalization, seed=seed,
                                class_names=list(manifest.class_names) if manifest.class_names else None,
                                pattern=pattern)
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, overwrite)
-    acc_c: list[list[float]] = []
-    acc_t: list[list[float]] = []
-    anytime_c: list[float] = []
-    train_seconds = 0.0
-    total = sum(len(t.chunks) for t in manifest.tasks)
-    bar = tqdm(total=total, desc="learn", unit="chunk", disable=not progress)
-    chunks = feed(learner, manifest)
-    while True:
-        start = time.perf_counter()  # train time includes reading and validating the chunk
-        step = next(chunks, None)
-        if step is None:
-            break
-        chunk, info = step
-        train_seconds += time.perf_counter() - start
-        last = chunk.index == chunk.n_chunks - 1
-        bar.update(1)
-        bar.set_postfix(task=chunk.task, loss=f"{info['loss']:.3f}", density=f"{learner.density:.3f}")
-        if anytime:
-            seen = [learner.evaluate(*tests[j], task=j)["class_il"] for j in range(chunk.task + 1)]
-            anytime_c.append(sum(seen) / len(seen))
-        if last:
-            row = [learner.evaluate(*tests[j], task=j) for j in range(chunk.task + 1)]
-            acc_c.append([r["class_il"] for r in row])
-            acc_t.append([r["task_il"] for r in row])
-            save_snapshot(run_dir, chunk.task, learner.snapshots[chunk.task], learner.spec,
-                          [learner.task_classes[t] for t in sorted(learner.task_classes)], learner.sparsity(),
-                          learner.calibration.get(chunk.task),
-                          {"pattern": pattern, "stream": str(Path(stream_dir).resolve()), "profile": prof.name})
+    settings = {"stream": str(stream_dir.resolve()), "stream_name": manifest.name, "method": learner.cfg.name,
+                "model": learner.spec.model, "seed": seed, "sparsity": sparsity, "buffer_bytes": buffer_bytes,
+                "pattern": pattern, "profile": prof.name, "anytime": anytime}
+    record = RunRecord(settings)
+
+    def same_job(saved: dict) -> None:
+        nonlocal record
+        try:
+            record = RunRecord(**saved)
+        except TypeError:
+            raise EsaclError(f"{run_dir / 'state'}: the saved run record is incomplete") from None
+        if diff := _settings_differ(record.settings, settings):
+            raise EsaclError(f"{run_dir}: holds a run with other settings ({diff}); resume with the same "
+                             "settings, or pass --overwrite or another --run")
+        record.settings["stream"] = settings["stream"]
+
+    if overwrite or checkpoint.load(run_dir / "state", learner, same_job) is None:
+        record = RunRecord(settings)
+        if not overwrite and ((run_dir / "results.json").exists() or (run_dir / "snapshots").exists()):
+            raise EsaclError(f"{run_dir}: already holds a run without saved state; pass --overwrite or choose "
+                             "another --run")
+    if not follow:
+        for t in range(len(manifest.tasks)):  # fail early on a bad test split
+            load_test(manifest, t)
+    job = _Job(stream_dir, run_dir, learner, record, overwrite, follow, anytime)
+    bar = tqdm(total=sum(len(t.chunks) for t in manifest.tasks), initial=len(record.consumed), desc="learn",
+               unit="chunk", disable=not progress)
+    idle_since = time.monotonic()
+    with _StopSignals() as stop:
+        while stop.signal is None:
+            todo = job.pending(manifest)
+            for t, i in todo:
+                info = job.learn_chunk(manifest, t, i)
+                job.save()
+                bar.update(1)
+                bar.set_postfix(task=t, loss=f"{info['loss']:.3f}", density=f"{learner.density:.3f}")
+                if stop.signal is not None:
+                    break
+            if stop.signal is not None:
+                break
+            if job.task_over(manifest):
+                job.finish_task(manifest)
+                job.save()
+            if not follow:
+                break
+            if todo:
+                idle_since = time.monotonic()
+            elif max_idle is not None and time.monotonic() - idle_since >= max_idle:
+                follow = job.follow = False  # the stream has ended: close the open task
+                continue
+            stop.wait(poll_seconds)
+            try:
+                manifest = read_manifest(stream_dir)
+            except EsaclError as exc:  # a producer mid-update; keep waiting
+                warnings.warn(f"{exc}; waiting for a valid manifest", RuntimeWarning, stacklevel=2)
+            bar.total = sum(len(t.chunks) for t in manifest.tasks)
     bar.close()
+    results = _results(job, manifest, prof, stop.signal)
+    job._write("results.json", write_json, run_dir / "results.json", results)
+    return results
+
+
+def _results(job: _Job, manifest: Manifest, prof: Profile, stopped_by: int | None) -> dict:
+    learner, rec = job.learner, job.record
+    acc_c, acc_t = rec.acc_c, rec.acc_t
     sizes = learner.model_bytes()
     peak = peak_memory_bytes(learner.device)
     if peak > learner.plan.memory_budget_bytes:
         warnings.warn(f"profile {prof.name}: measured peak memory {peak:,} B exceeds "
                       f"budgets.training_peak_bytes = {learner.plan.memory_budget_bytes:,} B", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     results = {
+        "complete": stopped_by is None and learner.progress.task < 0 and len(acc_c) == len(manifest.tasks),
+        "stopped_by": None if stopped_by is None else signal.Signals(stopped_by).name,
         "acc_matrix_class_il": acc_c, "acc_matrix_task_il": acc_t,
-        "final_acc_class_il": final_accuracy(acc_c), "final_acc_task_il": final_accuracy(acc_t),
-        "forgetting_class_il": forgetting(acc_c), "forgetting_task_il": forgetting(acc_t),
-        "bwt_class_il": backward_transfer(acc_c), "bwt_task_il": backward_transfer(acc_t),
+        "final_acc_class_il": final_accuracy(acc_c) if acc_c else None,
+        "final_acc_task_il": final_accuracy(acc_t) if acc_t else None,
+        "forgetting_class_il": forgetting(acc_c) if acc_c else None,
+        "forgetting_task_il": forgetting(acc_t) if acc_t else None,
+        "bwt_class_il": backward_transfer(acc_c) if acc_c else None,
+        "bwt_task_il": backward_transfer(acc_t) if acc_t else None,
         "sparsity": learner.sparsity(), "target_sparsity": learner.target_sparsity,
         "model_bytes_dense": sizes["dense"], "model_bytes_sparse": sizes["sparse"],
         "buffer_capacity": learner.buffer.capacity, "buffer_size": learner.buffer.size,
-        "buffer_bytes": learner.buffer.nbytes, "train_seconds": train_seconds,
+        "buffer_bytes": learner.buffer.nbytes, "train_seconds": rec.train_seconds,
         "samples_trained": learner.samples_trained, "train_flops": learner.cost.flops,
         "train_macs": learner.cost.macs, "dense_forward_flops_per_sample": learner.cost.dense_forward_flops,
         "peak_memory_bytes": peak, "memory_peak_bytes": peak, "memory_budget_bytes": learner.plan.memory_budget_bytes,
@@ -119,11 +323,13 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         "batch_size": learner.plan.batch_size, "sparsity_from": learner.plan.sparsity_from,
         "layer_sparsity": learner.layer_sparsity(),
         "method": learner.cfg.name, "profile": prof.name,
-        "model": learner.spec.model, "device": str(learner.device), "seed": seed,
-        "stream": str(Path(stream_dir).resolve()), "tasks": len(manifest.tasks), "chunks": total,
-        "pattern": pattern, "prune_events": learner.prune_events, "esacl_edge_version": __version__,
+        "model": learner.spec.model, "device": str(learner.device), "seed": rec.settings["seed"],
+        "stream": rec.settings["stream"], "tasks": len(manifest.tasks),
+        "chunks": sum(len(t.chunks) for t in manifest.tasks),
+        "chunks_consumed": len(rec.consumed), "resumed_at_chunk": job.resumed_at,
+        "consumed_chunks": rec.consumed, "reported_chunks": rec.reported,
+        "pattern": rec.settings["pattern"], "prune_events": learner.prune_events, "esacl_edge_version": __version__,
     }
-    if anytime:
-        results["anytime_acc_class_il"] = anytime_c
-    write_json(run_dir / "results.json", results)
+    if rec.settings["anytime"]:
+        results["anytime_acc_class_il"] = rec.anytime_c
     return results

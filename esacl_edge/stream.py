@@ -16,10 +16,18 @@ Layout of a stream directory::
                 "test": "test/task0.npz"}, ...]}
 
 Paths in the manifest are relative to the stream directory and may not leave it.
+
+A task may also name a drop folder, ``"chunk_dir": "incoming/task3"``: every ``*.npz`` file
+in it whose name does not start with a dot is a chunk of the task, after the listed ones,
+in name order. A producer writes ``.name.npz.tmp`` and renames it when complete. Under
+``learn --follow`` a task stays open for new chunks until a later task has a chunk or the
+task says ``"complete": true``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -41,6 +49,7 @@ class Task:
     classes: tuple[int, ...]
     chunks: tuple[str, ...]
     test: str | None
+    complete: bool = False  # no more chunks will come (matters only when following a live stream)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,14 @@ def _rel_path(value, root: Path, where: str, what: str) -> str:
     if Path(value).is_absolute() or not resolved.is_relative_to(root.resolve()):
         raise StreamError(f"{where}: {what} {value!r} points outside the stream directory")
     return value
+
+
+def _dropped(root: Path, chunk_dir: str) -> list[str]:
+    """Chunk files in a drop folder, in name order; hidden (still being written) files are not chunks."""
+    folder = root / chunk_dir
+    if not folder.is_dir():
+        return []
+    return sorted(f"{chunk_dir.rstrip('/')}/{p.name}" for p in folder.glob("*.npz") if not p.name.startswith("."))
 
 
 def read_manifest(stream_dir: str | Path) -> Manifest:
@@ -117,10 +134,16 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
         classes = _int_list(t.get("classes"), tw, "classes")
         if not classes or any(c < 0 or c >= num_classes for c in classes):
             raise StreamError(f"{tw}: classes must be non-empty and within 0..{num_classes - 1}, got {classes}")
-        chunks = t.get("chunks")
-        if not isinstance(chunks, list) or not chunks:
-            raise StreamError(f"{tw}: chunks must be a non-empty list of files")
+        chunks = t.get("chunks", [])
+        chunk_dir = t.get("chunk_dir")
+        if not isinstance(chunks, list) or not (chunks or chunk_dir is not None):
+            raise StreamError(f"{tw}: chunks must be a non-empty list of files (or give a chunk_dir)")
         chunks = [_rel_path(c, root, tw, "chunk") for c in chunks]
+        if chunk_dir is not None:
+            chunks += [c for c in _dropped(root, _rel_path(chunk_dir, root, tw, "chunk_dir")) if c not in chunks]
+        complete = t.get("complete", False)
+        if not isinstance(complete, bool):
+            raise StreamError(f"{tw}: complete must be true or false, got {complete!r}")
         for c in chunks:
             if c in seen_chunks:
                 raise StreamError(f"{tw}: chunk {c!r} is listed twice in the stream")
@@ -129,19 +152,23 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
         if test is not None:
             test = _rel_path(test, root, tw, "test")
         seen_classes.update(classes)
-        tasks.append(Task(tuple(classes), tuple(chunks), test))
+        tasks.append(Task(tuple(classes), tuple(chunks), test, complete))
     return Manifest(root=root, name=str(raw.get("name", root.name)), input_shape=tuple(shape), dtype=dtype,
                     num_classes=num_classes, tasks=tuple(tasks),
                     class_names=tuple(map(str, names)) if names else None, normalization=norm)
 
 
-def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Load named arrays with ``allow_pickle=False``; any problem is one StreamError naming the file."""
+def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = (),
+             content: bytes | None = None) -> dict[str, np.ndarray]:
+    """Load named arrays with ``allow_pickle=False``; any problem is one StreamError naming the file.
+
+    ``content``: the file's bytes, when the caller has already read them (to hash them).
+    """
     where = str(path)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise StreamError(f"{where}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(path if content is None else io.BytesIO(content), allow_pickle=False) as data:
             missing = [k for k in required if k not in data.files]
             if missing:
                 raise StreamError(f"{where}: must hold arrays {', '.join(map(repr, required))}; "
@@ -157,12 +184,13 @@ def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = 
         raise StreamError(f"{where}: not a readable .npz file (truncated or corrupt): {exc}") from None
 
 
-def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...],
+                content: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load one chunk or test file and check it against the manifest; errors name the file."""
     where = str(path)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise StreamError(f"{where}: chunk file not found")
-    arrays = read_npz(path, ("x", "y"))
+    arrays = read_npz(path, ("x", "y"), content=content)
     x, y = arrays["x"], arrays["y"]
     if x.dtype != np.dtype(manifest.dtype):
         raise StreamError(f"{where}: x has dtype {x.dtype}, the manifest says {manifest.dtype}")
@@ -191,15 +219,41 @@ class Chunk:
     path: Path
     x: np.ndarray
     y: np.ndarray
+    sha256: str = ""  # of the file's bytes, as learned
+
+
+def read_file(path: Path, what: str = "chunk file") -> bytes:
+    """A file's bytes, or one StreamError naming it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise StreamError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise StreamError(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
+def sha256_of(path: Path) -> str | None:
+    """Hex SHA-256 of a file's bytes (None when it is gone)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def load_chunk(manifest: Manifest, task: int, index: int) -> Chunk:
+    """Read, hash and validate chunk ``index`` of ``task`` (the bytes hashed are the bytes learned)."""
+    t = manifest.tasks[task]
+    path = manifest.path(t.chunks[index])
+    content = read_file(path)
+    x, y = load_arrays(path, manifest, t.classes, content)
+    return Chunk(task, index, len(t.chunks), path, x, y, hashlib.sha256(content).hexdigest())
 
 
 def iter_chunks(manifest: Manifest) -> Iterator[Chunk]:
     """Yield the chunks in stream order, each loaded and validated only when it is reached."""
     for t, task in enumerate(manifest.tasks):
-        for i, rel in enumerate(task.chunks):
-            path = manifest.path(rel)
-            x, y = load_arrays(path, manifest, task.classes)
-            yield Chunk(t, i, len(task.chunks), path, x, y)
+        for i in range(len(task.chunks)):
+            yield load_chunk(manifest, t, i)
 
 
 def load_test(manifest: Manifest, task: int) -> tuple[np.ndarray, np.ndarray]:

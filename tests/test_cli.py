@@ -52,9 +52,17 @@ def test_cli_end_to_end_on_a_tiny_stream(tmp_path, profile_file, capsys):
     logits = sess.run(None, {"input": x.astype(np.float32).transpose(0, 3, 1, 2).copy()})[0]
     assert (logits.argmax(1) == y).mean() == pytest.approx(r["acc_matrix_class_il"][1][1], abs=1e-6)
 
-    # A second learn into the same run folder is refused, unless asked to overwrite.
+    # The same command again resumes a finished run: nothing is learned twice.
+    before = (run / "snapshots" / "task_4.pt").read_bytes()
+    assert main(["learn", "--profile", str(profile_file), "--stream", str(stream), "--run", str(run),
+                 "--seed", "1", "--quiet"]) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["chunks_consumed"] == r["chunks_consumed"] == r["chunks"] == 10
+    assert again["acc_matrix_class_il"] == r["acc_matrix_class_il"]
+    assert (run / "snapshots" / "task_4.pt").read_bytes() == before
+    # Other settings on the same run folder are refused, unless asked to overwrite.
     assert main(["learn", "--profile", str(profile_file), "--stream", str(stream), "--run", str(run), "--quiet"]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds a run with other settings (seed 1 -> 0)" in capsys.readouterr().err
 
 
 def test_cli_export_of_missing_task(tmp_path, capsys):

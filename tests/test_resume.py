@@ -1,0 +1,219 @@
+"""Crash-safe resume: exactly-once chunks, identical results, signals, changed chunks, following a stream."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from esacl_edge import StreamingLearner, checkpoint
+from esacl_edge.cli import main
+from esacl_edge.errors import CheckpointError
+from esacl_edge.runner import learn
+from esacl_edge.stream import iter_chunks
+
+from .conftest import write_chunk
+
+
+def _learn(stream, run, profile, **kw):
+    return learn(stream.root, profile=profile, run_dir=run, sparsity=0.8, buffer_bytes=2240, progress=False, **kw)
+
+
+def _snapshot_tensors(run, task):
+    return torch.load(run / "snapshots" / f"task_{task}.pt", weights_only=True)
+
+
+class Crash(BaseException):
+    """Stands in for a power loss (not caught by anything in esacl-edge)."""
+
+
+@pytest.mark.parametrize("when", ["after_commit", "before_commit"])
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_stream, fast_profile, tmp_path, monkeypatch, when):
+    ref = _learn(tiny_stream, tmp_path / "ref", fast_profile)
+    real_save, real_write_json = checkpoint.save, checkpoint.write_json
+    calls = []
+
+    def crashing_save(folder, learner, extra=None):
+        calls.append(1)
+        if len(calls) == 4 and when == "before_commit":  # chunk 4 is written but LATEST still names chunk 3
+            monkeypatch.setattr(checkpoint, "write_json", lambda path, data: (_ for _ in ()).throw(Crash()))
+        out = real_save(folder, learner, extra)
+        if len(calls) == 4:
+            raise Crash()
+        return out
+
+    monkeypatch.setattr(checkpoint, "save", crashing_save)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        _learn(tiny_stream, run, fast_profile)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setattr(checkpoint, "write_json", real_write_json)
+    state = checkpoint.read(checkpoint.latest(run / "state"))[2]
+    assert len(state["extra"]["consumed"]) == (4 if when == "after_commit" else 3)
+    assert len(list((run / "state").glob("ckpt-*"))) == (1 if when == "after_commit" else 2)
+
+    r = _learn(tiny_stream, run, fast_profile)
+    assert r["complete"] and r["resumed_at_chunk"] == len(state["extra"]["consumed"])
+    consumed = [c["chunk"] for c in r["consumed_chunks"]]
+    assert consumed == [c for t in tiny_stream.tasks for c in t.chunks]  # each once, in order
+    assert r["acc_matrix_class_il"] == ref["acc_matrix_class_il"]
+    assert r["samples_trained"] == ref["samples_trained"] and r["train_flops"] == ref["train_flops"]
+    for task in range(5):
+        a, b = _snapshot_tensors(run, task), _snapshot_tensors(tmp_path / "ref", task)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in (run / "state").iterdir()] != [] and len(list((run / "state").glob("ckpt-*"))) == 1
+
+
+def test_learner_state_round_trip_continues_identically(tiny_stream, fast_profile, tmp_path):
+    chunks = list(iter_chunks(tiny_stream))[:4]
+
+    def fresh():
+        return StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), sparsity=0.8, buffer_bytes=2240,
+                                input_dtype="uint8", normalization=tiny_stream.normalization, seed=3)
+
+    a = fresh()
+    for c in chunks[:3]:
+        a.observe(c.x, c.y, c.task)
+    a.save_state(tmp_path / "state")
+    b = fresh()
+    assert b.load_state(tmp_path / "state")
+    assert not fresh().load_state(tmp_path / "nothing-here")
+    for learner in (a, b):
+        learner.observe(chunks[3].x, chunks[3].y, chunks[3].task)
+        learner.end_task()
+    assert a.snapshots.keys() == b.snapshots.keys() == {0, 1}
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert np.array_equal(a.buffer.x[: a.buffer.size], b.buffer.x[: b.buffer.size])
+    assert a.prune_events == b.prune_events and a.samples_trained == b.samples_trained
+
+
+def test_disk_full_while_saving_keeps_the_previous_state(tiny_stream, fast_profile, tmp_path, monkeypatch):
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8")
+    chunk = next(iter_chunks(tiny_stream))
+    learner.observe(chunk.x, chunk.y, 0)
+    first = learner.save_state(tmp_path / "state")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_npz", full)
+    learner.observe(chunk.x, chunk.y, 0)
+    with pytest.raises(CheckpointError, match=r"state: cannot save the learner state \(the disk is full\); "
+                                              r"the previous saved state is kept"):
+        learner.save_state(tmp_path / "state")
+    assert checkpoint.latest(tmp_path / "state") == first
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["LATEST", first.name]
+
+
+def test_a_chunk_changed_after_learning_is_reported_not_relearned(tiny_stream, fast_profile, tmp_path):
+    import shutil
+
+    stream = tmp_path / "stream"
+    shutil.copytree(tiny_stream.root, stream)
+    from esacl_edge.stream import read_manifest
+
+    manifest = read_manifest(stream)
+    first = _learn(manifest, tmp_path / "run", fast_profile)
+    x = np.zeros((5, 8, 8, 1), np.uint8)
+    write_chunk(stream / manifest.tasks[0].chunks[1], x, np.zeros(5, np.int64))
+    with pytest.warns(RuntimeWarning, match=r"chunk0001.npz: changed since it was learned \(sha256 [0-9a-f]{12}"):
+        again = _learn(manifest, tmp_path / "run", fast_profile)
+    assert again["chunks_consumed"] == first["chunks_consumed"] == 10
+    assert again["reported_chunks"] == [{"chunk": manifest.tasks[0].chunks[1], "reason": "changed"}]
+    assert again["acc_matrix_class_il"] == first["acc_matrix_class_il"]
+
+
+def _env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _slow_profile(tmp_path):
+    from esacl_edge.profiles import load_profile, to_yaml
+
+    path = tmp_path / "slow.yaml"
+    path.write_text(to_yaml(load_profile("cpu").replace(name="slow", batch_size=8, passes_per_chunk=6)))
+    return path
+
+
+def _wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_current_chunk_and_the_same_command_resumes(tiny_stream, tmp_path, sig):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "esacl_edge.cli", "learn", "--stream", str(tiny_stream.root), "--run", str(run),
+           "--profile", str(_slow_profile(tmp_path)), "--quiet", "--sparsity", "0.8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    assert _wait_for(lambda: (run / "state" / "LATEST").exists())
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"stopped by {sig.name} after" in err and "Traceback" not in err
+    r = json.loads((run / "results.json").read_text())
+    assert not r["complete"] and r["stopped_by"] == sig.name and 1 <= r["chunks_consumed"] < 10
+    state = checkpoint.read(checkpoint.latest(run / "state"))[2]
+    assert len(state["extra"]["consumed"]) == r["chunks_consumed"]
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed {run} after {r['chunks_consumed']} chunks" in done.stdout
+    final = json.loads((run / "results.json").read_text())
+    names = [c["chunk"] for c in final["consumed_chunks"]]
+    assert final["complete"] and len(names) == len(set(names)) == 10
+
+
+def test_follow_learns_chunks_dropped_into_a_folder(tiny_stream, tmp_path):
+    import shutil
+
+    stream = tmp_path / "stream"
+    shutil.copytree(tiny_stream.root, stream)
+    manifest = json.loads((stream / "manifest.json").read_text())
+    manifest["tasks"] = manifest["tasks"][:2]
+    dropped = manifest["tasks"][1]["chunks"]
+    manifest["tasks"][1]["chunks"] = []
+    manifest["tasks"][1]["chunk_dir"] = "incoming"
+    (stream / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "esacl_edge.cli", "learn", "--stream", str(stream), "--run", str(run),
+           "--profile", str(_slow_profile(tmp_path)), "--quiet", "--follow", "--poll", "0.2", "--max-idle", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+    def consumed():
+        latest = checkpoint.latest(run / "state") if (run / "state" / "LATEST").exists() else None
+        return [] if latest is None else checkpoint.read(latest)[2]["extra"]["consumed"]
+
+    assert _wait_for(lambda: len(consumed()) == 2)  # task 0 learned, task 1 not started: it has no chunks yet
+    assert not (run / "snapshots" / "task_0.pt").exists()  # task 0 stays open until task 1 begins
+    (stream / "incoming").mkdir()
+    (stream / "incoming" / ".partial.npz").write_bytes(b"being written")  # hidden: not a chunk yet
+    for i, rel in enumerate(dropped):
+        os.replace(shutil.copy(stream / rel, stream / "incoming" / f".c{i}.tmp"), stream / "incoming" / f"c{i}.npz")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    r = json.loads((run / "results.json").read_text())
+    assert [c["chunk"] for c in r["consumed_chunks"]] == manifest["tasks"][0]["chunks"] + ["incoming/c0.npz",
+                                                                                         "incoming/c1.npz"]
+    assert r["complete"] and [len(row) for row in r["acc_matrix_class_il"]] == [1, 2]
+
+
+def test_cli_resume_with_other_settings_is_refused(tiny_stream, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["learn", "--stream", str(tiny_stream.root), "--run", str(run), "--quiet", "--method",
+                 "finetune"]) == 0
+    capsys.readouterr()
+    assert main(["learn", "--stream", str(tiny_stream.root), "--run", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (method 'finetune' -> 'esacl')" in err
