@@ -20,10 +20,11 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -211,7 +212,9 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarra
     if schema != SCHEMA or "spec" not in meta:
         raise CheckpointError(f"{meta_path}: not an esacl-edge learner state (schema {schema!r})")
     try:
-        tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the refusal below is the message; no unpickler chatter
+            warnings.simplefilter("ignore")
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"{pt}: not a readable state file: {str(exc).splitlines()[0]}") from None
     if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):

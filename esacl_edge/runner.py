@@ -19,11 +19,19 @@ from .errors import EsaclError
 from .files import write_json
 from .learner import StreamingLearner
 from .memory import peak_memory_bytes
-from .metrics import backward_transfer, final_accuracy, forgetting
 from .methods import MethodConfig
+from .metrics import backward_transfer, final_accuracy, forgetting
 from .profiles import Profile, load_profile
 from .snapshot import save_snapshot
-from .stream import Chunk, Manifest, iter_chunks, load_chunk, load_test, read_manifest, sha256_of
+from .stream import (
+    Chunk,
+    Manifest,
+    iter_chunks,
+    load_chunk,
+    load_test,
+    read_manifest,
+    sha256_of,
+)
 
 
 def default_model(input_shape: tuple[int, int, int]) -> str:

@@ -9,6 +9,7 @@ the model's state dict as it is. ``task_N.json`` says how to rebuild the model.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,7 +132,9 @@ def load_snapshot(run_dir: str | Path, task: int) -> tuple[nn.Module, dict]:
         raise SnapshotError(f"{meta_path}: unsupported snapshot schema {meta.get('schema') if isinstance(meta, dict) else None!r}"
                             f" (this esacl-edge reads {SCHEMA})")
     try:
-        tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the refusal below is the message; no unpickler chatter
+            warnings.simplefilter("ignore")
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise SnapshotError(f"{pt}: not a readable snapshot: {str(exc).splitlines()[0]}") from None
     if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):

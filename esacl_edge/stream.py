@@ -165,10 +165,13 @@ def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = 
     ``content``: the file's bytes, when the caller has already read them (to hash them).
     """
     where = str(path)
-    if content is None and not path.is_file():
-        raise StreamError(f"{where}: file not found")
+    if content is None:
+        content = read_file(path, "file")
+    if not content.startswith(b"PK"):
+        raise StreamError(f"{where}: not a readable .npz file (no zip archive header: truncated, corrupt or another "
+                          "format)")
     try:
-        with np.load(path if content is None else io.BytesIO(content), allow_pickle=False) as data:
+        with np.load(io.BytesIO(content), allow_pickle=False) as data:
             missing = [k for k in required if k not in data.files]
             if missing:
                 raise StreamError(f"{where}: must hold arrays {', '.join(map(repr, required))}; "
