@@ -134,11 +134,11 @@ def _env():
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def _slow_profile(tmp_path):
+def _profile(tmp_path, passes):
     from esacl_edge.profiles import load_profile, to_yaml
 
-    path = tmp_path / "slow.yaml"
-    path.write_text(to_yaml(load_profile("cpu").replace(name="slow", batch_size=8, passes_per_chunk=6)))
+    path = tmp_path / "p.yaml"
+    path.write_text(to_yaml(load_profile("cpu").replace(name="test", batch_size=8, passes_per_chunk=passes)))
     return path
 
 
@@ -155,7 +155,7 @@ def _wait_for(predicate, timeout=120.0):
 def test_a_signal_stops_after_the_current_chunk_and_the_same_command_resumes(tiny_stream, tmp_path, sig):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "esacl_edge.cli", "learn", "--stream", str(tiny_stream.root), "--run", str(run),
-           "--profile", str(_slow_profile(tmp_path)), "--quiet", "--sparsity", "0.8"]
+           "--profile", str(_profile(tmp_path, 3)), "--quiet", "--sparsity", "0.8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     assert _wait_for(lambda: (run / "state" / "LATEST").exists())
     proc.send_signal(sig)
@@ -188,7 +188,7 @@ def test_follow_learns_chunks_dropped_into_a_folder(tiny_stream, tmp_path):
     (stream / "manifest.json").write_text(json.dumps(manifest))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "esacl_edge.cli", "learn", "--stream", str(stream), "--run", str(run),
-           "--profile", str(_slow_profile(tmp_path)), "--quiet", "--follow", "--poll", "0.2", "--max-idle", "4"]
+           "--profile", str(_profile(tmp_path, 1)), "--quiet", "--follow", "--poll", "0.2", "--max-idle", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
     def consumed():
@@ -211,9 +211,10 @@ def test_follow_learns_chunks_dropped_into_a_folder(tiny_stream, tmp_path):
 
 def test_cli_resume_with_other_settings_is_refused(tiny_stream, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["learn", "--stream", str(tiny_stream.root), "--run", str(run), "--quiet", "--method",
-                 "finetune"]) == 0
+    common = ["learn", "--stream", str(tiny_stream.root), "--run", str(run), "--quiet", "--profile",
+              str(_profile(tmp_path, 1))]
+    assert main([*common, "--method", "finetune"]) == 0
     capsys.readouterr()
-    assert main(["learn", "--stream", str(tiny_stream.root), "--run", str(run), "--quiet"]) == 2
+    assert main(common) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings (method 'finetune' -> 'esacl')" in err
