@@ -120,7 +120,7 @@ class _Job:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.touched = True
 
-    def _write(self, what: str, fn, *args) -> None:
+    def write(self, what: str, fn, *args) -> None:
         self._touch()
         try:
             fn(*args)
@@ -176,7 +176,7 @@ class _Job:
         row = [learner.evaluate(*self.test(manifest, j), task=j) for j in range(task + 1)]
         self.record.acc_c.append([r["class_il"] for r in row])
         self.record.acc_t.append([r["task_il"] for r in row])
-        self._write("the task snapshot", save_snapshot, self.run_dir, task, learner.snapshots[task], learner.spec,
+        self.write("the task snapshot", save_snapshot, self.run_dir, task, learner.snapshots[task], learner.spec,
                     [learner.task_classes[t] for t in sorted(learner.task_classes)], learner.sparsity(),
                     learner.calibration.get(task), {"pattern": self.record.settings["pattern"],
                                                     "stream": self.record.settings["stream"],
@@ -256,7 +256,6 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         record.settings["stream"] = settings["stream"]
 
     if overwrite or checkpoint.load(run_dir / "state", learner, same_job) is None:
-        record = RunRecord(settings)
         if not overwrite and ((run_dir / "results.json").exists() or (run_dir / "snapshots").exists()):
             raise EsaclError(f"{run_dir}: already holds a run without saved state; pass --overwrite or choose "
                              "another --run")
@@ -297,7 +296,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
             bar.total = sum(len(t.chunks) for t in manifest.tasks)
     bar.close()
     results = _results(job, manifest, prof, stop.signal)
-    job._write("results.json", write_json, run_dir / "results.json", results)
+    job.write("results.json", write_json, run_dir / "results.json", results)
     return results
 
 
