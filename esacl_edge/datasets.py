@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -76,6 +77,12 @@ def _normalization(x: np.ndarray, scale: float) -> dict:
             "std": np.maximum(std * scale, 1e-6).round(6).tolist()}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fresh_output(out: Path) -> None:
     if (out / "manifest.json").exists():
         raise StreamError(f"{out}: already holds a stream (manifest.json); choose another --out")
@@ -127,6 +134,7 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
         _fresh_output(out)
         if out.exists():
             out.rmdir()
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the stream gets the usual mode
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
