@@ -106,6 +106,9 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
     _fresh_output(out)
     if chunk_size < 1:
         raise StreamError(f"chunk size must be >= 1, got {chunk_size}")
+    for flag, value in (("--per-class", per_class), ("--test-per-class", test_per_class)):
+        if value is not None and value < 1:
+            raise StreamError(f"{flag} must be >= 1, got {value}")
     if channels not in (None, 1, 3):
         raise StreamError(f"--channels must be 1 or 3, got {channels}")
     size = parse_image_size(image_size) if isinstance(image_size, str) else image_size

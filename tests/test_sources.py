@@ -236,6 +236,8 @@ def test_seeded_class_order_and_subsampling(cifar10_root, tmp_path):
 def test_unknown_dataset_and_download_refused(tmp_path):
     with pytest.raises(StreamError, match="unknown dataset 'cifar11'"):
         make_stream("cifar11", tmp_path / "s")
+    with pytest.raises(StreamError, match="--per-class must be >= 1"):
+        make_stream("digits", tmp_path / "s", per_class=0)
     with pytest.raises(StreamError, match="--download is available for"):
         make_stream("digits", tmp_path / "s", download=True)
 
