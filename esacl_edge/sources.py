@@ -22,7 +22,7 @@ from .errors import StreamError
 from .stream import read_npz
 
 FOLDER_TEST_FRACTION = 0.2
-DEBIAN_DATASETS = Path("/usr/share/datasets")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 NEEDS_ROOT = DOWNLOADABLE + ("tiny-imagenet",)
 NAMES = ("digits", "npz:PATH", "folder:PATH") + NEEDS_ROOT
@@ -431,7 +431,9 @@ def read_source(dataset: str, opts: ReadOptions = ReadOptions()) -> Source:
     if opts.download and dataset not in DOWNLOADABLE:
         raise StreamError(f"--download is available for {', '.join(DOWNLOADABLE)}, not {dataset!r}")
     if dataset in NEEDS_ROOT and opts.root is None:
-        raise StreamError(f"{dataset} needs --root DIR, the folder that holds it")
+        hint = (f" (Debian's dataset-fashion-mnist package installs it in {DEBIAN_FASHION_MNIST})"
+                if dataset == "fashion-mnist" else "")
+        raise StreamError(f"{dataset} needs --root DIR, the folder that holds it{hint}")
     if dataset in ("cifar10", "cifar100"):
         src = load_cifar_source(opts.root, dataset == "cifar100", opts.download)
     elif dataset in _MNIST:
