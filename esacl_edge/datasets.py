@@ -17,6 +17,7 @@ from .sources import (
     load_digits_source,
     load_npz_source,
     parse_image_size,
+    pick_per_class,
     read_source,
 )
 from .stream import Manifest, read_manifest, write_stream
@@ -35,10 +36,7 @@ def subsample_per_class(x: np.ndarray, y: np.ndarray, per_class: int | None,
     """Keep at most ``per_class`` randomly chosen samples of each class (all when None)."""
     if per_class is None:
         return x, y
-    if per_class < 1:
-        raise StreamError(f"samples per class must be >= 1, got {per_class}")
-    keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)])
-    keep.sort()
+    keep = pick_per_class(y, per_class, rng)
     return x[keep], y[keep]
 
 

@@ -101,11 +101,11 @@ def shape_images(x: np.ndarray, opts: ReadOptions) -> np.ndarray:
     return _resize(x, opts.image_size) if opts.image_size else x
 
 
-def _decode(paths: list[Path], opts: ReadOptions, default_channels: int = 3) -> np.ndarray:
-    """Decode image files with PIL to one uint8 NHWC array; errors name the file."""
+def _decode(paths: list[Path], opts: ReadOptions) -> np.ndarray:
+    """Decode image files with PIL to one uint8 NHWC array (RGB unless 1 channel is asked for); errors name the file."""
     from PIL import Image, UnidentifiedImageError
 
-    mode = "L" if (opts.channels or default_channels) == 1 else "RGB"
+    mode = "L" if opts.channels == 1 else "RGB"
     images, first = [], None
     for path in paths:
         try:
@@ -115,7 +115,7 @@ def _decode(paths: list[Path], opts: ReadOptions, default_channels: int = 3) -> 
                     h, w = opts.image_size
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
             raise StreamError(f"{path}: cannot read the image: {exc}") from None
         if first is None:
             first = (path, arr.shape)
@@ -126,7 +126,7 @@ def _decode(paths: list[Path], opts: ReadOptions, default_channels: int = 3) -> 
     return np.stack(images)
 
 
-def _pick(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+def pick_per_class(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
     """Indices of at most ``limit`` randomly chosen items per label (all when None), in order."""
     if limit is None:
         return np.arange(len(labels))
@@ -136,7 +136,8 @@ def _pick(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np
 
 def _decode_split(files: list[Path], labels: np.ndarray, limit: int | None, opts: ReadOptions,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    keep = _pick(labels, limit, rng)
+    """Decode only the files that ``limit`` per class keeps."""
+    keep = pick_per_class(labels, limit, rng)
     return _decode([files[i] for i in keep], opts), labels[keep].astype(np.int64)
 
 
