@@ -102,6 +102,30 @@ def test_cifar_errors(cifar10_root, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_download_only_when_asked(cifar10_root, tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+    import torchvision.datasets.mnist as tv_mnist
+
+    calls = []
+
+    def offline(url, *args, **kwargs):
+        calls.append(url)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(StreamError, match="not found under"):
+        make_stream("cifar10", tmp_path / "s", root=tmp_path / "empty")
+    assert calls == []
+    with pytest.raises(StreamError, match=r"downloading cifar10 failed: OSError: network unreachable"):
+        make_stream("cifar10", tmp_path / "s", root=tmp_path / "empty", download=True)
+    with pytest.raises(StreamError, match=r"downloading mnist failed"):
+        make_stream("mnist", tmp_path / "s", root=tmp_path / "empty", download=True)
+    assert len(calls) == 2
+    make_stream("cifar10", tmp_path / "s", root=cifar10_root, download=True, chunk_size=30)  # present: no fetch
+    assert len(calls) == 2
+
+
 # ------------------------------------------------------------------------------------------ MNIST family
 @pytest.fixture(scope="module")
 def mnist_arrays():
