@@ -126,8 +126,11 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
     for t, classes in enumerate(task_classes):
         if not np.isin(y_te, classes).any():
             raise StreamError(f"{dataset}: task {t} (classes {classes}) has no test samples")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise StreamError(f"{out}: cannot create the stream folder: {exc.strerror}") from None
     try:
         write_stream(tmp, name=src.name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
                      task_classes=task_classes, num_classes=src.num_classes, chunk_size=chunk_size, seed=seed,
