@@ -89,7 +89,7 @@ def prepare(data: Path, work: Path, seed: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="folder with mnist.npz (and fashion_mnist.npz)")
+    parser.add_argument("--data", type=Path, required=True, help="folder with mnist.npz")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder for the source files and streams")
     parser.add_argument("--out", default="make_stream_sources.json")
     parser.add_argument("--seed", type=int, default=0)

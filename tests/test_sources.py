@@ -183,6 +183,16 @@ def test_tiny_imagenet(tmp_path):
                         image_size="32", per_class=2, test_per_class=1)
     check_stream(small, 4, 2, 2, 3)
     assert small.input_shape == (32, 32, 3)
+    kw = {"tasks": 2, "chunk_size": 3, "root": tmp_path / "root", "per_class": 2, "image_size": "8"}
+    a = make_stream("tiny-imagenet", tmp_path / "a", seed=5, **kw)
+    assert same_stream(a, make_stream("tiny-imagenet", tmp_path / "b", seed=5, **kw))
+    assert not same_stream(a, make_stream("tiny-imagenet", tmp_path / "c", seed=6, **kw))
+    jpeg = tmp_path / "root" / "tiny-imagenet-200" / "val" / "images" / "val_3.JPEG"
+    good = jpeg.read_bytes()
+    jpeg.write_bytes(good[:50])
+    with pytest.raises(StreamError, match=r"val_3.JPEG: cannot read the image"):
+        make_stream("tiny-imagenet", tmp_path / "bad", root=tmp_path / "root")
+    jpeg.write_bytes(good)
     ann = tmp_path / "root" / "tiny-imagenet-200" / "val" / "val_annotations.txt"
     ann.write_text(ann.read_text() + "val_x.JPEG\tn99999999\t0\t0\t1\t1\n")
     with pytest.raises(StreamError, match=r"val_annotations.txt:9: .*known wnid"):
