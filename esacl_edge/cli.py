@@ -76,12 +76,20 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
 def cmd_make_stream(args: argparse.Namespace) -> None:
     from .datasets import make_stream
 
-    order = [int(c) for c in args.class_order.split(",")] if args.class_order else None
+    order = args.class_order
+    if order and order != "random":
+        try:
+            order = [int(c) for c in order.split(",")]
+        except ValueError:
+            raise EsaclError(f"--class-order must be 'random' or comma-separated class numbers, got {order!r}") from None
     m = make_stream(args.dataset, args.out, tasks=args.tasks, chunk_size=args.chunk_size, seed=args.seed,
-                    per_class=args.per_class, test_per_class=args.test_per_class, class_order=order)
+                    per_class=args.per_class, test_per_class=args.test_per_class, class_order=order,
+                    classes_per_task=args.classes_per_task, blurry=args.blurry, root=args.root,
+                    download=args.download, image_size=args.image_size, channels=args.channels,
+                    test_fraction=args.test_fraction)
     chunks = sum(len(t.chunks) for t in m.tasks)
     print(f"wrote {m.root}: {len(m.tasks)} tasks, {chunks} chunks, input {tuple(m.input_shape)} {m.dtype}, "
-          f"{m.num_classes} classes")
+          f"{m.num_classes} classes" + (f", blurry boundaries of {args.blurry} chunks" if args.blurry else ""))
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -199,16 +207,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("make-stream", help="write a data set as a chunk stream")
-    s.add_argument("--dataset", required=True, help="'digits' (bundled) or 'npz:PATH' (uint8 NHWC x_train, "
-                   "y_train, x_test, y_test)")
-    s.add_argument("--out", required=True, help="stream folder to create")
+    s = sub.add_parser(
+        "make-stream", help="write a data set as a chunk stream", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a data set as a class-incremental chunk stream (uint8 images, one folder per task).",
+        epilog="data sets (--dataset):\n"
+        "  digits              scikit-learn's bundled 8x8 digits\n"
+        "  npz:PATH            uint8 NHWC arrays x_train, y_train, x_test, y_test (class_names optional)\n"
+        "  cifar10, cifar100   torchvision layout: ROOT/cifar-10-batches-py or ROOT/cifar-100-python.\n"
+        "                      The official batches are Python pickles, which can run code when loaded:\n"
+        "                      they are read only from the --root you name, never from anywhere else.\n"
+        "  mnist, fashion-mnist  idx files (plain or .gz) in ROOT/MNIST/raw, ROOT/FashionMNIST/raw or ROOT\n"
+        "                      itself, e.g. --root /usr/share/datasets/fashion-mnist (Debian's\n"
+        "                      dataset-fashion-mnist package)\n"
+        "  tiny-imagenet       ROOT/tiny-imagenet-200/{wnids.txt,train/<wnid>/images,val/val_annotations.txt};\n"
+        "                      the val split is the test split\n"
+        "  folder:PATH         one sub-folder of images per class; PATH/train + PATH/test if both exist,\n"
+        "                      else a seeded stratified split (--test-fraction)\n"
+        "Nothing is downloaded unless --download is given (cifar10, cifar100, mnist, fashion-mnist).")
+    s.add_argument("--dataset", required=True, help="digits, npz:PATH, folder:PATH, cifar10, cifar100, mnist, "
+                   "fashion-mnist or tiny-imagenet (see below)")
+    s.add_argument("--out", required=True, help="stream folder to create (must not exist or be empty)")
+    s.add_argument("--root", help="folder holding the data set (cifar10, cifar100, mnist, fashion-mnist, tiny-imagenet)")
+    s.add_argument("--download", action="store_true", help="fetch the data set into --root if it is not there")
     s.add_argument("--tasks", type=int, default=5, help="number of tasks (classes split evenly; default: %(default)s)")
+    s.add_argument("--classes-per-task", type=int, help="classes per task instead of --tasks (must divide the classes)")
     s.add_argument("--chunk-size", type=int, default=64, help="samples per chunk (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="shuffling and subsampling seed (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="shuffling, subsampling, splitting and class-order seed "
+                   "(default: %(default)s)")
     s.add_argument("--per-class", type=int, help="keep at most this many training samples per class")
     s.add_argument("--test-per-class", type=int, help="keep at most this many test samples per class")
-    s.add_argument("--class-order", help="comma-separated class order, e.g. 3,1,0,2,... (default: 0..K-1)")
+    s.add_argument("--class-order", help="'random' (drawn with --seed) or comma-separated classes, e.g. 3,1,0,2,... "
+                   "(default: 0..K-1)")
+    s.add_argument("--image-size", help="resize images to N or HxW pixels (needed for folders of mixed sizes)")
+    s.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale, 3 = RGB (default: the source's; "
+                   "RGB for folders)")
+    s.add_argument("--test-fraction", type=float, default=0.2,
+                   help="folder:PATH without train/ and test/: share of each class held out (default: %(default)s)")
+    s.add_argument("--blurry", type=int, default=0, metavar="N",
+                   help="blurry task boundaries: the N chunks either side of each boundary mix the two tasks, "
+                   "the new task's share rising by 1/(2N+1) per chunk (default: 0, clean boundaries)")
     s.set_defaults(func=cmd_make_stream)
 
     l = sub.add_parser("learn", help="learn a chunk stream, snapshot every task, write results.json",

@@ -1,70 +1,34 @@
-"""Data sources that ``make-stream`` turns into chunk streams: bundled digits and ``npz:PATH``."""
+"""``make-stream``: read a data source (:mod:`esacl_edge.sources`) and write it as a class-incremental chunk stream."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import StreamError
-from .stream import Manifest, read_npz, write_stream
+from .sources import (
+    NAMES,
+    ReadOptions,
+    Source,
+    load_digits_source,
+    load_npz_source,
+    parse_image_size,
+    pick_per_class,
+    read_source,
+)
+from .stream import Manifest, read_manifest, write_stream
+
+__all__ = ["NAMES", "Source", "load_digits_source", "load_npz_source", "load_source", "make_stream",
+           "resolve_class_order", "split_classes", "subsample_per_class"]
 
 
-@dataclass
-class Source:
-    """A labelled train/test split of NHWC images."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    scale: float
-    class_names: list[str] | None = None
-
-
-def load_digits_source(seed: int = 0, test_fraction: float = 0.2) -> Source:
-    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16), stratified train/test split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = d.images.astype(np.uint8)[..., None]
-    y = d.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
-    return Source("digits", x_tr, y_tr, x_te, y_te, 10, 1.0 / 16.0, [str(i) for i in range(10)])
-
-
-def load_npz_source(path: str | Path) -> Source:
-    """A file with uint8 NHWC arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StreamError(f"{path}: dataset file not found")
-    arrays = read_npz(path, ("x_train", "y_train", "x_test", "y_test"), optional=("class_names",))
-    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8 or x.ndim != 4:
-            raise StreamError(f"{path}: x_{split} must be uint8 NHWC, got {x.dtype} with shape {x.shape}")
-        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise StreamError(f"{path}: y_{split} must be 1-D integer labels, one per image")
-    y_all = np.concatenate([arrays["y_train"], arrays["y_test"]])
-    if y_all.min() < 0:
-        raise StreamError(f"{path}: labels must be >= 0")
-    num_classes = int(y_all.max()) + 1
-    return Source(path.stem, arrays["x_train"], arrays["y_train"].astype(np.int64), arrays["x_test"],
-                  arrays["y_test"].astype(np.int64), num_classes, 1.0 / 255.0, names)
-
-
-def load_source(dataset: str, seed: int = 0) -> Source:
-    """Resolve ``digits`` or ``npz:PATH``."""
-    if dataset == "digits":
-        return load_digits_source(seed)
-    if dataset.startswith("npz:"):
-        return load_npz_source(dataset[4:])
-    raise StreamError(f"unknown dataset {dataset!r}: use 'digits' or 'npz:PATH'")
+def load_source(dataset: str, seed: int = 0, **options) -> Source:
+    """Read ``dataset`` (``digits``, ``npz:PATH``, ``folder:PATH``, ``cifar10``, ...); options as :class:`ReadOptions`."""
+    return read_source(dataset, ReadOptions(seed=seed, **options))
 
 
 def subsample_per_class(x: np.ndarray, y: np.ndarray, per_class: int | None,
@@ -72,8 +36,7 @@ def subsample_per_class(x: np.ndarray, y: np.ndarray, per_class: int | None,
     """Keep at most ``per_class`` randomly chosen samples of each class (all when None)."""
     if per_class is None:
         return x, y
-    keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)])
-    keep.sort()
+    keep = pick_per_class(y, per_class, rng)
     return x[keep], y[keep]
 
 
@@ -84,22 +47,99 @@ def split_classes(classes: list[int], tasks: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.asarray(classes), tasks)]
 
 
+def resolve_class_order(class_order: list[int] | str | None, num_classes: int, seed: int) -> list[int]:
+    """``None``: 0..K-1; ``"random"``: a permutation drawn with ``seed``; or an explicit list of all K classes."""
+    if class_order is None:
+        return list(range(num_classes))
+    if isinstance(class_order, str):
+        if class_order != "random":
+            raise StreamError(f"class order must be 'random' or a list of classes, got {class_order!r}")
+        return np.random.default_rng([seed, 2]).permutation(num_classes).tolist()
+    order = [int(c) for c in class_order]
+    if sorted(order) != list(range(num_classes)):
+        raise StreamError(f"class order must list each of the {num_classes} classes once, got {order}")
+    return order
+
+
+def _normalization(x: np.ndarray, scale: float) -> dict:
+    """Per-channel mean and std of ``x * scale``, accumulated in float64 without a float copy of ``x``."""
+    flat = x.reshape(-1, x.shape[-1])
+    total, squares = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+    for start in range(0, len(flat), 1 << 20):
+        part = flat[start:start + (1 << 20)].astype(np.float64)
+        total += part.sum(axis=0)
+        squares += np.square(part).sum(axis=0)
+    mean = total / len(flat)
+    std = np.sqrt(np.maximum(squares / len(flat) - mean ** 2, 0.0))
+    return {"scale": scale, "mean": (mean * scale).round(6).tolist(),
+            "std": np.maximum(std * scale, 1e-6).round(6).tolist()}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fresh_output(out: Path) -> None:
+    if (out / "manifest.json").exists():
+        raise StreamError(f"{out}: already holds a stream (manifest.json); choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StreamError(f"{out}: exists and is not an empty folder; choose another --out")
+
+
 def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int = 64, seed: int = 0,
                 per_class: int | None = None, test_per_class: int | None = None,
-                class_order: list[int] | None = None) -> Manifest:
-    """Write ``dataset`` as a class-incremental chunk stream of ``tasks`` tasks under ``out``."""
-    src = load_source(dataset, seed)
+                class_order: list[int] | str | None = None, *, classes_per_task: int | None = None,
+                blurry: int = 0, root: str | Path | None = None, download: bool = False,
+                image_size: str | tuple[int, int] | None = None, channels: int | None = None,
+                test_fraction: float = 0.2) -> Manifest:
+    """Write ``dataset`` as a class-incremental chunk stream under ``out``.
+
+    Classes (in ``class_order``) are cut into ``tasks`` groups, or groups of ``classes_per_task``.
+    ``per_class``/``test_per_class`` subsample each class with ``seed``. The stream is written to a
+    temporary folder beside ``out`` and renamed at the end, so a failure leaves no partial ``out``.
+    """
+    out = Path(out)
+    _fresh_output(out)
+    if chunk_size < 1:
+        raise StreamError(f"chunk size must be >= 1, got {chunk_size}")
+    for flag, value in (("--per-class", per_class), ("--test-per-class", test_per_class)):
+        if value is not None and value < 1:
+            raise StreamError(f"{flag} must be >= 1, got {value}")
+    if channels not in (None, 1, 3):
+        raise StreamError(f"--channels must be 1 or 3, got {channels}")
+    size = parse_image_size(image_size) if isinstance(image_size, str) else image_size
+    opts = ReadOptions(root=Path(root) if root is not None else None, download=download, image_size=size,
+                       channels=channels, test_fraction=test_fraction, per_class=per_class,
+                       test_per_class=test_per_class, seed=seed)
+    src = read_source(dataset, opts)
+    order = resolve_class_order(class_order, src.num_classes, seed)
+    if classes_per_task is not None:
+        if classes_per_task < 1 or src.num_classes % classes_per_task:
+            raise StreamError(f"--classes-per-task must divide the {src.num_classes} classes, got {classes_per_task}")
+        tasks = src.num_classes // classes_per_task
+    task_classes = split_classes(order, tasks)
     rng = np.random.default_rng(seed)
     x_tr, y_tr = subsample_per_class(src.x_train, src.y_train, per_class, rng)
     x_te, y_te = subsample_per_class(src.x_test, src.y_test, test_per_class, rng)
-    order = class_order if class_order is not None else list(range(src.num_classes))
-    if sorted(order) != list(range(src.num_classes)):
-        raise StreamError(f"class order must list each of the {src.num_classes} classes once, got {order}")
-    scaled = x_tr.astype(np.float64) * src.scale
-    channels = tuple(range(3))
-    normalization = {"scale": src.scale, "mean": scaled.mean(axis=channels).round(6).tolist(),
-                     "std": np.maximum(scaled.std(axis=channels), 1e-6).round(6).tolist()}
-    return write_stream(out, name=src.name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-                        task_classes=split_classes(order, tasks), num_classes=src.num_classes,
-                        chunk_size=chunk_size, seed=seed, class_names=src.class_names,
-                        normalization=normalization)
+    for t, classes in enumerate(task_classes):
+        if not np.isin(y_te, classes).any():
+            raise StreamError(f"{dataset}: task {t} (classes {classes}) has no test samples")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise StreamError(f"{out}: cannot create the stream folder: {exc.strerror}") from None
+    try:
+        write_stream(tmp, name=src.name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                     task_classes=task_classes, num_classes=src.num_classes, chunk_size=chunk_size, seed=seed,
+                     class_names=src.class_names, normalization=_normalization(x_tr, src.scale), blurry=blurry)
+        _fresh_output(out)
+        if out.exists():
+            out.rmdir()
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the stream gets the usual mode
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return read_manifest(out)

@@ -41,6 +41,7 @@ class TaskProgress:
     chunks_done: int = 0
     steps: int = 0
     start_density: float = 1.0
+    fixed_classes: bool = False  # classes given at begin_task: other labels (blurry chunks) do not join the task
 
 
 @contextlib.contextmanager
@@ -142,7 +143,8 @@ class StreamingLearner:
             raise EsaclError(f"task {task} was already learned; tasks must arrive in order")
         if self.progress.task >= 0 and task != self.progress.task:
             self.end_task()
-        self.progress = TaskProgress(task=task, n_chunks=n_chunks, start_density=self.density)
+        self.progress = TaskProgress(task=task, n_chunks=n_chunks, start_density=self.density,
+                                     fixed_classes=bool(classes))
         self.task_classes[task] = sorted(classes) if classes else []
 
     def end_task(self) -> dict[str, torch.Tensor]:
@@ -172,8 +174,8 @@ class StreamingLearner:
         y_np = np.asarray(y.cpu() if torch.is_tensor(y) else y).astype(np.int64)
         if y_np.min() < 0 or y_np.max() >= self.spec.num_classes:
             raise EsaclError(f"labels must be in 0..{self.spec.num_classes - 1}, got {y_np.min()}..{y_np.max()}")
-        classes = self.task_classes[task]
-        self.task_classes[task] = sorted(set(classes) | set(np.unique(y_np).tolist()))
+        if not self.progress.fixed_classes:
+            self.task_classes[task] = sorted(set(self.task_classes[task]) | set(np.unique(y_np).tolist()))
         x_np = np.asarray(x.cpu() if torch.is_tensor(x) else x)
         if self.cfg.joint:  # the upper bound keeps everything and trains at the task's end
             self.joint_data.append((x_np.copy(), y_np))

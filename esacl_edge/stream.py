@@ -22,12 +22,18 @@ in it whose name does not start with a dot is a chunk of the task, after the lis
 in name order. A producer writes ``.name.npz.tmp`` and renames it when complete. Under
 ``learn --follow`` a task stays open for new chunks until a later task has a chunk or the
 task says ``"complete": true``.
+
+A task may also list ``"blurry_classes": [...]``: classes of neighbouring tasks whose samples
+appear in its chunks (a blurry task boundary, see :func:`blur_boundaries`). Chunk labels must be
+in ``classes`` or ``blurry_classes``; the test split holds ``classes`` only. Without the field a
+task's chunks hold only its ``classes``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -49,7 +55,13 @@ class Task:
     classes: tuple[int, ...]
     chunks: tuple[str, ...]
     test: str | None
+    blurry_classes: tuple[int, ...] = ()  # other tasks' classes that may also appear in the chunks
     complete: bool = False  # no more chunks will come (matters only when following a live stream)
+
+    @property
+    def chunk_classes(self) -> tuple[int, ...]:
+        """Labels a chunk of this task may hold."""
+        return self.classes + self.blurry_classes
 
 
 @dataclass(frozen=True)
@@ -151,8 +163,12 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
         test = t.get("test")
         if test is not None:
             test = _rel_path(test, root, tw, "test")
+        blurry = _int_list(t.get("blurry_classes", []), tw, "blurry_classes")
+        if any(c < 0 or c >= num_classes or c in classes for c in blurry):
+            raise StreamError(f"{tw}: blurry_classes must be within 0..{num_classes - 1} and not among the "
+                              f"task's classes {classes}, got {blurry}")
         seen_classes.update(classes)
-        tasks.append(Task(tuple(classes), tuple(chunks), test, complete))
+        tasks.append(Task(tuple(classes), tuple(chunks), test, tuple(blurry), complete))
     return Manifest(root=root, name=str(raw.get("name", root.name)), input_shape=tuple(shape), dtype=dtype,
                     num_classes=num_classes, tasks=tuple(tasks),
                     class_names=tuple(map(str, names)) if names else None, normalization=norm)
@@ -248,7 +264,7 @@ def load_chunk(manifest: Manifest, task: int, index: int) -> Chunk:
     t = manifest.tasks[task]
     path = manifest.path(t.chunks[index])
     content = read_file(path)
-    x, y = load_arrays(path, manifest, t.classes, content)
+    x, y = load_arrays(path, manifest, t.chunk_classes, content)
     return Chunk(task, index, len(t.chunks), path, x, y, hashlib.sha256(content).hexdigest())
 
 
@@ -269,11 +285,13 @@ def load_test(manifest: Manifest, task: int) -> tuple[np.ndarray, np.ndarray]:
 def write_stream(out: str | Path, *, name: str, x_train: np.ndarray, y_train: np.ndarray,
                  x_test: np.ndarray, y_test: np.ndarray, task_classes: list[list[int]],
                  num_classes: int, chunk_size: int = 64, seed: int = 0,
-                 class_names: list[str] | None = None, normalization: dict | None = None) -> Manifest:
+                 class_names: list[str] | None = None, normalization: dict | None = None,
+                 blurry: int = 0) -> Manifest:
     """Split arrays into tasks of ``task_classes`` and write them as a chunk stream.
 
     Within a task the training samples are shuffled with ``seed`` and cut into chunks of
-    ``chunk_size``. The manifest is written last, so a half-written stream has none.
+    ``chunk_size``; ``blurry`` > 0 then mixes the chunks around each task boundary
+    (:func:`blur_boundaries`). The manifest is written last, so a half-written stream has none.
     """
     out = Path(out)
     if (out / "manifest.json").exists():
@@ -281,22 +299,30 @@ def write_stream(out: str | Path, *, name: str, x_train: np.ndarray, y_train: np
     if chunk_size < 1:
         raise StreamError(f"chunk size must be >= 1, got {chunk_size}")
     rng = np.random.default_rng(seed)
-    tasks = []
+    plan = []
     for t, classes in enumerate(task_classes):
         idx = np.flatnonzero(np.isin(y_train, classes))
         if idx.size == 0:
             raise StreamError(f"{name}: task {t} (classes {classes}) has no training samples")
         idx = rng.permutation(idx)
+        plan.append([idx[start:start + chunk_size] for start in range(0, len(idx), chunk_size)])
+    if blurry:
+        blur_boundaries(plan, blurry, rng)
+    tasks = []
+    for t, classes in enumerate(task_classes):
         chunks = []
-        for c, start in enumerate(range(0, len(idx), chunk_size)):
+        for c, part in enumerate(plan[t]):
             rel = f"task{t}/chunk{c:04d}.npz"
-            part = idx[start:start + chunk_size]
             write_npz(out / rel, x=x_train[part], y=y_train[part].astype(np.int64))
             chunks.append(rel)
         test_idx = np.flatnonzero(np.isin(y_test, classes))
         rel_test = f"test/task{t}.npz"
         write_npz(out / rel_test, x=x_test[test_idx], y=y_test[test_idx].astype(np.int64))
-        tasks.append({"classes": [int(c) for c in classes], "chunks": chunks, "test": rel_test})
+        entry = {"classes": [int(c) for c in classes], "chunks": chunks, "test": rel_test}
+        extra = sorted(set(np.unique(y_train[np.concatenate(plan[t])]).tolist()) - set(classes))
+        if extra:
+            entry["blurry_classes"] = [int(c) for c in extra]
+        tasks.append(entry)
     manifest = {
         "format": FORMAT, "version": VERSION, "name": name,
         "input_shape": [int(s) for s in x_train.shape[1:]], "dtype": str(x_train.dtype),
@@ -305,3 +331,28 @@ def write_stream(out: str | Path, *, name: str, x_train: np.ndarray, y_train: np
     }
     write_json(out / "manifest.json", manifest)
     return read_manifest(out)
+
+
+def blur_boundaries(chunks: list[list[np.ndarray]], n: int, rng: np.random.Generator) -> None:
+    """Make task boundaries blurry: the ``n`` chunks either side of each boundary mix the two tasks.
+
+    At the boundary of tasks t and t+1, the k-th last chunk of t and the k-th chunk of t+1
+    (k = 1..n) swap a random ``(n + 1 - k) / (2n + 1)`` of their samples. Across those 2n chunks
+    the share of task t+1 samples thus rises in steps of 1/(2n+1), from 1/(2n+1) to 2n/(2n+1);
+    chunk sizes and the samples of each task stay the same. ``chunks`` (index arrays per task)
+    is changed in place.
+    """
+    if n < 0:
+        raise StreamError(f"--blurry must be >= 0 chunks, got {n}")
+    for t, task in enumerate(chunks):
+        need = n * ((t > 0) + (t < len(chunks) - 1))
+        if len(task) < need:
+            raise StreamError(f"--blurry {n} needs at least {need} chunks in task {t}, which has {len(task)}; "
+                              "lower --blurry or --chunk-size")
+    for a, b in itertools.pairwise(chunks):
+        for k in range(1, n + 1):
+            ca, cb = a[-k].copy(), b[k - 1].copy()
+            m = round(min(len(ca), len(cb)) * (n + 1 - k) / (2 * n + 1))
+            ia, ib = rng.choice(len(ca), m, replace=False), rng.choice(len(cb), m, replace=False)
+            ca[ia], cb[ib] = b[k - 1][ib], a[-k][ia]
+            a[-k], b[k - 1] = ca, cb

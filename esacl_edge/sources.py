@@ -1,0 +1,453 @@
+"""Readers that turn data sets in their usual on-disk formats into uint8 NHWC arrays.
+
+Every reader returns a :class:`Source`; every problem with the user's files is one
+:class:`StreamError` that names the folder or file and what is wrong. Nothing is downloaded
+unless ``download`` is asked for.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from .errors import StreamError
+from .stream import read_npz
+
+FOLDER_TEST_FRACTION = 0.2
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+NEEDS_ROOT = DOWNLOADABLE + ("tiny-imagenet",)
+NAMES = ("digits", "npz:PATH", "folder:PATH") + NEEDS_ROOT
+
+
+@dataclass
+class Source:
+    """A labelled train/test split of NHWC images."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    scale: float
+    class_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a source: where, whether to download, and the image geometry wanted.
+
+    ``per_class``/``test_per_class`` let file-per-image sources decode only the files kept;
+    ``seed`` picks them (and splits folders without train/test subfolders).
+    """
+
+    root: Path | None = None
+    download: bool = False
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    test_fraction: float = FOLDER_TEST_FRACTION
+    per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"32"`` -> (32, 32); ``"48x64"`` -> (48, 64) as (height, width)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text or "")
+    size = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else None
+    if size is None or not all(1 <= s <= 4096 for s in size):
+        raise StreamError(f"--image-size must be N or HxW with sizes 1..4096, got {text!r}")
+    return size
+
+
+# ---------------------------------------------------------------------------------------- geometry
+def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear, antialiased resize of uint8 NHWC images to ``size`` = (H, W)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(x.shape[1:3]) == size:
+        return x
+    out = np.empty((len(x), *size, x.shape[3]), np.uint8)
+    for start in range(0, len(x), 4096):
+        t = torch.from_numpy(x[start:start + 4096]).permute(0, 3, 1, 2).float()
+        t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + 4096] = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def _to_channels(x: np.ndarray, channels: int | None) -> np.ndarray:
+    """Grey <-> RGB; RGB to grey with the ITU-R 601 luma weights (as PIL's ``convert("L")``)."""
+    if channels is None or x.shape[3] == channels:
+        return x
+    if channels == 3:
+        return np.repeat(x, 3, axis=3)
+    luma = x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+
+
+def shape_images(x: np.ndarray, opts: ReadOptions) -> np.ndarray:
+    """Apply the requested channels and size to in-memory images."""
+    x = _to_channels(x, opts.channels)
+    return _resize(x, opts.image_size) if opts.image_size else x
+
+
+def _decode(paths: list[Path], opts: ReadOptions) -> np.ndarray:
+    """Decode image files with PIL to one uint8 NHWC array (RGB unless 1 channel is asked for); errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if opts.channels == 1 else "RGB"
+    images, first = [], None
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im = im.convert(mode)
+                if opts.image_size:
+                    h, w = opts.image_size
+                    im = im.resize((w, h), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, np.uint8)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+            raise StreamError(f"{path}: cannot read the image: {exc}") from None
+        if first is None:
+            first = (path, arr.shape)
+        elif arr.shape != first[1]:
+            raise StreamError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is "
+                              f"{first[1][1]}x{first[1][0]}; pass --image-size to resize all images to one size")
+        images.append(arr.reshape(arr.shape[0], arr.shape[1], -1))
+    return np.stack(images)
+
+
+def pick_per_class(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most ``limit`` randomly chosen items per label (all when None), in order."""
+    if limit is None:
+        return np.arange(len(labels))
+    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:limit] for c in np.unique(labels)])
+    return np.sort(keep)
+
+
+def _decode_split(files: list[Path], labels: np.ndarray, limit: int | None, opts: ReadOptions,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Decode only the files that ``limit`` per class keeps."""
+    keep = pick_per_class(labels, limit, rng)
+    return _decode([files[i] for i in keep], opts), labels[keep].astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------- bundled, npz
+def load_digits_source(seed: int = 0, test_fraction: float = 0.2) -> Source:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16), stratified train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = d.images.astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+    return Source("digits", x_tr, y_tr, x_te, y_te, 10, 1.0 / 16.0, [str(i) for i in range(10)])
+
+
+def load_npz_source(path: str | Path) -> Source:
+    """A file with uint8 NHWC arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StreamError(f"{path}: dataset file not found")
+    arrays = read_npz(path, ("x_train", "y_train", "x_test", "y_test"), optional=("class_names",))
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise StreamError(f"{path}: x_{split} must be uint8 NHWC, got {x.dtype} with shape {x.shape}")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise StreamError(f"{path}: y_{split} must be 1-D integer labels, one per image")
+    y_all = np.concatenate([arrays["y_train"], arrays["y_test"]])
+    if y_all.min() < 0:
+        raise StreamError(f"{path}: labels must be >= 0")
+    num_classes = int(y_all.max()) + 1
+    return Source(path.stem, arrays["x_train"], arrays["y_train"].astype(np.int64), arrays["x_test"],
+                  arrays["y_test"].astype(np.int64), num_classes, 1.0 / 255.0, names)
+
+
+# ---------------------------------------------------------------------------------------- CIFAR
+def _cifar_class(fine: bool):
+    """torchvision's CIFAR class with the file checks reduced to presence (md5 only when downloading).
+
+    The official archive is still verified by its checksum when downloaded; files already on disk
+    are accepted if they parse, so re-packed or subset batches in the official format work too.
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    base = CIFAR100 if fine else CIFAR10
+
+    class Cifar(base):
+        train_list: ClassVar = [[name, None] for name, _ in base.train_list]
+        test_list: ClassVar = [[name, None] for name, _ in base.test_list]
+        meta: ClassVar = {**base.meta, "md5": None}
+
+    return Cifar
+
+
+def load_cifar_source(root: Path, fine: bool = False, download: bool = False) -> Source:
+    """CIFAR-10 (``fine=False``) or CIFAR-100 fine labels from ``root/cifar-10(0)-batches-py`` or -python.
+
+    The batches are Python pickles: they are read only from the ``root`` the caller names.
+    """
+    cls = _cifar_class(fine)
+    name = "cifar100" if fine else "cifar10"
+    root = Path(root)
+    if not (root / cls.base_folder).is_dir() and (root / cls.meta["filename"]).is_file():
+        root = root.parent  # the user named the batches folder itself
+    folder = root / cls.base_folder
+    if download:
+        _download(lambda: cls(str(root), train=True, download=True), root, name)
+    if not folder.is_dir():
+        raise StreamError(f"{folder} not found under {root}: expected the official python batches of "
+                          f"{name}; pass --download to fetch them")
+    files = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [n for n in files if not (folder / n).is_file()]
+    if missing:
+        raise StreamError(f"{folder}: missing {', '.join(missing)} of the official {name} python batches")
+    try:
+        train, test = cls(str(root), train=True), cls(str(root), train=False)
+    except Exception as exc:  # noqa: BLE001 - torchvision raises many kinds; find and name the bad file
+        raise StreamError(_bad_pickle(folder, files, "labels" if not fine else "fine_labels", exc)) from None
+    xs, ys = [], []
+    for split in (train, test):
+        x, y = np.asarray(split.data, np.uint8), np.asarray(split.targets, np.int64)
+        if len(x) != len(y):
+            raise StreamError(f"{folder}: the {'train' if split.train else 'test'} batches hold {len(x)} images "
+                              f"but {len(y)} labels")
+        xs.append(np.ascontiguousarray(x))
+        ys.append(y)
+    classes = [str(c) for c in train.classes]
+    _check_labels(folder, np.concatenate(ys), len(classes))
+    return Source(name, xs[0], ys[0], xs[1], ys[1], len(classes), 1.0 / 255.0, classes)
+
+
+def _bad_pickle(folder: Path, files: list[str], label_key: str, exc: Exception) -> str:
+    """Say which batch file cannot be read as an official CIFAR batch (only called after a failure)."""
+    for n in files:
+        try:
+            with open(folder / n, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+        except Exception as err:  # noqa: BLE001
+            return f"{folder / n}: not a readable CIFAR python batch (truncated or corrupt): {type(err).__name__}"
+        meta = n in ("batches.meta", "meta")
+        key = ("label_names", "fine_label_names") if meta else ("data", label_key)
+        if not isinstance(entry, dict) or not (any if meta else all)(k in entry for k in key):
+            return f"{folder / n}: not a CIFAR python batch (expected a dict with {' / '.join(key)})"
+        if not meta and np.shape(entry["data"])[-1:] != (3072,):
+            return f"{folder / n}: 'data' must be uint8 rows of 3072 values (32x32x3)"
+    return f"{folder}: cannot read the CIFAR python batches: {type(exc).__name__}: {exc}"
+
+
+def _check_labels(where: Path, y: np.ndarray, num_classes: int) -> None:
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise StreamError(f"{where}: labels must be within 0..{num_classes - 1}, found {y.min()}..{y.max()}")
+
+
+def _download(fetch, root: Path, name: str) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fetch()
+    except Exception as exc:  # noqa: BLE001 - network and archive errors of any kind
+        raise StreamError(f"{root}: downloading {name} failed: {type(exc).__name__}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------- MNIST family
+_IDX = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+        "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+_MNIST = {"mnist": ("MNIST", "mnist", [str(i) for i in range(10)]),
+          "fashion-mnist": ("FashionMNIST", "fashion-mnist",
+                            ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                             "Sneaker", "Bag", "Ankle boot"])}
+
+
+def _idx_folder(root: Path, name: str) -> Path | None:
+    """Where the four idx files are: torchvision's ``ROOT/MNIST/raw``, a Debian-style ``ROOT/fashion-mnist``,
+    or ``ROOT`` itself (e.g. ``/usr/share/datasets/fashion-mnist``)."""
+    tv, debian, _ = _MNIST[name]
+    for folder in (root / tv / "raw", root / debian, root):
+        if all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in _IDX.values()):
+            return folder
+    return None
+
+
+def _read_idx(path: Path, labels: bool) -> np.ndarray:
+    """An idx file (plain or ``.gz``) through torchvision's reader; errors name the file."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    read = read_label_file if labels else read_image_file
+    try:
+        if path.suffix != ".gz":
+            return read(str(path)).numpy()
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = Path(tmp) / path.stem
+            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            return read(str(plain)).numpy()
+    except (AssertionError, RuntimeError, ValueError, KeyError, IndexError, OSError, EOFError) as exc:
+        what = "idx1 label" if labels else "idx3 image"
+        raise StreamError(f"{path}: not a readable {what} file (truncated or corrupt): "
+                          f"{type(exc).__name__} {exc}".rstrip()) from None
+
+
+def load_mnist_source(root: Path, name: str = "mnist", download: bool = False) -> Source:
+    """MNIST or Fashion-MNIST idx files, gzipped or not, in torchvision's or Debian's layout."""
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    tv, debian, classes = _MNIST[name]
+    root = Path(root)
+    if download:
+        cls = MNIST if name == "mnist" else FashionMNIST
+        _download(lambda: cls(str(root), train=True, download=True), root, name)
+    folder = _idx_folder(root, name)
+    if folder is None:
+        raise StreamError(f"{root}: no {name} idx files ({', '.join(_IDX.values())}, optionally .gz) in "
+                          f"{root / tv / 'raw'}, {root / debian} or {root}; pass --download to fetch them")
+    arrays = {}
+    for key, stem in _IDX.items():
+        path = folder / stem if (folder / stem).is_file() else folder / f"{stem}.gz"
+        arrays[key] = (_read_idx(path, key.startswith("y")), path)
+    for split in ("train", "test"):
+        (x, xp), (y, yp) = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or x.dtype != np.uint8:
+            raise StreamError(f"{xp}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise StreamError(f"{yp}: holds {len(y)} labels for the {len(x)} images of {xp.name}")
+        _check_labels(yp, y, 10)
+    (xtr, _), (ytr, _), (xte, _), (yte, _) = (arrays[k] for k in _IDX)
+    return Source(name, xtr[..., None], ytr.astype(np.int64), xte[..., None], yte.astype(np.int64), 10,
+                  1.0 / 255.0, classes)
+
+
+# ---------------------------------------------------------------------------------------- image folders
+def _image_folder(path: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Files, labels and class names of an ImageFolder tree (one sub-folder per class)."""
+    from torchvision.datasets import ImageFolder
+
+    if not path.is_dir():
+        raise StreamError(f"{path}: image folder not found")
+    try:
+        ds = ImageFolder(str(path), loader=str)
+    except (FileNotFoundError, OSError) as exc:
+        raise StreamError(f"{path}: not an image folder tree (one sub-folder of images per class): {exc}") from None
+    files = [Path(p) for p, _ in ds.samples]
+    return files, np.asarray([c for _, c in ds.samples], np.int64), list(ds.classes)
+
+
+def _split_files(labels: np.ndarray, fraction: float, rng: np.random.Generator,
+                 names: list[str], where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/test indices: each class keeps at least one image on either side."""
+    if not 0.0 < fraction < 1.0:
+        raise StreamError(f"--test-fraction must be between 0 and 1, got {fraction}")
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < 2:
+            raise StreamError(f"{where / names[c]}: class {names[c]!r} has {len(idx)} image; a train/test "
+                              "split needs at least 2 per class (or give train/ and test/ sub-folders)")
+        n_test = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_folder_source(path: str | Path, opts: ReadOptions) -> Source:
+    """An ImageFolder tree; ``PATH/train`` + ``PATH/test`` if both exist, else a seeded stratified split."""
+    path = Path(path)
+    rng = np.random.default_rng([opts.seed, 1])
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        files, labels, names = _image_folder(path / "train")
+        test_files, test_labels, test_names = _image_folder(path / "test")
+        unknown = sorted(set(test_names) - set(names))
+        if unknown:
+            raise StreamError(f"{path / 'test'}: classes {unknown} have no folder in {path / 'train'}")
+        test_labels = np.asarray([names.index(test_names[c]) for c in test_labels], np.int64)
+    else:
+        all_files, all_labels, names = _image_folder(path)
+        tr, te = _split_files(all_labels, opts.test_fraction, rng, names, path)
+        files, labels = [all_files[i] for i in tr], all_labels[tr]
+        test_files, test_labels = [all_files[i] for i in te], all_labels[te]
+    if len(names) < 2:
+        raise StreamError(f"{path}: found {len(names)} class folder; a class-incremental stream needs at least 2")
+    x_tr, y_tr = _decode_split(files, labels, opts.per_class, opts, rng)
+    x_te, y_te = _decode_split(test_files, test_labels, opts.test_per_class, opts, rng)
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise StreamError(f"{path}: train images are {x_tr.shape[1:]} but test images {x_te.shape[1:]}; "
+                          "pass --image-size")
+    return Source(path.name or "folder", x_tr, y_tr, x_te, y_te, len(names), 1.0 / 255.0, names)
+
+
+# ---------------------------------------------------------------------------------------- Tiny-ImageNet
+def load_tiny_imagenet_source(root: str | Path, opts: ReadOptions) -> Source:
+    """The official ``tiny-imagenet-200`` folder: ``train/<wnid>/images``, ``val/images`` + annotations.
+
+    The labelled val split is the test split; class names come from ``words.txt`` when present.
+    """
+    root = Path(root)
+    base = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+    train_dir, val_dir = base / "train", base / "val"
+    annotations = val_dir / "val_annotations.txt"
+    if not train_dir.is_dir() or not annotations.is_file():
+        raise StreamError(f"{root}: no Tiny-ImageNet here: expected tiny-imagenet-200/train/<wnid>/images and "
+                          "tiny-imagenet-200/val/val_annotations.txt")
+    files, labels, wnids = _image_folder(train_dir)
+    if (base / "wnids.txt").is_file():
+        listed = sorted((base / "wnids.txt").read_text().split())
+        if listed != wnids:
+            missing = sorted(set(listed) - set(wnids))[:5]
+            raise StreamError(f"{train_dir}: class folders do not match {base / 'wnids.txt'}"
+                              + (f" (missing e.g. {missing})" if missing else ""))
+    index = {w: i for i, w in enumerate(wnids)}
+    test_files, test_labels = [], []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in index:
+            raise StreamError(f"{annotations}:{n}: expected 'FILE<TAB>WNID...' with a known wnid, got {line[:80]!r}")
+        test_files.append(val_dir / "images" / parts[0])
+        test_labels.append(index[parts[1]])
+    names = wnids
+    if (base / "words.txt").is_file():
+        words = dict(line.split("\t", 1) for line in (base / "words.txt").read_text().splitlines() if "\t" in line)
+        names = [words.get(w, w).split(",")[0].strip() for w in wnids]
+    rng = np.random.default_rng([opts.seed, 1])
+    x_tr, y_tr = _decode_split(files, labels, opts.per_class, opts, rng)
+    x_te, y_te = _decode_split(test_files, np.asarray(test_labels, np.int64), opts.test_per_class, opts, rng)
+    return Source("tiny-imagenet", x_tr, y_tr, x_te, y_te, len(wnids), 1.0 / 255.0, names)
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+def read_source(dataset: str, opts: ReadOptions = ReadOptions()) -> Source:
+    """Read ``dataset`` (see :data:`NAMES`) and apply the requested channels and image size."""
+    if opts.download and dataset not in DOWNLOADABLE:
+        raise StreamError(f"--download is available for {', '.join(DOWNLOADABLE)}, not {dataset!r}")
+    if dataset in NEEDS_ROOT and opts.root is None:
+        hint = (f" (Debian's dataset-fashion-mnist package installs it in {DEBIAN_FASHION_MNIST})"
+                if dataset == "fashion-mnist" else "")
+        raise StreamError(f"{dataset} needs --root DIR, the folder that holds it{hint}")
+    if dataset in ("cifar10", "cifar100"):
+        src = load_cifar_source(opts.root, dataset == "cifar100", opts.download)
+    elif dataset in _MNIST:
+        src = load_mnist_source(opts.root, dataset, opts.download)
+    elif dataset == "tiny-imagenet":
+        return load_tiny_imagenet_source(opts.root, opts)
+    elif dataset.startswith("folder:"):
+        return load_folder_source(dataset[7:], opts)
+    elif dataset == "digits":
+        src = load_digits_source(opts.seed)
+    elif dataset.startswith("npz:"):
+        src = load_npz_source(dataset[4:])
+    else:
+        raise StreamError(f"unknown dataset {dataset!r}: use one of {', '.join(NAMES)}")
+    src.x_train, src.x_test = shape_images(src.x_train, opts), shape_images(src.x_test, opts)
+    return src
