@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -32,7 +31,7 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError
-from .files import fsync_dir, write_json, write_npz, write_tensors
+from .files import fsync_dir, read_json, read_tensors, write_json, write_npz, write_tensors
 from .learner import TaskProgress
 from .snapshot import ModelSpec
 
@@ -201,24 +200,14 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarra
     for f in (meta_path, pt, npz):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path}: not valid JSON: {exc}") from None
+    meta = read_json(meta_path, CheckpointError)
     schema = meta.get("schema") if isinstance(meta, dict) else None
     if type(schema) is int and schema > SCHEMA:
         raise CheckpointError(f"{meta_path}: written by a newer esacl-edge ({meta.get('esacl_edge_version')}, state "
                               f"schema {schema}); this version reads schema {SCHEMA}: upgrade esacl-edge")
     if schema != SCHEMA or "spec" not in meta:
         raise CheckpointError(f"{meta_path}: not an esacl-edge learner state (schema {schema!r})")
-    try:
-        with warnings.catch_warnings():  # the refusal below is the message; no unpickler chatter
-            warnings.simplefilter("ignore")
-            tensors = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"{pt}: not a readable state file: {str(exc).splitlines()[0]}") from None
-    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
-        raise CheckpointError(f"{pt}: must hold a flat dict of tensors")
+    tensors = read_tensors(pt, CheckpointError, "state file")
     try:
         with np.load(npz, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

@@ -1,4 +1,5 @@
-"""Atomic writes: a file appears complete under its name, or not at all."""
+"""Safe file I/O: atomic writes (a file appears complete under its name, or not at all) and
+reads that never unpickle objects, failing with one error that names the file."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,3 +58,24 @@ def write_npz(path: str | Path, compress: bool = True, **arrays: np.ndarray) -> 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save a flat dict of plain tensors, loadable with ``torch.load(..., weights_only=True)``."""
     atomic_write(path, lambda f: torch.save(tensors, f))
+
+
+def read_json(path: Path, error: type[Exception]) -> Any:
+    """Parse a JSON file; bad text raises ``error`` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from None
+
+
+def read_tensors(path: Path, error: type[Exception], what: str) -> dict[str, torch.Tensor]:
+    """Load a flat dict of tensors with ``weights_only=True``; anything else raises ``error`` naming the file."""
+    try:
+        with warnings.catch_warnings():  # the refusal below is the message; no unpickler chatter
+            warnings.simplefilter("ignore")
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise error(f"{path}: not a readable {what}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+        raise error(f"{path}: must hold a flat dict of tensors")
+    return tensors

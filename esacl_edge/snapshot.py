@@ -8,8 +8,6 @@ the model's state dict as it is. ``task_N.json`` says how to rebuild the model.
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SnapshotError
-from .files import write_json, write_npz, write_tensors
+from .files import read_json, read_tensors, write_json, write_npz, write_tensors
 from .models import build_model
 
 SCHEMA = 1
@@ -124,21 +122,11 @@ def load_snapshot(run_dir: str | Path, task: int) -> tuple[nn.Module, dict]:
         have = available_tasks(run_dir)
         raise SnapshotError(f"{run_dir}: no snapshot for task {task} (tasks count from 0; this run has "
                             f"{', '.join(map(str, have)) if have else 'none'})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SnapshotError(f"{meta_path}: not valid JSON: {exc}") from None
+    meta = read_json(meta_path, SnapshotError)
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA or "spec" not in meta:
         raise SnapshotError(f"{meta_path}: unsupported snapshot schema {meta.get('schema') if isinstance(meta, dict) else None!r}"
                             f" (this esacl-edge reads {SCHEMA})")
-    try:
-        with warnings.catch_warnings():  # the refusal below is the message; no unpickler chatter
-            warnings.simplefilter("ignore")
-            tensors = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise SnapshotError(f"{pt}: not a readable snapshot: {str(exc).splitlines()[0]}") from None
-    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
-        raise SnapshotError(f"{pt}: must hold a flat dict of tensors")
+    tensors = read_tensors(pt, SnapshotError, "snapshot")
     spec = ModelSpec(**meta["spec"])
     model = unpack(tensors, spec.build(), str(pt))
     model.eval()

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import StreamError
-from .files import write_json, write_npz
+from .files import read_json, write_json, write_npz
 
 FORMAT = "esacl-stream"
 VERSION = 1
@@ -109,10 +108,7 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
     where = str(mpath)
     if not mpath.is_file():
         raise StreamError(f"{where}: manifest not found (is {root} a chunk stream directory?)")
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StreamError(f"{where}: not valid JSON: {exc}") from None
+    raw = read_json(mpath, StreamError)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise StreamError(f"{where}: not an {FORMAT} manifest (field 'format' must be {FORMAT!r})")
     if raw.get("version") != VERSION:
