@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from esacl_edge import checkpoint
-from esacl_edge.datasets import make_stream
+from esacl_edge.data.build import make_stream
+from esacl_edge.data.stream import read_manifest
+from esacl_edge.deploy.snapshot import available_tasks, load_snapshot
 from esacl_edge.errors import CheckpointError
-from esacl_edge.snapshot import available_tasks, load_snapshot
-from esacl_edge.stream import read_manifest
 
 
 def learn_cmd(stream: Path, run: Path, args: argparse.Namespace) -> list[str]:

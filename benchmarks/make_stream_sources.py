@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synthetic_colour
 
-from esacl_edge.datasets import make_stream
+from esacl_edge.data.build import make_stream
 from tests import formats
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")

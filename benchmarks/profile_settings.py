@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from esacl_edge.budget import plan
-from esacl_edge.methods import get_method
-from esacl_edge.profiles import load_profile, profile_names
+from esacl_edge.device.budget import plan
+from esacl_edge.device.profiles import load_profile, profile_names
+from esacl_edge.learn.methods import get_method
 
 CASES = (("resnet18_reduced", (32, 32, 3)), ("small_cnn", (28, 28, 1)))
 

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .device.profiles import Profile, to_yaml
 from .errors import EsaclError
 from .files import atomic_write, write_json
-from .methods import get_method
-from .profiles import Profile, to_yaml
+from .learn.methods import get_method
 
 
 def parse_method(spec: str, default_sparsity: float) -> tuple[str, str, float]:

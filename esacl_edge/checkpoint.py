@@ -30,13 +30,20 @@ import numpy as np
 import torch
 
 from . import __version__
+from .deploy.snapshot import ModelSpec
 from .errors import CheckpointError
-from .files import fsync_dir, read_json, read_tensors, write_json, write_npz, write_tensors
-from .learner import TaskProgress
-from .snapshot import ModelSpec
+from .files import (
+    fsync_dir,
+    read_json,
+    read_tensors,
+    write_json,
+    write_npz,
+    write_tensors,
+)
+from .learn.learner import TaskProgress
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learn.learner import StreamingLearner
 
 SCHEMA = 1
 LATEST = "LATEST"

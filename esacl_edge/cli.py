@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EsaclError
-from .methods import METHODS
+from .learn.methods import METHODS
 from .metrics import format_matrix
 from .models import MODEL_NAMES
 
@@ -53,10 +53,10 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
     """Export the snapshot of ``task`` in ``run``; test data from ``stream`` (or the run's own) if present."""
     import numpy as np
 
-    from .export import export_variant
-    from .profiles import load_profile, profile_names
-    from .snapshot import load_calibration, load_snapshot
-    from .stream import load_test, read_manifest
+    from .data.stream import load_test, read_manifest
+    from .deploy.export import export_variant
+    from .deploy.snapshot import load_calibration, load_snapshot
+    from .device.profiles import load_profile, profile_names
 
     model, meta = load_snapshot(run, task)
     name = profile or (meta.get("profile") if meta.get("profile") in profile_names() else "cpu")
@@ -74,7 +74,7 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
 
 
 def cmd_make_stream(args: argparse.Namespace) -> None:
-    from .datasets import make_stream
+    from .data.build import make_stream
 
     order = args.class_order
     if order and order != "random":
@@ -117,8 +117,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import bench, format_table
-    from .datasets import make_stream
-    from .profiles import load_profile
+    from .data.build import make_stream
+    from .device.profiles import load_profile
 
     out = Path(args.out)
     stream = args.stream
@@ -143,9 +143,9 @@ def _mib(n: int | None) -> str:
 
 
 def cmd_profiles(args: argparse.Namespace) -> None:
-    from .budget import plan
-    from .methods import get_method
-    from .profiles import load_profile, profile_names
+    from .device.budget import plan
+    from .device.profiles import load_profile, profile_names
+    from .learn.methods import get_method
 
     if args.action == "list":
         print(f"{'profile':<18}{'device':<7}{'memory':>10}{'train peak':>14}{'buffer':>12}{'model':>12}  description")
@@ -181,7 +181,7 @@ def cmd_profiles(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .datasets import make_stream
+    from .data.build import make_stream
     from .runner import learn
 
     out = Path(args.out)

@@ -15,15 +15,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint
-from .errors import EsaclError
-from .files import write_json
-from .learner import StreamingLearner
-from .memory import peak_memory_bytes
-from .methods import MethodConfig
-from .metrics import backward_transfer, final_accuracy, forgetting
-from .profiles import Profile, load_profile
-from .snapshot import save_snapshot
-from .stream import (
+from .data.stream import (
     Chunk,
     Manifest,
     iter_chunks,
@@ -32,6 +24,14 @@ from .stream import (
     read_manifest,
     sha256_of,
 )
+from .deploy.snapshot import save_snapshot
+from .device.memory import peak_memory_bytes
+from .device.profiles import Profile, load_profile
+from .errors import EsaclError
+from .files import write_json
+from .learn.learner import StreamingLearner
+from .learn.methods import MethodConfig
+from .metrics import backward_transfer, final_accuracy, forgetting
 
 
 def default_model(input_shape: tuple[int, int, int]) -> str:

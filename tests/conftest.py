@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from esacl_edge.datasets import make_stream
-from esacl_edge.profiles import load_profile
+from esacl_edge.data.build import make_stream
+from esacl_edge.device.profiles import load_profile
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from esacl_edge import StreamingLearner, ewc, sdp, sparcl
-from esacl_edge.methods import METHODS
+from esacl_edge import StreamingLearner
+from esacl_edge.learn import ewc, sdp, sparcl
+from esacl_edge.learn.methods import METHODS
 from esacl_edge.runner import learn
 
 
@@ -25,7 +26,7 @@ def test_every_method_runs_the_stream_and_reports_costs(method, tiny_stream, fas
 
 
 def test_joint_trains_only_at_task_end_on_everything_seen(tiny_stream, fast_profile):
-    from esacl_edge.stream import iter_chunks
+    from esacl_edge.data.stream import iter_chunks
 
     learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method="joint", input_dtype="uint8")
     chunks = list(iter_chunks(tiny_stream))[:4]  # tasks 0 and 1

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 
 from esacl_edge.cli import main
-from esacl_edge.profiles import load_profile, to_yaml
-from esacl_edge.stream import load_test, read_manifest
+from esacl_edge.data.stream import load_test, read_manifest
+from esacl_edge.device.profiles import load_profile, to_yaml
 
 RESULT_KEYS = {"acc_matrix_class_il", "acc_matrix_task_il", "final_acc_class_il", "final_acc_task_il",
                "forgetting_class_il", "sparsity", "model_bytes_dense", "model_bytes_sparse", "train_seconds",

@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from esacl_edge import StreamingLearner
-from esacl_edge.cost import CostMeter, layer_forward_flops
-from esacl_edge.memory import peak_memory_bytes, peak_rss_bytes
+from esacl_edge.data.stream import iter_chunks
+from esacl_edge.device.memory import peak_memory_bytes, peak_rss_bytes
+from esacl_edge.learn.cost import CostMeter, layer_forward_flops
 from esacl_edge.models import build_model
-from esacl_edge.stream import iter_chunks
 
 
 def test_layer_flops_match_a_hand_count_on_a_small_conv_net():

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from esacl_edge import StreamingLearner
+from esacl_edge.data.stream import load_test
+from esacl_edge.deploy.export import parity
 from esacl_edge.errors import EsaclError, ExportError
-from esacl_edge.export import parity
 from esacl_edge.runner import feed
-from esacl_edge.stream import load_test
 
 
 @pytest.fixture(scope="module")

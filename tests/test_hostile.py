@@ -19,8 +19,8 @@ import torch
 
 from esacl_edge import checkpoint
 from esacl_edge.cli import main
-from esacl_edge.datasets import make_stream
-from esacl_edge.profiles import load_profile, to_yaml
+from esacl_edge.data.build import make_stream
+from esacl_edge.device.profiles import load_profile, to_yaml
 
 from .conftest import write_chunk
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from esacl_edge import buffer as rb
-from esacl_edge import ids
-from esacl_edge.budget import buffer_bytes_per_sample, buffer_capacity
+from esacl_edge.device.budget import buffer_bytes_per_sample, buffer_capacity
+from esacl_edge.learn import buffer as rb
+from esacl_edge.learn import ids
 
 
 def test_step_selection_keeps_top_scores_per_class_and_balances():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from esacl_edge import EsaclError, StreamingLearner
-from esacl_edge.stream import iter_chunks, load_test
+from esacl_edge.data.stream import iter_chunks, load_test
 
 
 def test_streaming_api_learns_and_separates_class_il_from_task_il(tiny_stream, fast_profile):

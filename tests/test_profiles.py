@@ -8,13 +8,19 @@ import pytest
 import torch
 import yaml
 
-from esacl_edge.budget import (BudgetError, activation_bytes_per_sample, buffer_capacity, plan,
-                               sparsity_for_model_budget, stored_model_bytes)
-from esacl_edge.device import autocast_dtype, detect_jetson, select_device
+from esacl_edge.device.budget import (
+    BudgetError,
+    activation_bytes_per_sample,
+    buffer_capacity,
+    plan,
+    sparsity_for_model_budget,
+    stored_model_bytes,
+)
+from esacl_edge.device.profiles import load_profile, profile_names, to_yaml
+from esacl_edge.device.selection import autocast_dtype, detect_jetson, select_device
 from esacl_edge.errors import ProfileError
-from esacl_edge.methods import get_method
+from esacl_edge.learn.methods import get_method
 from esacl_edge.models import build_model
-from esacl_edge.profiles import load_profile, profile_names, to_yaml
 
 VALID = {
     "schema_version": 1, "name": "mine", "description": "test device",

@@ -14,9 +14,9 @@ import torch
 
 from esacl_edge import StreamingLearner, checkpoint
 from esacl_edge.cli import main
+from esacl_edge.data.stream import iter_chunks
 from esacl_edge.errors import CheckpointError
 from esacl_edge.runner import learn
-from esacl_edge.stream import iter_chunks
 
 from .conftest import write_chunk
 
@@ -117,7 +117,7 @@ def test_a_chunk_changed_after_learning_is_reported_not_relearned(tiny_stream, f
 
     stream = tmp_path / "stream"
     shutil.copytree(tiny_stream.root, stream)
-    from esacl_edge.stream import read_manifest
+    from esacl_edge.data.stream import read_manifest
 
     manifest = read_manifest(stream)
     first = _learn(manifest, tmp_path / "run", fast_profile)
@@ -135,7 +135,7 @@ def _env():
 
 
 def _profile(tmp_path, passes):
-    from esacl_edge.profiles import load_profile, to_yaml
+    from esacl_edge.device.profiles import load_profile, to_yaml
 
     path = tmp_path / "p.yaml"
     path.write_text(to_yaml(load_profile("cpu").replace(name="test", batch_size=8, passes_per_chunk=passes)))

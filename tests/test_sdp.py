@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from esacl_edge import StreamingLearner, sdp
-from esacl_edge.methods import get_method
+from esacl_edge import StreamingLearner
+from esacl_edge.learn import sdp
+from esacl_edge.learn.methods import get_method
 from esacl_edge.models import prunable_parameters
 from esacl_edge.runner import feed
 
@@ -151,8 +152,8 @@ def test_no_retraining_needed_after_the_last_pruning_event(monkeypatch):
     """Held-out accuracy on the current task right after each task's last pruning event
     stays within 3 points of the accuracy just before it: SDP prunes where the loss is flat,
     and there is no fine-tuning phase to hide a drop."""
-    from esacl_edge.datasets import make_stream
-    from esacl_edge.stream import load_test
+    from esacl_edge.data.build import make_stream
+    from esacl_edge.data.stream import load_test
 
     stream = make_stream("digits", Path(tempfile.mkdtemp()) / "s", tasks=5, chunk_size=64, seed=0)
     learner = StreamingLearner("small_cnn", "cpu", 10, (8, 8, 1), sparsity=0.9, input_dtype="uint8",

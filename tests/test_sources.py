@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from esacl_edge.cli import main
-from esacl_edge.datasets import make_stream
+from esacl_edge.data.build import make_stream
+from esacl_edge.data.stream import iter_chunks, load_test, read_manifest
 from esacl_edge.errors import StreamError
-from esacl_edge.learner import StreamingLearner
+from esacl_edge.learn.learner import StreamingLearner
 from esacl_edge.runner import learn
-from esacl_edge.stream import iter_chunks, load_test, read_manifest
 
 from . import formats
 

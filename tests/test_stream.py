@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from esacl_edge.cli import main
-from esacl_edge.datasets import make_stream
+from esacl_edge.data.build import make_stream
+from esacl_edge.data.stream import iter_chunks, read_manifest, write_stream
 from esacl_edge.errors import StreamError
-from esacl_edge.stream import iter_chunks, read_manifest, write_stream
 
 from .conftest import write_chunk
 

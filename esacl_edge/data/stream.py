@@ -41,8 +41,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import StreamError
-from .files import read_json, write_json, write_npz
+from ..errors import StreamError
+from ..files import read_json, write_json, write_npz
 
 FORMAT = "esacl-stream"
 VERSION = 1

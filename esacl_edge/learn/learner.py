@@ -17,17 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deploy.snapshot import ModelSpec, dense_bytes, pack, packed_bytes, unpack
+from ..device.budget import plan
+from ..device.profiles import Profile, load_profile
+from ..device.selection import autocast_dtype, select_device
+from ..errors import EsaclError
+from ..models import layer_sparsity, prunable_parameters
 from . import buffer as rb
 from . import ewc, ids, sdp, sparcl
-from .budget import plan
 from .cost import CostMeter, layer_forward_flops
-from .device import autocast_dtype, select_device
-from .errors import EsaclError
 from .methods import MethodConfig, get_method
-from .models import layer_sparsity, prunable_parameters
-from .profiles import Profile, load_profile
-from .snapshot import ModelSpec, dense_bytes, pack, packed_bytes, unpack
-
 
 CALIBRATION_SAMPLES = 256
 
@@ -402,7 +401,7 @@ class StreamingLearner:
         ``variant``: ``sparse`` (default), ``dense``, ``structured`` or ``int8``; ``test`` (x, y)
         adds accuracy before and after export to the report.
         """
-        from .export import export_variant
+        from ..deploy.export import export_variant
 
         meta = {"task": task, "task_classes": [self.task_classes[t] for t in sorted(self.task_classes) if t <= task],
                 "pattern": None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}",
@@ -412,7 +411,7 @@ class StreamingLearner:
 
     def save_state(self, folder: str | Path) -> Path:
         """Save everything needed to continue later (see :mod:`esacl_edge.checkpoint`), crash-safely."""
-        from . import checkpoint
+        from .. import checkpoint
 
         return checkpoint.save(folder, self)
 
@@ -421,7 +420,7 @@ class StreamingLearner:
 
         Returns False (and changes nothing) when ``folder`` holds no saved state.
         """
-        from . import checkpoint
+        from .. import checkpoint
 
         return checkpoint.load(folder, self) is not None
 

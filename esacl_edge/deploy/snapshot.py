@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import SnapshotError
-from .files import read_json, read_tensors, write_json, write_npz, write_tensors
-from .models import build_model
+from ..errors import SnapshotError
+from ..files import read_json, read_tensors, write_json, write_npz, write_tensors
+from ..models import build_model
 
 SCHEMA = 1
 
@@ -103,7 +103,7 @@ def load_calibration(run_dir: str | Path, task: int) -> np.ndarray | None:
     path = Path(run_dir) / "snapshots" / f"task_{task}_calib.npz"
     if not path.is_file():
         return None
-    from .stream import read_npz
+    from ..data.stream import read_npz
 
     return read_npz(path, ("x",))["x"]
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EsaclError
-from .methods import MethodConfig
-from .models import build_model, prunable_parameters
+from ..errors import EsaclError
+from ..learn.methods import MethodConfig
+from ..models import build_model, prunable_parameters
 from .profiles import Profile
 
 # Per buffered sample besides its input: label (int16), task id (int16), insertion score (float32).

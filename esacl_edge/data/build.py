@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StreamError
+from ..errors import StreamError
 from .sources import (
     NAMES,
     ReadOptions,

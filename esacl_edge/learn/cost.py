@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import prunable_parameters
+from ..models import prunable_parameters
 
 
 def layer_forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import ProfileError
+from ..errors import ProfileError
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import EsaclError
+from ..errors import EsaclError
 
 
 @dataclass(frozen=True)

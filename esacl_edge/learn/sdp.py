@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models import prunable_parameters
+from ..models import prunable_parameters
 
 SCORE_KINDS = ("directional", "magnitude", "sparcl")
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..device.budget import buffer_bytes_per_sample, buffer_capacity
 from . import ids
-from .budget import buffer_bytes_per_sample, buffer_capacity
 
 
 @dataclass

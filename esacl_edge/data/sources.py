@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .errors import StreamError
+from ..errors import StreamError
 from .stream import read_npz
 
 FOLDER_TEST_FRACTION = 0.2

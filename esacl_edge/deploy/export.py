@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import ExportError
-from .files import write_json
-from .models import layer_sparsity
+from .. import __version__
+from ..errors import ExportError
+from ..files import write_json
+from ..models import layer_sparsity
 from .snapshot import ModelSpec
 
 PARITY_TOLERANCE = 1e-4

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExportError
-from .models import SmallCNN
+from ..errors import ExportError
+from ..models import SmallCNN
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:

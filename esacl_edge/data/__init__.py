@@ -1,0 +1,1 @@
+"""Data: the chunk-stream format, data-set readers and stream building."""

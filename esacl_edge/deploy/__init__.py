@@ -1,0 +1,1 @@
+"""Deployment: per-task snapshots and ONNX export."""

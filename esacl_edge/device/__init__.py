@@ -1,0 +1,1 @@
+"""The device: profiles, the budget arithmetic, device selection and measured memory."""
