@@ -1,14 +1,17 @@
-"""The learner's complete state after a chunk, as explicit data in files, saved crash-safely.
+"""The learner's state after a chunk, as explicit data in files, saved crash-safely.
 
-A checkpoint is a folder of three files:
+The learner and its parts return their state as nested dicts (``state_dict()``); this module
+stores any such dict without knowing its fields. A checkpoint is a folder of three files:
 
-* ``state.pt``: a flat dict of plain tensors (``torch.load(..., weights_only=True)``): model
-  weights and norm statistics, optimizer buffers, SDP masks and statistics, EWC terms,
-  SparCL gradient masks, finished-task snapshots, and the torch RNG state;
-* ``state.npz``: numpy arrays (``allow_pickle=False``): the replay buffer, calibration
-  samples, the joint baseline's data;
-* ``state.json``: everything else: schema, model spec, counters, task progress, the numpy
-  RNG state, and whatever the caller adds (the runner records the chunks consumed).
+* ``state.pt``: the tensor leaves, flat, keyed by their path (``model/conv1.weight``), loaded
+  with ``torch.load(..., weights_only=True)``;
+* ``state.npz``: the numpy-array leaves (the replay buffer, the joint baseline's data),
+  loaded with ``allow_pickle=False``;
+* ``state.json``: every other leaf in its place, plus the schema and whatever the caller adds
+  under ``extra`` (the runner records the chunks consumed).
+
+Task snapshots are not copied in: the state names them and their SHA-256, and the learner
+reads them from the run's ``snapshots/`` folder.
 
 Saving never overwrites the last good checkpoint: ``DIR/ckpt-NNNNNN/`` is written and
 fsynced first, then the one-line ``DIR/LATEST`` is replaced atomically to point at it, then
@@ -21,16 +24,13 @@ import errno
 import json
 import shutil
 import zipfile
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
-from .deploy.snapshot import ModelSpec
 from .errors import CheckpointError
 from .files import (
     fsync_dir,
@@ -40,132 +40,59 @@ from .files import (
     write_npz,
     write_tensors,
 )
-from .learn.learner import TaskProgress
 
-if TYPE_CHECKING:
-    from .learn.learner import StreamingLearner
-
-SCHEMA = 1
+SCHEMA = 2
 LATEST = "LATEST"
+_FILES = ("state.json", "state.pt", "state.npz")
 
 
-def _flat(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}/{k}": v.detach().cpu().clone() for k, v in tensors.items()}
+def split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], dict[str, Any]]:
+    """Nested state -> (tensors by path, arrays by path, the JSON rest with the same nesting)."""
+    tensors: dict[str, torch.Tensor] = {}
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(node: dict, prefix: str) -> dict:
+        rest = {}
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if torch.is_tensor(value):
+                tensors[path] = value.detach().cpu().clone()
+            elif isinstance(value, np.ndarray):
+                arrays[path] = value
+            elif isinstance(value, dict):
+                rest[key] = walk(value, path + "/")
+            else:
+                rest[key] = value
+        return rest
+
+    return tensors, arrays, walk(state, "")
 
 
-def _group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    head = f"{prefix}/"
-    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
-
-
-def learner_state(learner: StreamingLearner) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], dict]:
-    """Everything :func:`restore` needs to continue exactly where ``learner`` is, as tensors, arrays, JSON."""
-    opt_state = learner.optimizer.state_dict()["state"]
-    tensors = {
-        **_flat("model", learner.model.state_dict()),
-        **{f"optim/{i}/{k}": v.detach().cpu().clone() for i, s in opt_state.items() for k, v in s.items()
-           if torch.is_tensor(v)},
-        **_flat("sdp.masks", learner.sdp.masks), **_flat("sdp.a", learner.sdp.a), **_flat("sdp.f", learner.sdp.f),
-        **_flat("sdp.grad_abs", learner.sdp.grad_abs),
-        **_flat("ewc.fisher", learner.ewc.fisher), **_flat("ewc.anchor", learner.ewc.anchor),
-        **_flat("ewc.task_sq", learner.ewc.task_sq),
-        **_flat("grad_masks", learner.grad_masks or {}),
-        "rng/torch": torch.get_rng_state(),
-    }
-    for task, snap in learner.snapshots.items():
-        tensors.update(_flat(f"snapshot.{task}", snap))
-    if learner.device.type == "cuda":
-        tensors["rng/cuda"] = torch.cuda.get_rng_state(learner.device)
-    buf = learner.buffer
-    arrays = {f"buffer_{k}": getattr(buf, k)[: buf.size] for k in ("x", "y", "task", "logits", "score")}
-    arrays.update({f"calibration_{t}": x for t, x in learner.calibration.items()})
-    if learner.joint_data:
-        arrays["joint_x"] = np.concatenate([x for x, _ in learner.joint_data])
-        arrays["joint_y"] = np.concatenate([y for _, y in learner.joint_data])
-    meta = {
-        "schema": SCHEMA, "esacl_edge_version": __version__, "spec": asdict(learner.spec),
-        "method": learner.cfg.name, "seed": learner.seed, "target_sparsity": learner.target_sparsity,
-        "buffer_capacity": buf.capacity, "buffer_size": buf.size, "buffer_seen": buf.seen,
-        "optim_params": sorted(opt_state), "progress": asdict(learner.progress),
-        "task_classes": {str(t): c for t, c in learner.task_classes.items()},
-        "prune_events": learner.prune_events, "samples_trained": learner.samples_trained,
-        "cost": {"flops": learner.cost.flops, "weight_density": learner.cost.weight_density,
-                 "grad_density": learner.cost.grad_density},
-        "sdp": {"updates": learner.sdp.updates, "decay": learner.sdp.decay},
-        "snapshots": sorted(learner.snapshots), "ewc_task_steps": learner.ewc.task_steps,
-        "grad_masks": learner.grad_masks is not None,
-        "numpy_rng": learner.rng.bit_generator.state,
-    }
-    return tensors, arrays, meta
-
-
-def restore(learner: StreamingLearner, tensors: dict[str, torch.Tensor], arrays: dict[str, np.ndarray],
-            meta: dict, where: str = "checkpoint") -> None:
-    """Put ``learner`` (built with the same settings) into the saved state; errors name ``where``."""
-    spec = ModelSpec(**{**meta["spec"], "input_shape": tuple(meta["spec"]["input_shape"])})
-    if spec != learner.spec:
-        raise CheckpointError(f"{where}: saved for model {spec.model} with input {list(spec.input_shape)} "
-                              f"{spec.dtype} and {spec.num_classes} classes; this run has {learner.spec.model} with "
-                              f"input {list(learner.spec.input_shape)} {learner.spec.dtype} and "
-                              f"{learner.spec.num_classes} classes")
-    for key, have in (("method", learner.cfg.name), ("buffer_capacity", learner.buffer.capacity)):
-        if meta[key] != have:
-            raise CheckpointError(f"{where}: saved with {key} {meta[key]!r}; this run has {have!r}")
-    dev = learner.device
-    try:
-        learner.model.load_state_dict(_group(tensors, "model"))
-    except RuntimeError as exc:
-        raise CheckpointError(f"{where}: weights do not fit this model: {str(exc).splitlines()[0]}") from None
-    opt = learner.optimizer.state_dict()
-    opt["state"] = {i: {k[len(f"optim/{i}/"):]: v for k, v in tensors.items() if k.startswith(f"optim/{i}/")}
-                    for i in meta["optim_params"]}
-    learner.optimizer.load_state_dict(opt)
-    params = set(learner.sdp.masks)
-    for name in ("masks", "a", "f"):
-        group = _group(tensors, f"sdp.{name}")
-        if set(group) != params:
-            raise CheckpointError(f"{where}: SDP {name} do not match this model's prunable layers")
-        getattr(learner.sdp, name).update({k: v.to(dev) for k, v in group.items()})
-    learner.sdp.grad_abs = {k: v.to(dev) for k, v in _group(tensors, "sdp.grad_abs").items()}
-    learner.sdp.updates, learner.sdp.decay = meta["sdp"]["updates"], meta["sdp"]["decay"]
-    learner.ewc.fisher = {k: v.to(dev) for k, v in _group(tensors, "ewc.fisher").items()}
-    learner.ewc.anchor = {k: v.to(dev) for k, v in _group(tensors, "ewc.anchor").items()}
-    learner.ewc.task_sq = {k: v.to(dev) for k, v in _group(tensors, "ewc.task_sq").items()}
-    learner.ewc.task_steps = meta["ewc_task_steps"]
-    learner.grad_masks = ({k: v.to(dev) for k, v in _group(tensors, "grad_masks").items()}
-                          if meta["grad_masks"] else None)
-    learner.task_classes = {int(t): list(c) for t, c in meta["task_classes"].items()}
-    learner.snapshots = {t: _group(tensors, f"snapshot.{t}") for t in meta["snapshots"]}
-    learner.calibration = {int(k[len("calibration_"):]): v for k, v in arrays.items() if k.startswith("calibration_")}
-    buf, n = learner.buffer, meta["buffer_size"]
-    for k in ("x", "y", "task", "logits", "score"):
-        getattr(buf, k)[:n] = arrays[f"buffer_{k}"]
-    buf.size, buf.seen = n, meta["buffer_seen"]
-    learner.joint_data = [(arrays["joint_x"], arrays["joint_y"])] if "joint_x" in arrays else []
-    learner.progress = TaskProgress(**meta["progress"])
-    learner.prune_events = list(meta["prune_events"])
-    learner.samples_trained = meta["samples_trained"]
-    learner.cost.flops = meta["cost"]["flops"]
-    learner.cost.set_density(meta["cost"]["weight_density"], meta["cost"]["grad_density"])
-    learner.rng.bit_generator.state = meta["numpy_rng"]
-    torch.set_rng_state(tensors["rng/torch"])
-    if "rng/cuda" in tensors and dev.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng/cuda"], dev)
+def join(tensors: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`split`."""
+    state = json.loads(json.dumps(rest))
+    for path, value in [*tensors.items(), *arrays.items()]:
+        *parents, leaf = path.split("/")
+        node = state
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return state
 
 
 def _numbered(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("ckpt-*") if p.is_dir())
 
 
-def save(folder: str | Path, learner: StreamingLearner, extra: dict | None = None) -> Path:
-    """Write the learner's state (plus ``extra`` JSON) as the new latest checkpoint in ``folder``.
+def save(folder: str | Path, state: dict[str, Any], extra: dict | None = None) -> Path:
+    """Write ``state`` (plus ``extra`` JSON) as the new latest checkpoint in ``folder``.
 
     On failure (a full disk, say) the previous checkpoint stays the latest and nothing
     partial is left behind.
     """
     folder = Path(folder)
-    tensors, arrays, meta = learner_state(learner)
-    meta["extra"] = extra or {}
+    tensors, arrays, rest = split(state)
+    meta = {"schema": SCHEMA, "esacl_edge_version": __version__, **rest, "extra": extra or {}}
     existing = _numbered(folder) if folder.is_dir() else []
     number = int(existing[-1].name[5:]) + 1 if existing else 0
     target = folder / f"ckpt-{number:06d}"
@@ -201,9 +128,9 @@ def latest(folder: str | Path) -> Path | None:
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], dict]:
-    """Load one checkpoint folder safely (no pickled objects); one error naming the bad file."""
+    """Load one checkpoint folder safely (no pickled objects): (tensors, arrays, JSON); one error naming the bad file."""
     path = Path(path)
-    meta_path, pt, npz = path / "state.json", path / "state.pt", path / "state.npz"
+    meta_path, pt, npz = (path / f for f in _FILES)
     for f in (meta_path, pt, npz):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
@@ -212,6 +139,10 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarra
     if type(schema) is int and schema > SCHEMA:
         raise CheckpointError(f"{meta_path}: written by a newer esacl-edge ({meta.get('esacl_edge_version')}, state "
                               f"schema {schema}); this version reads schema {SCHEMA}: upgrade esacl-edge")
+    if type(schema) is int and schema < SCHEMA:
+        raise CheckpointError(f"{meta_path}: a learner state of schema {schema}, written by esacl-edge "
+                              f"{meta.get('esacl_edge_version')}; this version reads schema {SCHEMA} only: finish "
+                              "that run with the version that started it, or start afresh (--overwrite)")
     if schema != SCHEMA or "spec" not in meta:
         raise CheckpointError(f"{meta_path}: not an esacl-edge learner state (schema {schema!r})")
     tensors = read_tensors(pt, CheckpointError, "state file")
@@ -223,21 +154,11 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarra
     return tensors, arrays, meta
 
 
-def load(folder: str | Path, learner: StreamingLearner, check: Callable[[dict], None] | None = None) -> dict | None:
-    """Restore the latest checkpoint in ``folder`` into ``learner``; returns its ``extra`` (None if none).
-
-    ``check(extra)`` runs before anything is restored, to refuse a state saved by another job.
-    """
+def load(folder: str | Path) -> tuple[dict[str, Any], dict, Path] | None:
+    """The latest checkpoint in ``folder`` as (nested state, extra, its path); None when nothing was saved."""
     path = latest(folder)
     if path is None:
         return None
     tensors, arrays, meta = read(path)
-    if check is not None:
-        check(meta.get("extra") or {})
-    try:
-        restore(learner, tensors, arrays, meta, str(path))
-        return dict(meta["extra"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: incomplete or inconsistent learner state ({type(exc).__name__}: {exc})") \
-            from None
-
+    extra = meta.pop("extra", {}) or {}
+    return join(tensors, arrays, meta), extra, path

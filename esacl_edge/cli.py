@@ -8,44 +8,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
+from . import __version__, reports
 from .errors import EsaclError
 from .learn.methods import METHODS
-from .metrics import format_matrix
 from .models import MODEL_NAMES
 
 DEFAULT_RUN = "esacl-run"
 DEMO_BUFFER_BYTES = 22400  # 200 digits samples of 112 bytes: a buffer far smaller than the stream
-
-
-def _print_results(r: dict) -> None:
-    if not r["acc_matrix_class_il"]:
-        print(f"no task finished yet ({r['chunks_consumed']} chunks learned)")
-        return
-    print(format_matrix(r["acc_matrix_class_il"], "Class-IL accuracy (%), row = after task i, column = task j"))
-    print()
-    print(format_matrix(r["acc_matrix_task_il"], "Task-IL accuracy (%)"))
-    print()
-    print(f"final accuracy   Class-IL {100 * r['final_acc_class_il']:.1f}%   Task-IL {100 * r['final_acc_task_il']:.1f}%")
-    print(f"forgetting       Class-IL {100 * r['forgetting_class_il']:.1f} points")
-    print(f"sparsity         {100 * r['sparsity']:.1f}% of prunable weights are zero")
-    print(f"model size       {r['model_bytes_dense']:,} bytes dense, {r['model_bytes_sparse']:,} bytes sparse "
-          f"({r['model_bytes_dense'] / r['model_bytes_sparse']:.1f}x smaller)")
-    print(f"replay buffer    {r['buffer_size']} of {r['buffer_capacity']} samples, {r['buffer_bytes']:,} bytes")
-    print(f"train time       {r['train_seconds']:.1f} s on {r['device']} ({r['method']}, profile {r['profile']}, "
-          f"seed {r['seed']})")
-
-
-def _print_export(report: dict) -> None:
-    line = (f"wrote {report['path']} ({report['variant']}, {report['bytes']:,} bytes, {report['gzip_bytes']:,} gzipped, "
-            f"opset {report['opset']}); onnxruntime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
-    if "top1_agreement" in report:
-        line += f", top-1 agreement {100 * report['top1_agreement']:.1f}%"
-    print(line)
-    if "accuracy_onnx" in report:
-        print(f"accuracy on the test data of tasks 0..{report['task']}: PyTorch snapshot "
-              f"{100 * report['accuracy_torch']:.2f}%, this file {100 * report['accuracy_onnx']:.2f}%")
-    print(f"sidecar {report['path']}.json")
 
 
 def export_task(run: str | Path, task: int, out: str | Path, variant: str = "sparse", profile: str | None = None,
@@ -74,6 +43,7 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
 
 
 def cmd_make_stream(args: argparse.Namespace) -> None:
+    """``make-stream``: write a data set as a chunk stream."""
     from .data.build import make_stream
 
     order = args.class_order
@@ -93,6 +63,7 @@ def cmd_make_stream(args: argparse.Namespace) -> None:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
+    """``learn``: learn or resume a stream; the exit status says whether a signal stopped it."""
     from .runner import learn
 
     r = learn(args.stream, profile=args.profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
@@ -101,7 +72,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
               poll_seconds=args.poll, max_idle=args.max_idle)
     if r["resumed_at_chunk"]:
         print(f"resumed {args.run} after {r['resumed_at_chunk']} chunks learned earlier")
-    _print_results(r)
+    reports.print_results(r)
     print(f"results and task snapshots in {args.run}")
     if r["stopped_by"]:
         print(f"stopped by {r['stopped_by']} after {r['chunks_consumed']} of {r['chunks']} chunks, state saved; "
@@ -111,11 +82,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    _print_export(export_task(args.run, args.task, args.out, args.variant, args.profile, args.opset, args.stream,
-                              args.min_l1))
+    """``export``: one task's model to ONNX, checked with onnxruntime."""
+    reports.print_export(export_task(args.run, args.task, args.out, args.variant, args.profile, args.opset,
+                                     args.stream, args.min_l1))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    """``bench``: methods x seeds on one stream, made first from ``--dataset`` if asked."""
     from .bench import bench, format_table
     from .data.build import make_stream
     from .device.profiles import load_profile
@@ -138,49 +111,30 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'bench.json'} and {', '.join(Path(p).name for p in report.get('plots', []))}")
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2 ** 20:,.2f} MiB"
-
-
 def cmd_profiles(args: argparse.Namespace) -> None:
+    """``profiles``: list, show or check device profiles."""
     from .device.budget import plan
     from .device.profiles import load_profile, profile_names
     from .learn.methods import get_method
 
     if args.action == "list":
-        print(f"{'profile':<18}{'device':<7}{'memory':>10}{'train peak':>14}{'buffer':>12}{'model':>12}  description")
-        for name in profile_names():
-            p = load_profile(name)
-            print(f"{name:<18}{p.device:<7}{p.memory_mb:>7} MB{_mib(p.training_peak_bytes):>14}"
-                  f"{_mib(p.buffer_bytes):>12}{_mib(p.model_bytes):>12}  {p.description}")
+        reports.print_profiles((name, load_profile(name)) for name in profile_names())
         return
     if not args.name:
         raise EsaclError(f"profiles {args.action} needs a profile name or YAML path")
     p = load_profile(args.name)
     if args.action == "show":
-        print(f"# {p.source}")
-        for key, value in vars(p).items():
-            if key != "source":
-                print(f"{key:<24}{value}")
-        print()
+        reports.print_profile(p)
     try:
         h, w, c = (int(v) for v in args.input_shape.split(","))
     except ValueError:
         raise EsaclError(f"--input-shape must be H,W,C, got {args.input_shape!r}") from None
     pl = plan(p, args.model, (h, w, c), args.num_classes, get_method(args.method), args.dtype)
-    print(f"derived for {args.model} on {h}x{w}x{c} {args.dtype}, {args.num_classes} classes, method {args.method}:")
-    print(f"  target sparsity   {pl.target_sparsity:.4f}  ({pl.sparsity_from})")
-    print(f"  model             {pl.model_bytes_dense:,} B dense -> {pl.model_bytes_stored:,} B stored"
-          + (f" (budget {p.model_bytes:,} B)" if p.model_bytes else ""))
-    print(f"  replay buffer     {pl.buffer_capacity:,} samples = {pl.buffer_bytes:,} B (budget {p.buffer_bytes:,} B)")
-    print(f"  batch size        {pl.batch_size} (profile allows up to {p.batch_size})")
-    print(f"  training peak     estimate {pl.memory_estimate_bytes:,} B of budget {pl.memory_budget_bytes:,} B:")
-    for term, value in pl.memory_terms.items():
-        print(f"    {term:<24}{value:>16,} B")
-    print("  fits: yes" + ("" if p.training_supported else " (deployment only: this profile does not train)"))
+    reports.print_plan(p, pl, args.num_classes, args.method, args.dtype)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    """``demo``: Split-Digits stream, EsaCL run and ONNX export in one folder."""
     from .data.build import make_stream
     from .runner import learn
 
@@ -192,12 +146,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"replay buffer of {DEMO_BUFFER_BYTES:,} bytes")
     r = learn(stream, profile="cpu", run_dir=run, method="esacl", sparsity=0.9, seed=args.seed, overwrite=True,
               buffer_bytes=DEMO_BUFFER_BYTES)
-    _print_results(r)
+    reports.print_results(r)
     last = r["tasks"] - 1
-    _print_export(export_task(run, last, out / f"model_task{last}.onnx"))
+    reports.print_export(export_task(run, last, out / f"model_task{last}.onnx"))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``esacl-edge`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="esacl-edge", description="On-device continual learning of sparse models.")
     p.add_argument("--version", action="version", version=f"esacl-edge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -322,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; exit status 2 on an input error, 130 when interrupted."""
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default", RuntimeWarning)
     try:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint
+from . import __version__
 from .data.stream import (
     Chunk,
     Manifest,
@@ -24,13 +24,12 @@ from .data.stream import (
     read_manifest,
     sha256_of,
 )
-from .deploy.snapshot import save_snapshot
 from .device.memory import peak_memory_bytes
 from .device.profiles import Profile, load_profile
 from .errors import EsaclError
 from .files import write_json
 from .learn.learner import StreamingLearner
-from .learn.methods import MethodConfig
+from .learn.methods import Method
 from .metrics import backward_transfer, final_accuracy, forgetting
 
 
@@ -43,11 +42,7 @@ def default_model(input_shape: tuple[int, int, int]) -> str:
 def feed(learner: StreamingLearner, manifest: Manifest) -> Iterator[tuple[Chunk, dict]]:
     """Learn the stream in order, tasks delimited by the manifest; yield each chunk once learned."""
     for chunk in iter_chunks(manifest):
-        if chunk.index == 0:
-            learner.begin_task(chunk.task, chunk.n_chunks, list(manifest.tasks[chunk.task].classes))
-        info = learner.observe(chunk.x, chunk.y, chunk.task)
-        if chunk.index == chunk.n_chunks - 1:
-            learner.end_task()
+        info = learner.observe(chunk.x, chunk.y, chunk.task, chunk.n_chunks, list(manifest.tasks[chunk.task].classes))
         yield chunk, info
 
 
@@ -91,15 +86,18 @@ class RunRecord:
     acc_t: list[list[float]] = field(default_factory=list)
     anytime_c: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
+    samples_learned: int = 0  # chunk samples consumed (each once, whatever the passes)
     reported: list[dict] = field(default_factory=list)  # chunks changed after learning, or added too late
 
 
 class _Job:
     """One ``learn`` job over a run folder: resumes from its saved state, saves after every chunk."""
 
-    def __init__(self, stream_dir: Path, run_dir: Path, learner: StreamingLearner, record: RunRecord,
-                 overwrite: bool, follow: bool, anytime: bool) -> None:
-        self.stream_dir, self.run_dir, self.learner, self.record = stream_dir, run_dir, learner, record
+    def __init__(self, stream_dir: Path, run_dir: Path, manifest: Manifest, learner: StreamingLearner,
+                 record: RunRecord, overwrite: bool, follow: bool, anytime: bool) -> None:
+        self.stream_dir, self.run_dir, self.manifest = stream_dir, run_dir, manifest
+        self.learner, self.record = learner, record
+        learner.on_task_end.append(self.task_ended)
         self.overwrite, self.follow, self.anytime = overwrite, follow, anytime
         self.tests: dict[int, tuple] = {}
         self.consumed = {c["chunk"]: c for c in record.consumed}
@@ -129,7 +127,7 @@ class _Job:
 
     def save(self) -> None:
         self._touch()
-        checkpoint.save(self.run_dir / "state", self.learner, asdict(self.record))
+        self.learner.save_state(self.run_dir, asdict(self.record))
 
     # -------------------------------------------------------------- the stream
     def report(self, rel: str, reason: str, detail: str) -> None:
@@ -169,37 +167,31 @@ class _Job:
         return self.tests[task]
 
     # -------------------------------------------------------------- learning
-    def finish_task(self, manifest: Manifest) -> None:
+    def task_ended(self, task: int) -> None:
+        """The learner finished ``task``: evaluate every task so far, write the task's snapshot."""
         learner = self.learner
-        task = learner.progress.task
-        learner.end_task()
-        row = [learner.evaluate(*self.test(manifest, j), task=j) for j in range(task + 1)]
+        row = [learner.evaluate(*self.test(self.manifest, j), task=j) for j in range(task + 1)]
         self.record.acc_c.append([r["class_il"] for r in row])
         self.record.acc_t.append([r["task_il"] for r in row])
-        self.write("the task snapshot", save_snapshot, self.run_dir, task, learner.snapshots[task], learner.spec,
-                    [learner.task_classes[t] for t in sorted(learner.task_classes)], learner.sparsity(),
-                    learner.calibration.get(task), {"pattern": self.record.settings["pattern"],
-                                                    "stream": self.record.settings["stream"],
-                                                    "profile": learner.profile.name})
+        self.write("the task snapshot", learner.write_snapshot, self.run_dir, task,
+                   {"pattern": self.record.settings["pattern"], "stream": self.record.settings["stream"],
+                    "profile": learner.profile.name})
 
-    def learn_chunk(self, manifest: Manifest, t: int, i: int) -> dict:
-        learner, task = self.learner, manifest.tasks[t]
+    def learn_chunk(self, t: int, i: int) -> dict:
+        learner, task = self.learner, self.manifest.tasks[t]
         start = time.perf_counter()  # train time includes reading and validating the chunk
-        chunk = load_chunk(manifest, t, i)
-        if t != learner.progress.task:
-            if learner.progress.task >= 0:
-                self.finish_task(manifest)
-            known = not self.follow or task.complete
-            learner.begin_task(t, len(task.chunks) if known else None, list(task.classes))
-        info = learner.observe(chunk.x, chunk.y, t)
+        chunk = load_chunk(self.manifest, t, i)
+        known = not self.follow or task.complete
+        # The learner's task driver ends the open task on a new task's chunk, and a task of known length
+        # after its last chunk; each end calls task_ended.
+        info = learner.observe(chunk.x, chunk.y, t, len(task.chunks) if known else None, list(task.classes))
         self.record.train_seconds += time.perf_counter() - start
+        self.record.samples_learned += len(chunk.y)
         self.record.consumed.append({"task": t, "chunk": task.chunks[i], "sha256": chunk.sha256})
         self.consumed[task.chunks[i]] = self.record.consumed[-1]
         if self.anytime:
-            seen = [learner.evaluate(*self.test(manifest, j), task=j)["class_il"] for j in range(t + 1)]
+            seen = [learner.evaluate(*self.test(self.manifest, j), task=j)["class_il"] for j in range(t + 1)]
             self.record.anytime_c.append(sum(seen) / len(seen))
-        if learner.progress.chunks_done == learner.progress.n_chunks:
-            self.finish_task(manifest)
         return info
 
     def task_over(self, manifest: Manifest) -> bool:
@@ -215,7 +207,7 @@ def _settings_differ(saved: dict, now: dict) -> str:
 
 
 def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir: str | Path = "esacl-run",
-          method: str | MethodConfig = "esacl", sparsity: float | None = None, seed: int = 0, model: str | None = None,
+          method: str | Method = "esacl", sparsity: float | None = None, seed: int = 0, model: str | None = None,
           buffer_bytes: int | None = None, overwrite: bool = False, progress: bool = True,
           anytime: bool = False, pattern: str | None = None, follow: bool = False, poll_seconds: float = 5.0,
           max_idle: float | None = None) -> dict:
@@ -239,7 +231,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                                input_dtype=manifest.dtype, normalization=manifest.normalization, seed=seed,
                                class_names=list(manifest.class_names) if manifest.class_names else None,
                                pattern=pattern)
-    settings = {"stream": str(stream_dir.resolve()), "stream_name": manifest.name, "method": learner.cfg.name,
+    settings = {"stream": str(stream_dir.resolve()), "stream_name": manifest.name, "method": learner.method.name,
                 "model": learner.spec.model, "seed": seed, "sparsity": sparsity, "buffer_bytes": buffer_bytes,
                 "pattern": pattern, "profile": prof.name, "anytime": anytime}
     record = RunRecord(settings)
@@ -255,14 +247,14 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                              "settings, or pass --overwrite or another --run")
         record.settings["stream"] = settings["stream"]
 
-    if overwrite or checkpoint.load(run_dir / "state", learner, same_job) is None:
+    if overwrite or learner.load_state(run_dir, same_job) is None:
         if not overwrite and ((run_dir / "results.json").exists() or (run_dir / "snapshots").exists()):
             raise EsaclError(f"{run_dir}: already holds a run without saved state; pass --overwrite or choose "
                              "another --run")
     if not follow:
         for t in range(len(manifest.tasks)):  # fail early on a bad test split
             load_test(manifest, t)
-    job = _Job(stream_dir, run_dir, learner, record, overwrite, follow, anytime)
+    job = _Job(stream_dir, run_dir, manifest, learner, record, overwrite, follow, anytime)
     bar = tqdm(total=sum(len(t.chunks) for t in manifest.tasks), initial=len(record.consumed), desc="learn",
                unit="chunk", disable=not progress)
     idle_since = time.monotonic()
@@ -270,7 +262,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         while stop.signal is None:
             todo = job.pending(manifest)
             for t, i in todo:
-                info = job.learn_chunk(manifest, t, i)
+                info = job.learn_chunk(t, i)
                 job.save()
                 bar.update(1)
                 bar.set_postfix(task=t, loss=f"{info['loss']:.3f}", density=f"{learner.density:.3f}")
@@ -279,7 +271,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
             if stop.signal is not None:
                 break
             if job.task_over(manifest):
-                job.finish_task(manifest)
+                learner.end_task()
                 job.save()
             if not follow:
                 break
@@ -290,7 +282,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                 continue
             stop.wait(poll_seconds)
             try:
-                manifest = read_manifest(stream_dir)
+                manifest = job.manifest = read_manifest(stream_dir)
             except EsaclError as exc:  # a producer mid-update; keep waiting
                 warnings.warn(f"{exc}; waiting for a valid manifest", RuntimeWarning, stacklevel=2)
             bar.total = sum(len(t.chunks) for t in manifest.tasks)
@@ -323,13 +315,15 @@ def _results(job: _Job, manifest: Manifest, prof: Profile, stopped_by: int | Non
         "model_bytes_dense": sizes["dense"], "model_bytes_sparse": sizes["sparse"],
         "buffer_capacity": learner.buffer.capacity, "buffer_size": learner.buffer.size,
         "buffer_bytes": learner.buffer.nbytes, "train_seconds": rec.train_seconds,
+        "samples_learned": rec.samples_learned,
+        "samples_per_second": rec.samples_learned / rec.train_seconds if rec.train_seconds else None,
         "samples_trained": learner.samples_trained, "train_flops": learner.cost.flops,
         "train_macs": learner.cost.macs, "dense_forward_flops_per_sample": learner.cost.dense_forward_flops,
-        "peak_memory_bytes": peak, "memory_peak_bytes": peak, "memory_budget_bytes": learner.plan.memory_budget_bytes,
+        "peak_memory_bytes": peak, "memory_budget_bytes": learner.plan.memory_budget_bytes,
         "memory_estimate_bytes": learner.plan.memory_estimate_bytes, "memory_terms": learner.plan.memory_terms,
         "batch_size": learner.plan.batch_size, "sparsity_from": learner.plan.sparsity_from,
         "layer_sparsity": learner.layer_sparsity(),
-        "method": learner.cfg.name, "profile": prof.name,
+        "method": learner.method.name, "profile": prof.name,
         "model": learner.spec.model, "device": str(learner.device), "seed": rec.settings["seed"],
         "stream": rec.settings["stream"], "tasks": len(manifest.tasks),
         "chunks": sum(len(t.chunks) for t in manifest.tasks),

@@ -6,7 +6,7 @@ from esacl_edge.data.stream import iter_chunks, load_test
 
 
 def test_streaming_api_learns_and_separates_class_il_from_task_il(tiny_stream, fast_profile):
-    learner = StreamingLearner("small_cnn", fast_profile.replace(passes_per_chunk=4), 10, (8, 8, 1),
+    learner = StreamingLearner("small_cnn", fast_profile.replace(passes_per_chunk=8), 10, (8, 8, 1),
                                sparsity=0.5, input_dtype="uint8", normalization=tiny_stream.normalization,
                                buffer_bytes=2240)
     for chunk in iter_chunks(tiny_stream):

@@ -260,6 +260,6 @@ def test_learn_reports_declared_and_measured_memory_and_warns_when_over(tmp_path
     with pytest.warns(RuntimeWarning, match="measured peak memory .* exceeds budgets.training_peak_bytes"):
         r = learn(tiny_stream.root, tight, tmp_path / "run", buffer_bytes=2240, progress=False)
     assert r["memory_budget_bytes"] == 64 * 2 ** 20
-    assert r["memory_peak_bytes"] > r["memory_budget_bytes"] >= r["memory_estimate_bytes"]
+    assert r["peak_memory_bytes"] > r["memory_budget_bytes"] >= r["memory_estimate_bytes"]
     assert r["buffer_capacity"] == 20 and r["batch_size"] == 32
     assert sum(r["memory_terms"].values()) == r["memory_estimate_bytes"]

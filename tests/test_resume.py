@@ -82,8 +82,8 @@ def test_learner_state_round_trip_continues_identically(tiny_stream, fast_profil
         a.observe(c.x, c.y, c.task)
     a.save_state(tmp_path / "state")
     b = fresh()
-    assert b.load_state(tmp_path / "state")
-    assert not fresh().load_state(tmp_path / "nothing-here")
+    assert b.load_state(tmp_path / "state") == {}
+    assert fresh().load_state(tmp_path / "nothing-here") is None
     for learner in (a, b):
         learner.observe(chunks[3].x, chunks[3].y, chunks[3].task)
         learner.end_task()
@@ -98,7 +98,7 @@ def test_disk_full_while_saving_keeps_the_previous_state(tiny_stream, fast_profi
     learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8")
     chunk = next(iter_chunks(tiny_stream))
     learner.observe(chunk.x, chunk.y, 0)
-    first = learner.save_state(tmp_path / "state")
+    first = learner.save_state(tmp_path)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -107,7 +107,7 @@ def test_disk_full_while_saving_keeps_the_previous_state(tiny_stream, fast_profi
     learner.observe(chunk.x, chunk.y, 0)
     with pytest.raises(CheckpointError, match=r"state: cannot save the learner state \(the disk is full\); "
                                               r"the previous saved state is kept"):
-        learner.save_state(tmp_path / "state")
+        learner.save_state(tmp_path)
     assert checkpoint.latest(tmp_path / "state") == first
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["LATEST", first.name]
 

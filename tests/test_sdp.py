@@ -8,7 +8,9 @@ from torch import nn
 
 from esacl_edge import StreamingLearner
 from esacl_edge.learn import sdp
-from esacl_edge.learn.methods import get_method
+from esacl_edge.learn.methods import esacl
+from esacl_edge.learn.optim import Sam, Sgd, perturb, restore
+from esacl_edge.learn.pruning import Pruning
 from esacl_edge.models import prunable_parameters
 from esacl_edge.runner import feed
 
@@ -22,18 +24,19 @@ def _chunk(n=48, seed=0):
 
 def test_pruned_weights_stay_exactly_zero_through_sam_steps(fast_profile, digits_norm):
     # Momentum and weight decay are on: the optimizer state must not move pruned weights either.
-    method = get_method("esacl").replace(momentum=0.9, weight_decay=5e-4)
+    method = esacl(optimizer=Sam(rho=0.05, base=Sgd(momentum=0.9, weight_decay=5e-4)),
+                   pruning=Pruning(prune_until=0.1))  # the schedule ends after the first of 6 chunks
     learner = StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), method=method, sparsity=0.5,
                                input_dtype="uint8", normalization=digits_norm, seed=0)
     x, y = _chunk()
-    learner.begin_task(0, n_chunks=1)
+    learner.begin_task(0, n_chunks=6)
     learner.observe(x, y, 0)  # momentum builds up, then the schedule prunes to 50%
-    masks = {n: m.clone() for n, m in learner.sdp.masks.items()}
+    masks = {n: m.clone() for n, m in learner.masks.items()}
     assert learner.sparsity() == pytest.approx(0.5, abs=1e-3)
     for seed in range(1, 6):
         learner.observe(*_chunk(seed=seed), 0)
     for name, p in prunable_parameters(learner.model).items():
-        assert torch.equal(learner.sdp.masks[name], masks[name])
+        assert torch.equal(learner.masks[name], masks[name])
         assert torch.count_nonzero(p[~masks[name]]) == 0, name
         assert torch.count_nonzero(p[masks[name]]) > 0.99 * masks[name].sum()
 
@@ -47,11 +50,11 @@ def test_perturbation_touches_live_weights_only_and_has_radius_rho():
     loss = model(torch.randn(8, 6)).pow(2).sum()
     loss.backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    eps = sdp.perturb(model, state, rho=0.05)
+    eps = perturb(model, state.masks, rho=0.05)
     assert torch.count_nonzero(eps["0.weight"][~state.masks["0.weight"]]) == 0
     assert torch.sqrt(sum((e ** 2).sum() for e in eps.values())).item() == pytest.approx(0.05, rel=1e-5)
     assert torch.count_nonzero(model[0].weight[~state.masks["0.weight"]]) == 0
-    sdp.restore(model, eps)
+    restore(model, eps)
     for n, p in model.named_parameters():
         assert torch.allclose(p, before[n], atol=1e-7)
 
@@ -97,10 +100,10 @@ def test_directional_score_beats_magnitude_on_anisotropic_problem():
         idx = torch.randint(0, len(x), (128,))
         opt.zero_grad()
         nn.functional.mse_loss(model(x[idx]), yt[idx]).backward()
-        eps = sdp.perturb(model, state, 0.05)
+        eps = perturb(model, state.masks, 0.05)
         opt.zero_grad()
         nn.functional.mse_loss(model(x[idx]), yt[idx]).backward()
-        sdp.restore(model, eps)
+        restore(model, eps)
         sdp.accumulate(model, state)
         opt.step()
 

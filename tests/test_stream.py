@@ -6,7 +6,8 @@ import pytest
 
 from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
-from esacl_edge.data.stream import iter_chunks, read_manifest, write_stream
+from esacl_edge.data.stream import iter_chunks, read_manifest
+from esacl_edge.data.write import write_stream
 from esacl_edge.errors import StreamError
 
 from .conftest import write_chunk

@@ -1,4 +1,9 @@
-"""``make-stream``: read a data source (:mod:`esacl_edge.sources`) and write it as a class-incremental chunk stream."""
+"""``make-stream``: read a data set by name and write it as a class-incremental chunk stream.
+
+The readers live in :mod:`esacl_edge.data.sources` and :mod:`esacl_edge.data.images`; this module
+picks one (:func:`read_source`), orders and groups the classes into tasks, subsamples, measures
+the normalisation and writes the stream (:mod:`esacl_edge.data.write`) atomically.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +15,54 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StreamError
+from .images import (
+    load_folder_source,
+    load_tiny_imagenet_source,
+    parse_image_size,
+    shape_images,
+)
 from .sources import (
-    NAMES,
     ReadOptions,
     Source,
+    load_cifar_source,
     load_digits_source,
+    load_mnist_source,
     load_npz_source,
-    parse_image_size,
     pick_per_class,
-    read_source,
 )
-from .stream import Manifest, read_manifest, write_stream
+from .stream import Manifest, read_manifest
+from .write import write_stream
 
-__all__ = ["NAMES", "Source", "load_digits_source", "load_npz_source", "load_source", "make_stream",
-           "resolve_class_order", "split_classes", "subsample_per_class"]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+NEEDS_ROOT = DOWNLOADABLE + ("tiny-imagenet",)
+NAMES = ("digits", "npz:PATH", "folder:PATH") + NEEDS_ROOT
 
 
-def load_source(dataset: str, seed: int = 0, **options) -> Source:
-    """Read ``dataset`` (``digits``, ``npz:PATH``, ``folder:PATH``, ``cifar10``, ...); options as :class:`ReadOptions`."""
-    return read_source(dataset, ReadOptions(seed=seed, **options))
+def read_source(dataset: str, opts: ReadOptions = ReadOptions()) -> Source:
+    """Read ``dataset`` (see :data:`NAMES`) and apply the requested channels and image size."""
+    if opts.download and dataset not in DOWNLOADABLE:
+        raise StreamError(f"--download is available for {', '.join(DOWNLOADABLE)}, not {dataset!r}")
+    if dataset in NEEDS_ROOT and opts.root is None:
+        hint = (f" (Debian's dataset-fashion-mnist package installs it in {DEBIAN_FASHION_MNIST})"
+                if dataset == "fashion-mnist" else "")
+        raise StreamError(f"{dataset} needs --root DIR, the folder that holds it{hint}")
+    if dataset in ("cifar10", "cifar100"):
+        src = load_cifar_source(opts.root, dataset == "cifar100", opts.download)
+    elif dataset in ("mnist", "fashion-mnist"):
+        src = load_mnist_source(opts.root, dataset, opts.download)
+    elif dataset == "tiny-imagenet":
+        return load_tiny_imagenet_source(opts.root, opts)
+    elif dataset.startswith("folder:"):
+        return load_folder_source(dataset[7:], opts)
+    elif dataset == "digits":
+        src = load_digits_source(opts.seed)
+    elif dataset.startswith("npz:"):
+        src = load_npz_source(dataset[4:])
+    else:
+        raise StreamError(f"unknown dataset {dataset!r}: use one of {', '.join(NAMES)}")
+    src.x_train, src.x_test = shape_images(src.x_train, opts), shape_images(src.x_test, opts)
+    return src
 
 
 def subsample_per_class(x: np.ndarray, y: np.ndarray, per_class: int | None,

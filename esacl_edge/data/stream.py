@@ -1,4 +1,6 @@
-"""The chunk stream format: a manifest plus ``.npz`` chunk files, readable and writable with numpy alone.
+"""The chunk stream format: a manifest plus ``.npz`` chunk files, readable with numpy alone.
+
+This module reads and validates a stream; :mod:`esacl_edge.data.write` writes one.
 
 Layout of a stream directory::
 
@@ -24,16 +26,15 @@ in name order. A producer writes ``.name.npz.tmp`` and renames it when complete.
 task says ``"complete": true``.
 
 A task may also list ``"blurry_classes": [...]``: classes of neighbouring tasks whose samples
-appear in its chunks (a blurry task boundary, see :func:`blur_boundaries`). Chunk labels must be
-in ``classes`` or ``blurry_classes``; the test split holds ``classes`` only. Without the field a
-task's chunks hold only its ``classes``.
+appear in its chunks (a blurry task boundary, see :mod:`esacl_edge.data.blurry`). Chunk labels
+must be in ``classes`` or ``blurry_classes``; the test split holds ``classes`` only. Without the
+field a task's chunks hold only its ``classes``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import StreamError
-from ..files import read_json, write_json, write_npz
+from ..files import read_json
 
 FORMAT = "esacl-stream"
 VERSION = 1
@@ -272,83 +273,8 @@ def iter_chunks(manifest: Manifest) -> Iterator[Chunk]:
 
 
 def load_test(manifest: Manifest, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate the test split of ``task``."""
     t = manifest.tasks[task]
     if t.test is None:
         raise StreamError(f"{manifest.root / 'manifest.json'}: task {task} has no test split")
     return load_arrays(manifest.path(t.test), manifest, t.classes)
-
-
-def write_stream(out: str | Path, *, name: str, x_train: np.ndarray, y_train: np.ndarray,
-                 x_test: np.ndarray, y_test: np.ndarray, task_classes: list[list[int]],
-                 num_classes: int, chunk_size: int = 64, seed: int = 0,
-                 class_names: list[str] | None = None, normalization: dict | None = None,
-                 blurry: int = 0) -> Manifest:
-    """Split arrays into tasks of ``task_classes`` and write them as a chunk stream.
-
-    Within a task the training samples are shuffled with ``seed`` and cut into chunks of
-    ``chunk_size``; ``blurry`` > 0 then mixes the chunks around each task boundary
-    (:func:`blur_boundaries`). The manifest is written last, so a half-written stream has none.
-    """
-    out = Path(out)
-    if (out / "manifest.json").exists():
-        raise StreamError(f"{out}: already holds a stream (manifest.json); choose another --out")
-    if chunk_size < 1:
-        raise StreamError(f"chunk size must be >= 1, got {chunk_size}")
-    rng = np.random.default_rng(seed)
-    plan = []
-    for t, classes in enumerate(task_classes):
-        idx = np.flatnonzero(np.isin(y_train, classes))
-        if idx.size == 0:
-            raise StreamError(f"{name}: task {t} (classes {classes}) has no training samples")
-        idx = rng.permutation(idx)
-        plan.append([idx[start:start + chunk_size] for start in range(0, len(idx), chunk_size)])
-    if blurry:
-        blur_boundaries(plan, blurry, rng)
-    tasks = []
-    for t, classes in enumerate(task_classes):
-        chunks = []
-        for c, part in enumerate(plan[t]):
-            rel = f"task{t}/chunk{c:04d}.npz"
-            write_npz(out / rel, x=x_train[part], y=y_train[part].astype(np.int64))
-            chunks.append(rel)
-        test_idx = np.flatnonzero(np.isin(y_test, classes))
-        rel_test = f"test/task{t}.npz"
-        write_npz(out / rel_test, x=x_test[test_idx], y=y_test[test_idx].astype(np.int64))
-        entry = {"classes": [int(c) for c in classes], "chunks": chunks, "test": rel_test}
-        extra = sorted(set(np.unique(y_train[np.concatenate(plan[t])]).tolist()) - set(classes))
-        if extra:
-            entry["blurry_classes"] = [int(c) for c in extra]
-        tasks.append(entry)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "name": name,
-        "input_shape": [int(s) for s in x_train.shape[1:]], "dtype": str(x_train.dtype),
-        "num_classes": int(num_classes), "class_names": class_names,
-        "normalization": normalization or {}, "tasks": tasks,
-    }
-    write_json(out / "manifest.json", manifest)
-    return read_manifest(out)
-
-
-def blur_boundaries(chunks: list[list[np.ndarray]], n: int, rng: np.random.Generator) -> None:
-    """Make task boundaries blurry: the ``n`` chunks either side of each boundary mix the two tasks.
-
-    At the boundary of tasks t and t+1, the k-th last chunk of t and the k-th chunk of t+1
-    (k = 1..n) swap a random ``(n + 1 - k) / (2n + 1)`` of their samples. Across those 2n chunks
-    the share of task t+1 samples thus rises in steps of 1/(2n+1), from 1/(2n+1) to 2n/(2n+1);
-    chunk sizes and the samples of each task stay the same. ``chunks`` (index arrays per task)
-    is changed in place.
-    """
-    if n < 0:
-        raise StreamError(f"--blurry must be >= 0 chunks, got {n}")
-    for t, task in enumerate(chunks):
-        need = n * ((t > 0) + (t < len(chunks) - 1))
-        if len(task) < need:
-            raise StreamError(f"--blurry {n} needs at least {need} chunks in task {t}, which has {len(task)}; "
-                              "lower --blurry or --chunk-size")
-    for a, b in itertools.pairwise(chunks):
-        for k in range(1, n + 1):
-            ca, cb = a[-k].copy(), b[k - 1].copy()
-            m = round(min(len(ca), len(cb)) * (n + 1 - k) / (2 * n + 1))
-            ia, ib = rng.choice(len(ca), m, replace=False), rng.choice(len(cb), m, replace=False)
-            ca[ia], cb[ib] = b[k - 1][ib], a[-k][ia]
-            a[-k], b[k - 1] = ca, cb

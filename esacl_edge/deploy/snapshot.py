@@ -8,6 +8,8 @@ the model's state dict as it is. ``task_N.json`` says how to rebuild the model.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import SnapshotError
-from ..files import read_json, read_tensors, write_json, write_npz, write_tensors
+from ..errors import CheckpointError, SnapshotError
+from ..files import atomic_write, read_json, read_tensors, write_json, write_npz
 from ..models import build_model
 
 SCHEMA = 1
@@ -89,14 +91,41 @@ def snapshot_paths(run_dir: str | Path, task: int) -> tuple[Path, Path]:
 
 def save_snapshot(run_dir: str | Path, task: int, tensors: dict[str, torch.Tensor], spec: ModelSpec,
                   task_classes: list[list[int]], sparsity: float, calibration: np.ndarray | None = None,
-                  extra: dict | None = None) -> None:
-    """Write the task's tensors, its calibration samples (buffer inputs as stored), then its metadata."""
+                  extra: dict | None = None) -> str:
+    """Write the task's tensors, its calibration samples (buffer inputs as stored), then its metadata.
+
+    Returns the SHA-256 of the tensor file, by which a learner state refers to it.
+    """
     pt, meta = snapshot_paths(run_dir, task)
-    write_tensors(pt, tensors)
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    data = buf.getvalue()
+    atomic_write(pt, lambda f: f.write(data))
     if calibration is not None:
         write_npz(pt.with_name(f"task_{task}_calib.npz"), x=calibration)
     write_json(meta, {"schema": SCHEMA, "task": task, "spec": asdict(spec), "task_classes": task_classes,
                       "sparsity": sparsity, "bytes": packed_bytes(tensors), **(extra or {})})
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_snapshots(run_dir: str | Path, hashes: dict[int, str]
+                   ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, np.ndarray]]:
+    """The packed tensors and calibration samples of the tasks in ``hashes``, each file checked against
+    the SHA-256 a learner state recorded for it."""
+    snapshots, calibration = {}, {}
+    for task, digest in sorted(hashes.items()):
+        pt = snapshot_paths(run_dir, task)[0]
+        try:
+            data = pt.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{pt}: the saved state needs this snapshot ({exc.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CheckpointError(f"{pt}: differs from the snapshot the saved state was written with")
+        snapshots[task] = read_tensors(pt, CheckpointError, "snapshot")
+        calib = load_calibration(run_dir, task)
+        if calib is not None:
+            calibration[task] = calib
+    return snapshots, calibration
 
 
 def load_calibration(run_dir: str | Path, task: int) -> np.ndarray | None:

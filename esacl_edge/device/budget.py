@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import EsaclError
-from ..learn.methods import MethodConfig
 from ..models import build_model, prunable_parameters
 from .profiles import Profile
+
+if TYPE_CHECKING:
+    from ..learn.methods import Method
 
 # Per buffered sample besides its input: label (int16), task id (int16), insertion score (float32).
 LABEL_BYTES, TASK_BYTES, SCORE_BYTES, LOGIT_BYTES = 2, 2, 4, 4
@@ -117,7 +120,7 @@ class Plan:
 
 
 def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], num_classes: int,
-         method: MethodConfig, input_dtype: str = "uint8", sparsity: float | None = None,
+         method: Method, input_dtype: str = "uint8", sparsity: float | None = None,
          buffer_bytes: int | None = None) -> Plan:
     """Derive sparsity, buffer capacity and batch size from ``profile``; raise BudgetError if nothing fits."""
     model = build_model(model_name, input_shape, num_classes)
@@ -136,16 +139,13 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
         raise BudgetError(f"profile {profile.name}: the model at sparsity {target:.3f} takes {stored:,} B, over "
                           f"budgets.model_bytes = {profile.model_bytes:,} B; raise the sparsity or the budget")
     buf_budget = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
-    capacity = buffer_capacity(buf_budget, input_shape, input_dtype, num_classes) if method.buffer != "none" else 0
+    capacity = buffer_capacity(buf_budget, input_shape, input_dtype, num_classes) if method.keeps_buffer else 0
     buf_bytes = capacity * buffer_bytes_per_sample(input_shape, input_dtype, num_classes)
     fixed = {
         "runtime": profile.runtime_overhead_bytes,
         "weights": n_params * FLOAT_BYTES,
         "gradients": n_params * FLOAT_BYTES,
-        "optimizer_state": n_params * FLOAT_BYTES if method.momentum > 0 else 0,
-        "sam_perturbation": n_params * FLOAT_BYTES if method.rho > 0 else 0,
-        "masks_and_pruning_stats": d * (1 + 3 * FLOAT_BYTES) if method.sparse else 0,
-        "ewc_state": 3 * n_params * FLOAT_BYTES if method.ewc_lambda > 0 else 0,
+        **method.memory_terms(n_params, d),
         "buffer": buf_bytes,
     }
     per_sample = activation_bytes_per_sample(model, input_shape)

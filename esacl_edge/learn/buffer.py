@@ -1,4 +1,9 @@
-"""The replay buffer: fixed-size arrays allocated once from a byte budget, never grown.
+"""The replay buffer: fixed-size arrays allocated once from a byte budget, never grown,
+and the two rules that decide what it keeps after each chunk (parts of a method):
+
+* :class:`IdsBuffer`: class-balanced quotas, within a class the highest-scoring samples plus a
+  random ``spread`` share (IDS at buffer level, ``ids.select_for_buffer``);
+* :class:`ReservoirBuffer`: reservoir sampling, every sample seen kept with equal probability.
 
 Inputs are kept in the stream's storage dtype (uint8 images stay uint8), with labels, task
 ids, the logits at insertion (for DER++) and the insertion score (for IDS).
@@ -7,11 +12,19 @@ ids, the logits at insertion (for DER++) and the insertion score (for IDS).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..device.budget import buffer_bytes_per_sample, buffer_capacity
 from . import ids
+from .parts import Part
+
+if TYPE_CHECKING:
+    from .learner import StreamingLearner
+    from .step import ChunkRecord
+
+ARRAYS = ("x", "y", "task", "logits", "score")
 
 
 @dataclass
@@ -30,7 +43,18 @@ class ReplayBuffer:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.x, self.y, self.task, self.logits, self.score))
+        return sum(getattr(self, k).nbytes for k in ARRAYS)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k)[: self.size].copy() for k in ARRAYS}, "size": self.size, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = int(state["size"])
+        if n > self.capacity:
+            raise ValueError(f"{n} buffered samples do not fit a buffer of {self.capacity}")
+        for k in ARRAYS:
+            getattr(self, k)[:n] = state[k]
+        self.size, self.seen = n, int(state["seen"])
 
 
 def new_buffer(budget_bytes: int, input_shape: tuple[int, int, int], dtype: str, num_classes: int) -> ReplayBuffer:
@@ -62,7 +86,7 @@ def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits
     keep = ids.select_for_buffer(all_score, all_y, quotas, spread, rng)
     old, new = keep[keep < n], keep[keep >= n] - n
     # Compact the kept old samples to the front, then append the new ones.
-    for name in ("x", "y", "task", "logits", "score"):
+    for name in ARRAYS:
         arr = getattr(buf, name)
         arr[: len(old)] = arr[old]
     slots = np.arange(len(old), len(old) + len(new))
@@ -88,3 +112,26 @@ def offer_reservoir(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, 
 def sample(buf: ReplayBuffer, n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``n`` buffered samples drawn without replacement (fewer if the buffer is smaller)."""
     return rng.choice(buf.size, size=min(n, buf.size), replace=False)
+
+
+def _chunk_arrays(chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
+    return chunk.logits.cpu().numpy(), chunk.scores.cpu().numpy()
+
+
+@dataclass
+class IdsBuffer(Part):
+    """After each chunk, merge it into the buffer by the IDS rule."""
+
+    spread: float = 0.25  # share of each class quota filled at random
+
+    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+        offer_ids(learner.buffer, chunk.x, chunk.y, chunk.task, *_chunk_arrays(chunk), self.spread,
+                  learner.rngs.buffer)
+
+
+@dataclass
+class ReservoirBuffer(Part):
+    """After each chunk, offer its samples to the buffer by reservoir sampling."""
+
+    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+        offer_reservoir(learner.buffer, chunk.x, chunk.y, chunk.task, *_chunk_arrays(chunk), learner.rngs.buffer)

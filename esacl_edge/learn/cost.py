@@ -3,8 +3,10 @@
 Per-layer dense forward FLOPs come from ``torch.utils.flop_counter`` on one sample. A
 sparse layer's forward costs its dense FLOPs x its weight density; a backward pass costs
 two forwards: the input-gradient half at the weight density, the weight-gradient half at
-the gradient density (lower than the weight density only under gradient masking). FLOPs
-= 2 x MACs. Evaluation is not counted.
+the gradient density (lower than the weight density only under gradient masking). A step
+whose dense gradient is read (regrowth evidence, SparCL's mask updates) computes the
+weight-gradient half dense, and is charged so (:meth:`CostMeter.dense_weight_grads`).
+FLOPs = 2 x MACs. Evaluation is not counted.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class CostMeter:
         self.weight_density = dict(weight)
         self.grad_density = dict(grad if grad is not None else weight)
 
+    def set_grad_density(self, grad: dict[str, float]) -> None:
+        self.grad_density = dict(grad)
+
     def _forward(self) -> float:
         return sum(f * self.weight_density.get(n, 1.0) for n, f in self.layer_flops.items())
 
@@ -62,6 +67,17 @@ class CostMeter:
     def train_pass(self, samples: int) -> None:
         """Forward + backward (input gradients at weight density, weight gradients at gradient density)."""
         self.flops += samples * (2 * self._forward() + self._weight_grad())
+
+    def dense_weight_grads(self, samples: int) -> None:
+        """The last backward pass's weight gradients were read dense: charge the difference to dense."""
+        self.flops += samples * (self.dense_forward_flops - self._weight_grad())
+
+    def state_dict(self) -> dict:
+        return {"flops": self.flops, "weight_density": self.weight_density, "grad_density": self.grad_density}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flops = float(state["flops"])
+        self.set_density(state["weight_density"], state["grad_density"])
 
     @property
     def macs(self) -> float:

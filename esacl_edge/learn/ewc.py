@@ -1,16 +1,27 @@
 """Online EWC (Schwarz et al., 2018): a quadratic penalty anchoring weights that mattered before.
 
 Streaming version: the Fisher diagonal of a task is the mean of the squared minibatch
-gradients of the current-task loss seen during the task (no data is kept for a separate
-pass); at the task's end F <- gamma * F + F_task and the anchor moves to the current weights.
+gradients of the task's loss seen during the task (no data is kept for a separate pass);
+the penalty's own gradient λ·F·(θ − θ*) is taken out first, so the Fisher measures the data
+and not the anchor. At the task's end F <- gamma * F + F_task and the anchor moves to the
+current weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .parts import Part
+
+if TYPE_CHECKING:
+    from .learner import StreamingLearner
+    from .step import Batch
+
+FLOAT_BYTES = 4
 
 
 @dataclass
@@ -22,10 +33,15 @@ class EwcState:
 
 
 @torch.no_grad()
-def accumulate(model: nn.Module, state: EwcState) -> None:
+def accumulate(model: nn.Module, state: EwcState, lam: float = 0.0) -> None:
+    """Add this step's squared data gradient: ``.grad`` minus the penalty's gradient ``lam·F·(θ − θ*)``."""
     for name, p in model.named_parameters():
-        if p.grad is not None:
-            state.task_sq.setdefault(name, torch.zeros_like(p)).add_(p.grad ** 2)
+        if p.grad is None:
+            continue
+        g = p.grad
+        if lam and name in state.fisher:
+            g = g - lam * state.fisher[name] * (p - state.anchor[name])
+        state.task_sq.setdefault(name, torch.zeros_like(p)).add_(g * g)
     state.task_steps += 1
 
 
@@ -44,3 +60,33 @@ def penalty(model: nn.Module, state: EwcState) -> torch.Tensor | float:
     if not state.fisher:
         return 0.0
     return sum((state.fisher[n] * (p - state.anchor[n]) ** 2).sum() for n, p in model.named_parameters()) / 2
+
+
+@dataclass
+class EwcPenalty(Part):
+    """The penalty as a loss term, its Fisher from each step's gradients, consolidation at a task's end."""
+
+    lam: float = 10.0
+    gamma: float = 1.0
+    state: EwcState = field(default_factory=EwcState)
+
+    def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
+        return {"ewc_state": 3 * n_params * FLOAT_BYTES}
+
+    def loss(self, learner: StreamingLearner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
+        return self.lam * penalty(learner.model, self.state) if self.state.fisher else None
+
+    def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
+        accumulate(learner.model, self.state, self.lam)
+
+    def end_task(self, learner: StreamingLearner) -> None:
+        consolidate(learner.model, self.state, self.gamma)
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {"fisher": dict(s.fisher), "anchor": dict(s.anchor), "task_sq": dict(s.task_sq),
+                "task_steps": s.task_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = EwcState(dict(state["fisher"]), dict(state["anchor"]), dict(state["task_sq"]),
+                              int(state["task_steps"]))

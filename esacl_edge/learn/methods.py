@@ -1,76 +1,113 @@
-"""Named method settings. A method is a set of choices in one training loop, not a subclass."""
+"""Every method as a composition of parts, read in one place.
+
+A method fills the slots of one fixed training step (``step.py``): which samples to train on,
+the loss terms beside cross-entropy, the optimizer, the sparsity parts, what the buffer keeps,
+and whether chunks are trained as they arrive. A new variant is a new part or a new line here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ..errors import EsaclError
+from .buffer import IdsBuffer, ReservoirBuffer
+from .ewc import EwcPenalty
+from .joint import Joint
+from .optim import Sam, Sgd
+from .parts import Part
+from .pruning import Pruning
+from .replay import Replay
+from .select import AllSamples, IdsSelect
+from .sparcl import DataRemoval, GradientMasks, MaskUpdates
 
 
-@dataclass(frozen=True)
-class MethodConfig:
-    """Every knob of the EsaCL step; baselines switch parts off."""
+@dataclass
+class Method:
+    """The parts of one method. Hooks run in the order of :attr:`parts`."""
 
     name: str
-    rho: float = 0.05               # SAM radius; 0 = plain SGD step (one backward pass)
-    keep_frac: float = 0.5          # IDS gamma: fraction of each minibatch that is trained on
-    ids_score: str = "loss"         # per-sample informativeness: "loss" or "margin"
-    buffer: str = "ids"             # "ids", "reservoir" or "none"
-    buffer_spread: float = 0.25     # share of each class quota the buffer fills at random
-    replay_ratio: float = 1.0       # replay batch size / minibatch size
-    alpha: float = 0.3              # DER++ logit-matching weight
-    beta: float = 1.0               # DER++ replay cross-entropy weight
-    sparse: bool = True             # prune to the target sparsity (False: stay dense)
-    prune_score: str = "directional"  # "directional" (SDP) or "magnitude"
-    prune_until: float = 0.6        # cubic schedule ends after this fraction of a task's chunks
-    gap_per_chunk: float = 0.3      # unknown task length: close this share of the gap per chunk
-    regrow_frac: float = 0.05       # of all prunable weights, revived at each new task
-    regrow_steps: int = 4           # steps of the new task whose |grad| decides the regrowth
-    stat_decay: float = 0.9         # running-average decay of the SDP statistics
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    ewc_lambda: float = 0.0         # online EWC penalty weight (0 = off)
-    ewc_gamma: float = 1.0          # online EWC decay of older tasks' Fisher
-    joint: bool = False             # upper bound: keep all data, train offline at each task end
-    importance_lambda: float = 0.5  # SparCL importance |w| + lambda |grad|
-    mask_update_every: int = 0      # SparCL TDM: prune-and-regrow every k chunks (0 = off)
-    mask_update_frac: float = 0.1   # share of live weights that move at a mask update
-    grad_keep: float = 1.0          # SparCL DGM: share of live weights whose gradients apply
-    ddr_frac: float = 0.0           # SparCL DDR: share of a chunk dropped after ddr_after of its passes
-    ddr_after: float = 0.5
+    select: AllSamples | IdsSelect = field(default_factory=AllSamples)
+    replay: Replay | None = None
+    penalty: EwcPenalty | None = None
+    optimizer: Sgd | Sam = field(default_factory=Sgd)
+    data: DataRemoval | Joint | None = None
+    buffer: IdsBuffer | ReservoirBuffer | None = None
+    pruning: Pruning | None = None
+    sparsity_extras: tuple[Part, ...] = ()   # after the pruning part: SparCL's mask updates, gradient masks
 
-    def replace(self, **changes) -> "MethodConfig":
+    def named_parts(self) -> list[tuple[str, Part]]:
+        """(slot, part) for every part present, in the order hooks run in."""
+        slots = [(name, getattr(self, name)) for name in
+                 ("select", "replay", "penalty", "optimizer", "data", "buffer", "pruning")]
+        slots += [(f"sparsity_extras.{i}", p) for i, p in enumerate(self.sparsity_extras)]
+        return [(name, part) for name, part in slots if part is not None]
+
+    @property
+    def parts(self) -> list[Part]:
+        return [part for _, part in self.named_parts()]
+
+    @property
+    def sparse(self) -> bool:
+        return self.pruning is not None
+
+    @property
+    def keeps_buffer(self) -> bool:
+        return self.buffer is not None
+
+    @property
+    def replay_ratio(self) -> float:
+        return self.replay.ratio if self.replay is not None else 0.0
+
+    def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
+        """Training-state bytes by term, summed over the parts (terms a method lacks are 0)."""
+        terms = dict.fromkeys(("optimizer_state", "sam_perturbation", "masks_and_pruning_stats", "ewc_state"), 0)
+        for part in self.parts:
+            terms.update(part.memory_terms(n_params, n_prunable))
+        return terms
+
+    def replace(self, **changes) -> Method:
         return dataclasses.replace(self, **changes)
 
 
-_SPARCL = MethodConfig(
-    "sparcl", rho=0.0, keep_frac=1.0, buffer="reservoir", prune_score="sparcl", importance_lambda=0.5,
-    mask_update_every=2, mask_update_frac=0.1, grad_keep=0.8, ddr_frac=0.3, ddr_after=0.5, regrow_frac=0.05)
+def esacl(name: str = "esacl", **changes) -> Method:
+    """EsaCL = IDS step selection + SAM(ρ) + DER++ + SDP pruning + IDS buffer."""
+    return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0), optimizer=Sam(rho=0.05),
+                  buffer=IdsBuffer(spread=0.25), pruning=Pruning(score="directional")).replace(**changes)
 
-METHODS: dict[str, MethodConfig] = {
-    "esacl": MethodConfig("esacl"),
+
+def sparcl(name: str = "sparcl", **changes) -> Method:
+    """SparCL-style (hyperparameters from SparCL's released script where it has them): TDM masks on the
+    importance score, DGM gradient masks, DDR data removal, DER++ replay on a reservoir buffer."""
+    return Method(name, replay=Replay(alpha=0.3, beta=1.0), data=DataRemoval(frac=0.3, after=0.5),
+                  buffer=ReservoirBuffer(), pruning=Pruning(score="sparcl", grads_every_step=True),
+                  sparsity_extras=(MaskUpdates(every=2, frac=0.1), GradientMasks(keep=0.8))).replace(**changes)
+
+
+METHODS: dict[str, Callable[[], Method]] = {
+    "esacl": esacl,
     # Ablations: each switches off one part of EsaCL.
-    "esacl-noids": MethodConfig("esacl-noids", keep_frac=1.0),
-    "esacl-nosam": MethodConfig("esacl-nosam", rho=0.0),
-    "esacl-magnitude": MethodConfig("esacl-magnitude", prune_score="magnitude"),
-    "esacl-reservoir": MethodConfig("esacl-reservoir", buffer="reservoir"),
+    "esacl-noids": lambda: esacl("esacl-noids", select=AllSamples()),
+    "esacl-nosam": lambda: esacl("esacl-nosam", optimizer=Sgd()),
+    "esacl-magnitude": lambda: esacl("esacl-magnitude", pruning=Pruning(score="magnitude")),
+    "esacl-reservoir": lambda: esacl("esacl-reservoir", buffer=ReservoirBuffer()),
     # Dense baselines: plain SGD steps on whole minibatches.
-    "finetune": MethodConfig("finetune", rho=0.0, keep_frac=1.0, buffer="none", sparse=False),
-    "ewc": MethodConfig("ewc", rho=0.0, keep_frac=1.0, buffer="none", sparse=False, ewc_lambda=10.0),
-    "er": MethodConfig("er", rho=0.0, keep_frac=1.0, buffer="reservoir", sparse=False, alpha=0.0, beta=1.0),
-    "derpp": MethodConfig("derpp", rho=0.0, keep_frac=1.0, buffer="reservoir", sparse=False),
-    "joint": MethodConfig("joint", rho=0.0, keep_frac=1.0, buffer="none", sparse=False, joint=True),
-    # SparCL-style sparse baselines (hyperparameters from SparCL's released script where it has them).
-    "sparcl": _SPARCL,
-    "sparcl-er": _SPARCL.replace(name="sparcl-er", alpha=0.0, beta=1.0),
-    "sparcl-ewc": _SPARCL.replace(name="sparcl-ewc", buffer="none", ewc_lambda=10.0),
+    "finetune": lambda: Method("finetune"),
+    "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),
+    "er": lambda: Method("er", replay=Replay(alpha=0.0, beta=1.0), buffer=ReservoirBuffer()),
+    "derpp": lambda: Method("derpp", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer()),
+    "joint": lambda: Method("joint", data=Joint()),
+    # SparCL-style sparse baselines.
+    "sparcl": sparcl,
+    "sparcl-er": lambda: sparcl("sparcl-er", replay=Replay(alpha=0.0, beta=1.0)),
+    "sparcl-ewc": lambda: sparcl("sparcl-ewc", replay=None, buffer=None, penalty=EwcPenalty(lam=10.0)),
 }
 
 
-def get_method(name: str) -> MethodConfig:
+def get_method(name: str) -> Method:
+    """A fresh :class:`Method` (its parts hold no state yet)."""
     try:
-        return METHODS[name]
+        return METHODS[name]()
     except KeyError:
         raise EsaclError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None

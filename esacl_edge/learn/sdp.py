@@ -1,9 +1,8 @@
 """SDP, sharpness-aware directional pruning.
 
-The pieces, in the order a training step uses them:
+The arithmetic behind the pruning part (``pruning.py``), in the order a step uses it (the
+masked SAM ascent itself is in ``optim.py``):
 
-* :func:`perturb` / :func:`restore`: the masked SAM ascent; epsilon = rho * (g*m) / ||g*m||
-  touches live weights only.
 * :func:`mask_grads`: the descent gradient is applied to live weights only, so pruned
   weights (zero, with zero momentum) stay exactly zero.
 * :func:`accumulate`: running averages a = E[theta * g~] and f = E[g~^2] at the perturbed point.
@@ -56,34 +55,6 @@ def live(state: SdpState) -> int:
 
 def density(state: SdpState) -> float:
     return live(state) / size(state)
-
-
-@torch.no_grad()
-def perturb(model: nn.Module, state: SdpState, rho: float) -> dict[str, torch.Tensor]:
-    """SAM ascent on live weights: add epsilon in place and return it (for :func:`restore`)."""
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        g = p.grad
-        if name in state.masks:
-            g = g * state.masks[name]
-        grads[name] = g
-    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
-    scale = rho / (norm + 1e-12)
-    params = dict(model.named_parameters())
-    eps = {}
-    for name, g in grads.items():
-        eps[name] = g * scale
-        params[name].add_(eps[name])
-    return eps
-
-
-@torch.no_grad()
-def restore(model: nn.Module, eps: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for name, e in eps.items():
-        params[name].sub_(e)
 
 
 @torch.no_grad()

@@ -1,23 +1,30 @@
 """SparCL-style parts (Wang et al., NeurIPS 2022) for the baseline, on the same harness as EsaCL.
 
-* TDM, task-aware dynamic masks: importance |w| + lambda |grad| (``sdp.scores(kind="sparcl")``);
-  every few chunks, prune the least important share of live weights and regrow as many
-  pruned weights where |grad| is largest; extra capacity at a task start (``sdp.regrow``).
-* DDR, dynamic data removal: count forgetting events (correct -> wrong between passes)
-  per chunk sample; part way through the passes, drop the samples that were never forgotten.
-* DGM, dynamic gradient masking: only the most important share of live weights is updated,
-  so gradient sparsity is above weight sparsity.
+* TDM, task-aware dynamic masks: importance |w| + lambda |grad| (``Pruning(score="sparcl")``);
+  every few chunks, :class:`MaskUpdates` prunes the least important share of live weights and
+  regrows as many pruned weights where |grad| is largest.
+* DDR, dynamic data removal (:class:`DataRemoval`): count forgetting events (correct -> wrong
+  between passes) per chunk sample; part way through the passes, drop the samples that were
+  never forgotten.
+* DGM, dynamic gradient masking (:class:`GradientMasks`): only the most important share of live
+  weights is updated, so gradient sparsity is above weight sparsity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..models import prunable_parameters
 from . import sdp
+from .parts import Part
+
+if TYPE_CHECKING:
+    from .learner import StreamingLearner
+    from .step import Batch, ChunkRecord
 
 
 @torch.no_grad()
@@ -40,7 +47,7 @@ def gradient_masks(model: nn.Module, state: sdp.SdpState, lam: float, keep: floa
     importance is zero until they move, so ranking alone would freeze them forever.
     """
     imp = sdp.scores(model, state, "sparcl", lam)
-    params = sdp.prunable_parameters(model)
+    params = prunable_parameters(model)
     masks = {}
     for name, m in state.masks.items():
         n_keep = int(round(keep * int(m.sum())))
@@ -53,25 +60,85 @@ def gradient_masks(model: nn.Module, state: sdp.SdpState, lam: float, keep: floa
 
 
 @dataclass
-class ForgettingTracker:
-    """Forgetting events of the samples of one chunk across its passes."""
+class MaskUpdates(Part):
+    """TDM: every ``every`` chunks (not on a task's last chunk), ``frac`` of the live weights move."""
 
-    last_correct: np.ndarray
-    events: np.ndarray
-    ever_correct: np.ndarray
+    every: int = 2
+    frac: float = 0.1
+
+    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+        prog, pruning = learner.progress, learner.method.pruning
+        last_chunk = prog.chunks_done == prog.n_chunks  # weights regrown now would stay zero in the snapshot
+        if prog.chunks_done % self.every == 0 and not last_chunk:
+            update_masks(learner.model, pruning.state, pruning.importance_lambda, self.frac, learner.optimizer)
+            learner.masks_changed()
+
+
+@dataclass
+class GradientMasks(Part):
+    """DGM: after the weight masks, zero the gradients of the less important live weights."""
+
+    keep: float = 0.8
+    masks: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
+
+    def masks_changed(self, learner: StreamingLearner) -> None:
+        pruning = learner.method.pruning
+        self.masks = gradient_masks(learner.model, pruning.state, pruning.importance_lambda, self.keep)
+        learner.cost.set_grad_density({n: float(m.float().mean()) for n, m in self.masks.items()})
+
+    def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
+        if self.masks:
+            sdp.mask_grads(learner.model, learner.method.pruning.state, self.masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": dict(self.masks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = dict(state["masks"])
+
+
+@dataclass
+class ForgettingTracker:
+    """Forgetting events of the samples of one chunk across its passes (tensors on the training device)."""
+
+    last_correct: torch.Tensor
+    events: torch.Tensor
+    ever_correct: torch.Tensor
 
     @classmethod
-    def new(cls, n: int) -> "ForgettingTracker":
-        return cls(np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, bool))
+    def new(cls, n: int, device: torch.device | str = "cpu") -> ForgettingTracker:
+        zeros = torch.zeros(n, dtype=torch.bool, device=device)
+        return cls(zeros.clone(), torch.zeros(n, dtype=torch.int64, device=device), zeros.clone())
 
-    def update(self, idx: np.ndarray, correct: np.ndarray) -> None:
-        self.events[idx] += self.last_correct[idx] & ~correct
+    def update(self, idx: torch.Tensor, correct: torch.Tensor) -> None:
+        self.events[idx] += (self.last_correct[idx] & ~correct).long()
         self.last_correct[idx] = correct
         self.ever_correct[idx] |= correct
 
-    def keep(self, active: np.ndarray, frac: float) -> np.ndarray:
-        """Drop up to ``frac`` of ``active``: learned samples with the fewest forgetting events."""
-        removable = active[self.ever_correct[active] & self.last_correct[active]]
-        order = removable[np.argsort(self.events[removable], kind="stable")]
+    def keep(self, active: torch.Tensor, frac: float) -> torch.Tensor:
+        """Drop up to ``frac`` of ``active`` (CPU indices): learned samples with the fewest forgetting events."""
+        events, learned = self.events.cpu(), (self.ever_correct & self.last_correct).cpu()
+        removable = active[learned[active]]
+        order = removable[torch.argsort(events[removable], stable=True)]
         drop = order[: int(frac * len(active))]
-        return np.setdiff1d(active, drop)
+        return active[~torch.isin(active, drop)]
+
+
+@dataclass
+class DataRemoval(Part):
+    """DDR: after ``after`` of the passes over a chunk, drop ``frac`` of it (never-forgotten, learned samples)."""
+
+    frac: float = 0.3
+    after: float = 0.5
+    tracker: ForgettingTracker | None = field(init=False, default=None, repr=False)
+
+    def begin_chunk(self, learner: StreamingLearner, n: int) -> None:
+        self.tracker = ForgettingTracker.new(n, learner.device)
+
+    def active_samples(self, learner: StreamingLearner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
+        if pass_index == int(self.after * learner.profile.passes_per_chunk):
+            return self.tracker.keep(active, self.frac)
+        return active
+
+    def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
+        self.tracker.update(batch.index, batch.logits.argmax(1) == batch.labels)

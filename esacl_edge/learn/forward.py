@@ -1,0 +1,47 @@
+"""Forward passes besides the training one, minibatches, and inference: one place for each.
+
+Every extra forward (IDS scoring, SAM's perturbed pass, accuracy probes) runs inside
+:func:`norm_stats_untouched`, so BatchNorm running statistics move once per training step,
+in the step's own forward, whatever the method does on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+@contextlib.contextmanager
+def norm_stats_untouched(model: nn.Module) -> Iterator[None]:
+    """Inside, normalisation layers use batch statistics in train mode but update no running statistic
+    (``running_mean``, ``running_var`` and ``num_batches_tracked`` stay as they are)."""
+    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def minibatches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Split ``order`` into equal-sized minibatches of at most ``batch_size`` (no tiny remainder batch)."""
+    return torch.tensor_split(order, math.ceil(len(order) / batch_size)) if len(order) else ()
+
+
+@torch.no_grad()
+def infer_logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Float32 logits of ``x`` (NCHW, on the model's device) in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+    finally:
+        model.train(was_training)

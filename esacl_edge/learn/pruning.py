@@ -1,0 +1,127 @@
+"""The pruning part: SDP's masks, statistics and schedule (and the same machinery for SparCL).
+
+* after the backward pass: record |grad| where regrowth will need it (a dense-gradient read,
+  charged dense), mask the gradients to live weights, update the running statistics;
+* after the first ``regrow_steps`` steps of every task but the first: regrow at zero;
+* after each chunk: prune to the cubic schedule's density (no fine-tuning afterwards);
+* at the end of a task: prune to the target exactly.
+
+The arithmetic (scores, prune/regrow, the schedule) is in ``sdp.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import sdp
+from .forward import infer_logits
+from .parts import Part
+
+if TYPE_CHECKING:
+    from .learner import StreamingLearner
+    from .step import Batch, ChunkRecord
+
+FLOAT_BYTES = 4
+
+
+@dataclass
+class Pruning(Part):
+    score: str = "directional"       # "directional" (SDP), "magnitude" or "sparcl"
+    importance_lambda: float = 0.5   # SparCL importance |w| + lambda |grad|
+    prune_until: float = 0.6         # the cubic schedule ends after this fraction of a task's chunks
+    gap_per_chunk: float = 0.3       # unknown task length: close this share of the gap per chunk
+    regrow_frac: float = 0.05        # of all prunable weights, revived at each new task
+    regrow_steps: int = 4            # steps of a new task whose |grad| decides the regrowth
+    stat_decay: float = 0.9          # running-average decay of the statistics
+    grads_every_step: bool = False   # record |grad| on every step (SparCL's mask updates need it)
+    state: sdp.SdpState = field(init=False, repr=False)
+    start_density: float = field(init=False, default=1.0)
+    events: list[dict] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.score not in sdp.SCORE_KINDS:
+            raise ValueError(f"unknown pruning score {self.score!r}; choose one of {', '.join(sdp.SCORE_KINDS)}")
+
+    def bind(self, learner: StreamingLearner) -> None:
+        self.state = sdp.init_state(learner.model, self.stat_decay)
+
+    def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
+        return {"masks_and_pruning_stats": n_prunable * (1 + 3 * FLOAT_BYTES)}
+
+    @property
+    def density(self) -> float:
+        return sdp.density(self.state)
+
+    def _in_regrow_window(self, learner: StreamingLearner) -> bool:
+        return learner.progress.task > 0 and learner.progress.steps < self.regrow_steps
+
+    # ------------------------------------------------------------------ hooks
+    def begin_task(self, learner: StreamingLearner) -> None:
+        self.start_density = self.density
+
+    def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
+        if self.grads_every_step or self._in_regrow_window(learner):
+            sdp.record_grad_abs(learner.model, self.state)
+            learner.cost.dense_weight_grads(batch.n_train)
+        sdp.mask_grads(learner.model, self.state)
+        if self.score != "magnitude":
+            sdp.accumulate(learner.model, self.state)
+
+    def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
+        if learner.progress.task > 0 and learner.progress.steps == self.regrow_steps:
+            grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer)
+            learner.masks_changed()
+            self.start_density = self.density  # this task's schedule starts from the regrown density
+            if grown:
+                self.events.append({"task": learner.progress.task, "chunk": learner.progress.chunks_done,
+                                    "regrown": grown, "density_after": self.density})
+
+    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+        prog, target = learner.progress, 1.0 - learner.target_sparsity
+        if prog.n_chunks is not None:
+            total = max(1, math.ceil(self.prune_until * prog.n_chunks))
+            want = sdp.cubic_density(self.start_density, target, prog.chunks_done, total)
+        else:
+            want = self.density - self.gap_per_chunk * (self.density - target)
+        if round(want * sdp.size(self.state)) >= sdp.live(self.state):
+            return
+        before, acc_before = self.density, _accuracy(learner, chunk)
+        removed = self.prune(learner, want)
+        self.events.append({"task": prog.task, "chunk": prog.chunks_done - 1, "density_before": before,
+                            "density_after": self.density, "removed": removed,
+                            "chunk_acc_before": acc_before, "chunk_acc_after": _accuracy(learner, chunk)})
+
+    def end_task(self, learner: StreamingLearner) -> None:
+        self.prune(learner, 1.0 - learner.target_sparsity)
+
+    def prune(self, learner: StreamingLearner, target_density: float) -> int:
+        """Prune the lowest-scoring live weights down to ``target_density``; returns how many were removed."""
+        score = sdp.scores(learner.model, self.state, self.score, self.importance_lambda)
+        removed = sdp.prune_to(learner.model, self.state, target_density, score, learner.optimizer,
+                               pattern=learner.pattern)
+        if removed:
+            learner.masks_changed()
+        return removed
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {"masks": dict(s.masks), "a": dict(s.a), "f": dict(s.f), "grad_abs": dict(s.grad_abs),
+                "updates": s.updates, "start_density": self.start_density, "events": list(self.events)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        s = self.state
+        for name in ("masks", "a", "f"):
+            if set(state[name]) != set(s.masks):
+                raise ValueError(f"pruning {name} do not match this model's prunable layers")
+            getattr(s, name).update({k: v.to(s.masks[k].device) for k, v in state[name].items()})
+        s.grad_abs = {k: v.to(s.masks[k].device) for k, v in state.get("grad_abs", {}).items()}
+        s.updates, self.start_density = int(state["updates"]), float(state["start_density"])
+        self.events = list(state["events"])
+
+
+def _accuracy(learner: StreamingLearner, chunk: ChunkRecord) -> float:
+    """Accuracy on the chunk just learned (eval mode: an extra forward that moves no statistic)."""
+    return float((infer_logits(learner.model, chunk.x_device).argmax(1) == chunk.y_device).float().mean())

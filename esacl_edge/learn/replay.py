@@ -1,0 +1,48 @@
+"""Replay loss terms: DER++ (Buzzega et al., 2020) and ER, on a batch drawn from the buffer.
+
+A replay batch of ``ratio`` × the minibatch size is drawn once per step (the same batch in
+both SAM passes) and forwarded together with the selected samples. DER++ adds
+α·MSE(logits, logits stored at insertion) + β·CE(labels); ER is DER++ with α = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .buffer import sample
+from .parts import Part
+
+if TYPE_CHECKING:
+    from .learner import StreamingLearner
+    from .step import Batch
+
+
+@dataclass
+class Replay(Part):
+    alpha: float = 0.3   # logit matching
+    beta: float = 1.0    # cross-entropy on replayed labels
+    ratio: float = 1.0   # replay batch size / minibatch size
+
+    def draw(self, learner: StreamingLearner, batch: Batch, minibatch_size: int) -> None:
+        """Attach ``ratio`` × ``minibatch_size`` buffered samples to ``batch`` (none while the buffer is empty)."""
+        buf = learner.buffer
+        if buf.size == 0:
+            return
+        idx = sample(buf, round(self.ratio * minibatch_size), learner.rngs.replay)
+        batch.replay_x = learner.to_device(buf.x[idx])
+        batch.replay_y = torch.as_tensor(buf.y[idx].astype(np.int64), device=learner.device)
+        batch.replay_logits = torch.as_tensor(buf.logits[idx], device=learner.device)
+
+    def loss(self, learner: StreamingLearner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
+        if batch.replay_y is None:
+            return None
+        old = out[len(batch.y):]
+        term = self.beta * F.cross_entropy(old, batch.replay_y)
+        if self.alpha:
+            term = term + self.alpha * F.mse_loss(old, batch.replay_logits)
+        return term

@@ -1,0 +1,56 @@
+"""Step 1 of the training step: which samples of a minibatch are trained on.
+
+* :class:`AllSamples`: every sample (the baselines, and EsaCL without IDS step selection);
+* :class:`IdsSelect`: IDS at step level: a forward pass without gradients scores each sample
+  (in train mode, BatchNorm statistics untouched), and the top ⌈γ·|b|⌉, class-balanced, train.
+
+Both give each sample an informativeness score (its loss, or minus its logit margin), which
+the IDS buffer uses when the chunk is offered to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import ids
+from .forward import norm_stats_untouched
+from .parts import Part
+
+if TYPE_CHECKING:
+    from .learner import StreamingLearner
+
+
+@dataclass
+class AllSamples(Part):
+    """Train on the whole minibatch."""
+
+    score: str = "loss"
+
+    def select(self, learner: StreamingLearner, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(positions to train on or None for all, logits of the whole minibatch or None)."""
+        return None, None
+
+    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ids.sample_scores(logits, y, self.score)
+
+
+@dataclass
+class IdsSelect(Part):
+    """Train on the ⌈keep·|b|⌉ highest-scoring samples of each minibatch, class-balanced."""
+
+    keep: float = 0.5
+    score: str = "loss"
+
+    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ids.sample_scores(logits, y, self.score)
+
+    def select(self, learner: StreamingLearner, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        with torch.no_grad(), norm_stats_untouched(learner.model), learner.autocast():
+            logits = learner.model(x).float()
+        learner.cost.forward(len(y))
+        return ids.select_step(self.scores(logits, y), y, self.keep), logits

@@ -1,0 +1,53 @@
+"""The learner's plain state besides the model: task progress and its random generators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TaskProgress:
+    """Where the learner is within the current task."""
+
+    task: int = -1
+    n_chunks: int | None = None
+    chunks_done: int = 0
+    steps: int = 0
+    fixed_classes: bool = False  # classes given at begin_task: other labels (blurry chunks) do not join the task
+
+
+@dataclass
+class Generators:
+    """The learner's own random streams, one per use, so that changing one part leaves the others' draws alone."""
+
+    order: np.random.Generator     # minibatch order
+    replay: np.random.Generator    # replay batches
+    buffer: np.random.Generator    # buffer selection
+    torch: torch.Generator = field(default_factory=torch.Generator)  # torch-side random ops
+
+    @classmethod
+    def from_seed(cls, seed: int) -> Generators:
+        order, replay, buffer = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+        return cls(order, replay, buffer, torch.Generator().manual_seed(seed))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k).bit_generator.state for k in ("order", "replay", "buffer")},
+                "torch": self.torch.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("order", "replay", "buffer"):
+            getattr(self, k).bit_generator.state = state[k]
+        self.torch.set_state(state["torch"])
+
+
+def to_device(state: Any, device: torch.device) -> Any:
+    """``state`` with every tensor leaf moved to ``device``."""
+    if torch.is_tensor(state):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: to_device(v, device) for k, v in state.items()}
+    return state

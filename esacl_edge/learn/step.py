@@ -1,0 +1,134 @@
+"""The training step and the chunk loop, in the order of the method spec.
+
+One step on a minibatch:
+
+1. **select** the samples to train on (IDS: the top-scored, class-balanced; or all);
+2. **loss terms**: cross-entropy on them, plus every part's term (DER++/ER replay, EWC…);
+3. **optimizer**: gradients from plain SGD's one pass, or SAM's ascent + perturbed pass;
+4. **after the backward pass**: parts read or mask the gradients (SDP statistics, masks, Fisher);
+5. the SGD update, then ``after_update`` (e.g. regrowth after the first steps of a task).
+
+After the chunk's passes, ``after_chunk``: buffer offer, pruning schedule, mask updates.
+Per-sample logits and scores stay on the training device for the whole chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .forward import minibatches
+
+if TYPE_CHECKING:
+    from .learner import StreamingLearner
+
+
+@dataclass
+class Batch:
+    """What one step trains on: the selected samples, and a replay batch drawn once for all passes."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    replay_x: torch.Tensor | None = None
+    replay_y: torch.Tensor | None = None
+    replay_logits: torch.Tensor | None = None
+    index: torch.Tensor | None = None    # positions of the whole minibatch in the chunk
+    labels: torch.Tensor | None = None   # labels of the whole minibatch
+    logits: torch.Tensor | None = None   # logits of the whole minibatch (scoring or training forward)
+
+    @property
+    def n_train(self) -> int:
+        """Samples that go through forward and backward: the selected ones plus the replay batch."""
+        return len(self.y) + (0 if self.replay_y is None else len(self.replay_y))
+
+
+@dataclass
+class ChunkRecord:
+    """A learned chunk with each sample's logits and IDS score from its last step (for the buffer)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    task: int
+    logits: torch.Tensor
+    scores: torch.Tensor
+    x_device: torch.Tensor
+    y_device: torch.Tensor
+
+
+def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the selected samples + every part's term; returns (loss, their logits)."""
+    x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
+    with learner.autocast():
+        out = learner.model(x).float()
+    loss = F.cross_entropy(out[: len(batch.y)], batch.y)
+    for part in learner.method.parts:
+        term = part.loss(learner, batch, out)
+        if term is not None:
+            loss = loss + term
+    return loss, out[: len(batch.y)]
+
+
+def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor,
+               index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step on minibatch ``(xb, yb)``. Returns the loss and every minibatch sample's logits and score."""
+    method = learner.method
+    # 1. Select the samples to train on.
+    keep, logits = method.select.select(learner, xb, yb)
+    batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb)
+    if method.replay is not None:
+        method.replay.draw(learner, batch, len(yb))
+    # 2-3. Loss terms, and the optimizer's gradients (one pass, or SAM's two).
+    loss, out = method.optimizer.gradients(learner, batch, lambda: loss_terms(learner, batch))
+    batch.logits = out.detach() if logits is None else logits
+    scores = method.select.scores(batch.logits, yb)
+    # 4. After the backward pass: parts read and mask the gradients; then the update.
+    for part in method.parts:
+        part.after_backward(learner, batch)
+    learner.optimizer.step()
+    learner.progress.steps += 1
+    learner.samples_trained += len(batch.y)
+    for part in method.parts:
+        part.after_update(learner, batch)
+    return loss.detach(), batch.logits, scores
+
+
+def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, record: ChunkRecord | None = None,
+               filter_samples: bool = True) -> list[torch.Tensor]:
+    """``passes_per_chunk`` passes over ``(xt, yt)`` in shuffled minibatches; returns the step losses.
+
+    Parts may drop samples before a pass (``filter_samples``); ``record`` keeps each sample's
+    logits and score from its last step.
+    """
+    active, losses = torch.arange(len(yt)), []
+    learner.model.train()
+    for p in range(learner.profile.passes_per_chunk):
+        if filter_samples:
+            for part in learner.method.parts:
+                active = part.active_samples(learner, p, active)
+        order = torch.as_tensor(learner.rngs.order.permutation(active.numpy()), device=learner.device)
+        for idx in minibatches(order, learner.profile.batch_size):
+            loss, logits, scores = train_step(learner, xt[idx], yt[idx], idx)
+            if record is not None:
+                record.logits[idx], record.scores[idx] = logits, scores
+            losses.append(loss)
+    return losses
+
+
+def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: int) -> ChunkRecord:
+    """Learn one chunk: its passes, then the parts' after-chunk work (buffer, pruning schedule…)."""
+    xt, yt = learner.to_device(x), torch.as_tensor(y, device=learner.device)
+    n = len(y)
+    record = ChunkRecord(x, y, task, torch.zeros(n, learner.spec.num_classes, device=learner.device),
+                         torch.zeros(n, device=learner.device), xt, yt)
+    for part in learner.method.parts:
+        part.begin_chunk(learner, n)
+    losses = run_passes(learner, xt, yt, record)
+    learner.progress.chunks_done += 1
+    for part in learner.method.parts:
+        part.after_chunk(learner, record)
+    learner.last_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    return record

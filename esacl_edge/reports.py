@@ -1,0 +1,79 @@
+"""Text reports the ``esacl-edge`` command prints: learning results, export checks, profiles and budget plans."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from .metrics import format_matrix
+
+if TYPE_CHECKING:
+    from .device.budget import Plan
+    from .device.profiles import Profile
+
+
+def print_results(r: dict) -> None:
+    """Accuracy matrices and the summary lines of a learn run's results."""
+    if not r["acc_matrix_class_il"]:
+        print(f"no task finished yet ({r['chunks_consumed']} chunks learned)")
+        return
+    print(format_matrix(r["acc_matrix_class_il"], "Class-IL accuracy (%), row = after task i, column = task j"))
+    print()
+    print(format_matrix(r["acc_matrix_task_il"], "Task-IL accuracy (%)"))
+    print()
+    print(f"final accuracy   Class-IL {100 * r['final_acc_class_il']:.1f}%   Task-IL {100 * r['final_acc_task_il']:.1f}%")
+    print(f"forgetting       Class-IL {100 * r['forgetting_class_il']:.1f} points")
+    print(f"sparsity         {100 * r['sparsity']:.1f}% of prunable weights are zero")
+    print(f"model size       {r['model_bytes_dense']:,} bytes dense, {r['model_bytes_sparse']:,} bytes sparse "
+          f"({r['model_bytes_dense'] / r['model_bytes_sparse']:.1f}x smaller)")
+    print(f"replay buffer    {r['buffer_size']} of {r['buffer_capacity']} samples, {r['buffer_bytes']:,} bytes")
+    print(f"train time       {r['train_seconds']:.1f} s on {r['device']} ({r['method']}, profile {r['profile']}, "
+          f"seed {r['seed']})")
+
+
+def print_export(report: dict) -> None:
+    """The exported file, its parity with PyTorch and, when measured, its accuracy."""
+    line = (f"wrote {report['path']} ({report['variant']}, {report['bytes']:,} bytes, {report['gzip_bytes']:,} gzipped, "
+            f"opset {report['opset']}); onnxruntime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
+    if "top1_agreement" in report:
+        line += f", top-1 agreement {100 * report['top1_agreement']:.1f}%"
+    print(line)
+    if "accuracy_onnx" in report:
+        print(f"accuracy on the test data of tasks 0..{report['task']}: PyTorch snapshot "
+              f"{100 * report['accuracy_torch']:.2f}%, this file {100 * report['accuracy_onnx']:.2f}%")
+    print(f"sidecar {report['path']}.json")
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2 ** 20:,.2f} MiB"
+
+
+def print_profiles(profiles: Iterable[tuple[str, Profile]]) -> None:
+    """One table row per ``(name, profile)``, each printed as soon as it is loaded."""
+    print(f"{'profile':<18}{'device':<7}{'memory':>10}{'train peak':>14}{'buffer':>12}{'model':>12}  description")
+    for name, p in profiles:
+        print(f"{name:<18}{p.device:<7}{p.memory_mb:>7} MB{_mib(p.training_peak_bytes):>14}"
+              f"{_mib(p.buffer_bytes):>12}{_mib(p.model_bytes):>12}  {p.description}")
+
+
+def print_profile(p: Profile) -> None:
+    """Every field of a profile, under the file it came from."""
+    print(f"# {p.source}")
+    for key, value in vars(p).items():
+        if key != "source":
+            print(f"{key:<24}{value}")
+    print()
+
+
+def print_plan(p: Profile, pl: Plan, num_classes: int, method: str, dtype: str) -> None:
+    """What a profile's budgets yield for one model and input, and the training-peak estimate."""
+    h, w, c = pl.input_shape
+    print(f"derived for {pl.model} on {h}x{w}x{c} {dtype}, {num_classes} classes, method {method}:")
+    print(f"  target sparsity   {pl.target_sparsity:.4f}  ({pl.sparsity_from})")
+    print(f"  model             {pl.model_bytes_dense:,} B dense -> {pl.model_bytes_stored:,} B stored"
+          + (f" (budget {p.model_bytes:,} B)" if p.model_bytes else ""))
+    print(f"  replay buffer     {pl.buffer_capacity:,} samples = {pl.buffer_bytes:,} B (budget {p.buffer_bytes:,} B)")
+    print(f"  batch size        {pl.batch_size} (profile allows up to {p.batch_size})")
+    print(f"  training peak     estimate {pl.memory_estimate_bytes:,} B of budget {pl.memory_budget_bytes:,} B:")
+    for term, value in pl.memory_terms.items():
+        print(f"    {term:<24}{value:>16,} B")
+    print("  fits: yes" + ("" if p.training_supported else " (deployment only: this profile does not train)"))
