@@ -64,9 +64,13 @@ def cmd_make_stream(args: argparse.Namespace) -> None:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     """``learn``: learn or resume a stream; the exit status says whether a signal stopped it."""
+    from .device.profiles import load_profile
+    from .device.selection import apply_threads
     from .runner import learn
 
-    r = learn(args.stream, profile=args.profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
+    profile = load_profile(args.profile)
+    apply_threads(profile)
+    r = learn(args.stream, profile=profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
               seed=args.seed, model=args.model, buffer_bytes=args.buffer_bytes, overwrite=args.overwrite,
               progress=not args.quiet, anytime=args.anytime, pattern=args.pattern, follow=args.follow,
               poll_seconds=args.poll, max_idle=args.max_idle)

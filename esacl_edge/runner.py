@@ -14,7 +14,6 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from . import __version__
 from .data.stream import (
     Chunk,
     Manifest,
@@ -24,13 +23,12 @@ from .data.stream import (
     read_manifest,
     sha256_of,
 )
-from .device.memory import peak_memory_bytes
 from .device.profiles import Profile, load_profile
 from .errors import EsaclError
 from .files import write_json
 from .learn.learner import StreamingLearner
 from .learn.methods import Method
-from .metrics import backward_transfer, final_accuracy, forgetting
+from .results import build_results
 
 
 def default_model(input_shape: tuple[int, int, int]) -> str:
@@ -287,50 +285,6 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                 warnings.warn(f"{exc}; waiting for a valid manifest", RuntimeWarning, stacklevel=2)
             bar.total = sum(len(t.chunks) for t in manifest.tasks)
     bar.close()
-    results = _results(job, manifest, prof, stop.signal)
+    results = build_results(job.learner, job.record, manifest, prof, stop.signal, job.resumed_at)
     job.write("results.json", write_json, run_dir / "results.json", results)
-    return results
-
-
-def _results(job: _Job, manifest: Manifest, prof: Profile, stopped_by: int | None) -> dict:
-    learner, rec = job.learner, job.record
-    acc_c, acc_t = rec.acc_c, rec.acc_t
-    sizes = learner.model_bytes()
-    peak = peak_memory_bytes(learner.device)
-    if peak > learner.plan.memory_budget_bytes:
-        warnings.warn(f"profile {prof.name}: measured peak memory {peak:,} B exceeds "
-                      f"budgets.training_peak_bytes = {learner.plan.memory_budget_bytes:,} B", RuntimeWarning,
-                      stacklevel=3)
-    results = {
-        "complete": stopped_by is None and learner.progress.task < 0 and len(acc_c) == len(manifest.tasks),
-        "stopped_by": None if stopped_by is None else signal.Signals(stopped_by).name,
-        "acc_matrix_class_il": acc_c, "acc_matrix_task_il": acc_t,
-        "final_acc_class_il": final_accuracy(acc_c) if acc_c else None,
-        "final_acc_task_il": final_accuracy(acc_t) if acc_t else None,
-        "forgetting_class_il": forgetting(acc_c) if acc_c else None,
-        "forgetting_task_il": forgetting(acc_t) if acc_t else None,
-        "bwt_class_il": backward_transfer(acc_c) if acc_c else None,
-        "bwt_task_il": backward_transfer(acc_t) if acc_t else None,
-        "sparsity": learner.sparsity(), "target_sparsity": learner.target_sparsity,
-        "model_bytes_dense": sizes["dense"], "model_bytes_sparse": sizes["sparse"],
-        "buffer_capacity": learner.buffer.capacity, "buffer_size": learner.buffer.size,
-        "buffer_bytes": learner.buffer.nbytes, "train_seconds": rec.train_seconds,
-        "samples_learned": rec.samples_learned,
-        "samples_per_second": rec.samples_learned / rec.train_seconds if rec.train_seconds else None,
-        "samples_trained": learner.samples_trained, "train_flops": learner.cost.flops,
-        "train_macs": learner.cost.macs, "dense_forward_flops_per_sample": learner.cost.dense_forward_flops,
-        "peak_memory_bytes": peak, "memory_budget_bytes": learner.plan.memory_budget_bytes,
-        "memory_estimate_bytes": learner.plan.memory_estimate_bytes, "memory_terms": learner.plan.memory_terms,
-        "batch_size": learner.plan.batch_size, "sparsity_from": learner.plan.sparsity_from,
-        "layer_sparsity": learner.layer_sparsity(),
-        "method": learner.method.name, "profile": prof.name,
-        "model": learner.spec.model, "device": str(learner.device), "seed": rec.settings["seed"],
-        "stream": rec.settings["stream"], "tasks": len(manifest.tasks),
-        "chunks": sum(len(t.chunks) for t in manifest.tasks),
-        "chunks_consumed": len(rec.consumed), "resumed_at_chunk": job.resumed_at,
-        "consumed_chunks": rec.consumed, "reported_chunks": rec.reported,
-        "pattern": rec.settings["pattern"], "prune_events": learner.prune_events, "esacl_edge_version": __version__,
-    }
-    if rec.settings["anytime"]:
-        results["anytime_acc_class_il"] = rec.anytime_c
     return results

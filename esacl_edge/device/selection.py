@@ -39,9 +39,13 @@ def select_device(profile: Profile, cuda_available: Callable[[], bool] = torch.c
                     if board else "")
             warnings.warn(f"profile {profile.name}: CUDA is not available, training on the CPU instead.{hint}",
                           RuntimeWarning, stacklevel=2)
-    if device.type == "cpu" and profile.threads > 0:
-        torch.set_num_threads(profile.threads)
     return device
+
+
+def apply_threads(profile: Profile) -> None:
+    """Use the profile's CPU thread count for this process (a process-wide setting: the CLI's to make)."""
+    if profile.threads > 0:
+        torch.set_num_threads(profile.threads)
 
 
 def autocast_dtype(profile: Profile, device: torch.device) -> torch.dtype | None:

@@ -17,15 +17,8 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..deploy.snapshot import (
-    ModelSpec,
-    dense_bytes,
-    pack,
-    packed_bytes,
-    read_snapshots,
-    save_snapshot,
-    unpack,
-)
+from ..deploy import snapshot as snap
+from ..deploy.snapshot import ModelSpec, pack
 from ..device.budget import plan
 from ..device.profiles import Profile, load_profile
 from ..device.selection import autocast_dtype, select_device
@@ -36,7 +29,7 @@ from . import sdp
 from .cost import CostMeter, layer_forward_flops
 from .forward import infer_logits
 from .methods import Method, get_method
-from .state import Generators, TaskProgress, to_device
+from .state import Generators, TaskProgress, check_same_setup, to_device
 from .step import train_chunk
 
 CALIBRATION_SAMPLES = 256
@@ -100,7 +93,6 @@ class StreamingLearner:
         self.snapshot_folder: Path | None = None
         self.calibration: dict[int, np.ndarray] = {}  # buffer samples kept with each snapshot (INT8 export)
         self.samples_trained = 0
-        self.last_loss = float("nan")
         self.on_task_end: list[Callable[[int], None]] = []  # called with the task just finished
         for part in self.method.parts:
             part.bind(self)
@@ -115,6 +107,7 @@ class StreamingLearner:
         return t.to(self.device, torch.float32).permute(0, 3, 1, 2).contiguous()
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision as the profile asks on this device (a no-op in fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -184,8 +177,8 @@ class StreamingLearner:
             raise EsaclError(f"labels must be in 0..{self.spec.num_classes - 1}, got {y_np.min()}..{y_np.max()}")
         if not self.progress.fixed_classes:
             self.task_classes[task] = sorted(set(self.task_classes[task]) | set(np.unique(y_np).tolist()))
-        train_chunk(self, np.asarray(x.cpu() if torch.is_tensor(x) else x), y_np, task)
-        info = {"loss": self.last_loss, "density": self.density}
+        loss = train_chunk(self, np.asarray(x.cpu() if torch.is_tensor(x) else x), y_np, task)
+        info = {"loss": loss, "density": self.density}
         if self.progress.chunks_done == self.progress.n_chunks:
             self.end_task()
         return info
@@ -224,14 +217,14 @@ class StreamingLearner:
         if task not in self.snapshots:
             have = ", ".join(map(str, sorted(self.snapshots))) or "none"
             raise EsaclError(f"no snapshot for task {task} (tasks count from 0; finished tasks: {have})")
-        return unpack(self.snapshots[task], self.spec.build()).eval()
+        return snap.unpack(self.snapshots[task], self.spec.build()).eval()
 
     def write_snapshot(self, folder: str | Path, task: int, extra: dict | None = None) -> None:
         """Write ``task``'s snapshot (and its calibration samples) to ``folder/snapshots/``."""
         folder = Path(folder).resolve()
         if folder != self.snapshot_folder:
             self.snapshot_folder, self.snapshot_files = folder, {}
-        self.snapshot_files[task] = save_snapshot(
+        self.snapshot_files[task] = snap.save_snapshot(
             folder, task, self.snapshots[task], self.spec, [self.task_classes[t] for t in sorted(self.task_classes)],
             self.sparsity(), self.calibration.get(task), extra)
 
@@ -267,15 +260,8 @@ class StreamingLearner:
 
     def load_state_dict(self, state: dict[str, Any], folder: Path, where: str) -> None:
         """Put the learner (built with the same settings) into ``state``; snapshots are read from ``folder``."""
-        spec = ModelSpec(**{**state["spec"], "input_shape": tuple(state["spec"]["input_shape"])})
-        if spec != self.spec:
-            raise CheckpointError(f"{where}: saved for model {spec.model} with input {list(spec.input_shape)} "
-                                  f"{spec.dtype} and {spec.num_classes} classes; this run has {self.spec.model} with "
-                                  f"input {list(self.spec.input_shape)} {self.spec.dtype} and "
-                                  f"{self.spec.num_classes} classes")
-        for key, have in (("method", self.method.name), ("buffer_capacity", self.buffer.capacity)):
-            if state[key] != have:
-                raise CheckpointError(f"{where}: saved with {key} {state[key]!r}; this run has {have!r}")
+        check_same_setup(state, self.spec, {"method": self.method.name, "buffer_capacity": self.buffer.capacity},
+                         where)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -293,7 +279,7 @@ class StreamingLearner:
         self.samples_trained = state["samples_trained"]
         self.snapshot_folder = folder.resolve()
         self.snapshot_files = {int(t): h for t, h in state["snapshots"].items()}
-        self.snapshots, self.calibration = read_snapshots(folder, self.snapshot_files)
+        self.snapshots, self.calibration = snap.read_snapshots(folder, self.snapshot_files)
 
     def save_state(self, folder: str | Path, extra: dict | None = None) -> Path:
         """Save the state crash-safely in ``folder/state`` (finished tasks' snapshots in ``folder/snapshots``)."""
@@ -325,7 +311,7 @@ class StreamingLearner:
     # ------------------------------------------------------------------ sizes
     def model_bytes(self) -> dict[str, int]:
         """Bytes of the model as dense float32 and in the compact snapshot encoding."""
-        return {"dense": dense_bytes(self.model), "sparse": packed_bytes(pack(self.model, self.masks))}
+        return {"dense": snap.dense_bytes(self.model), "sparse": snap.packed_bytes(pack(self.model, self.masks))}
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of exactly-zero weights per prunable layer."""

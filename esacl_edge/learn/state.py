@@ -1,4 +1,5 @@
-"""The learner's plain state besides the model: task progress and its random generators."""
+"""The learner's plain state besides the model and parts: task progress, random generators, and the
+checks a saved state must pass before it is loaded."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..deploy.snapshot import ModelSpec
+from ..errors import CheckpointError
 
 
 @dataclass
@@ -51,3 +55,15 @@ def to_device(state: Any, device: torch.device) -> Any:
     if isinstance(state, dict):
         return {k: to_device(v, device) for k, v in state.items()}
     return state
+
+
+def check_same_setup(state: dict[str, Any], spec: ModelSpec, settings: dict[str, Any], where: str) -> None:
+    """Refuse a saved state whose model spec or ``settings`` differ from this learner's, naming both."""
+    saved = ModelSpec(**{**state["spec"], "input_shape": tuple(state["spec"]["input_shape"])})
+    if saved != spec:
+        raise CheckpointError(f"{where}: saved for model {saved.model} with input {list(saved.input_shape)} "
+                              f"{saved.dtype} and {saved.num_classes} classes; this run has {spec.model} with "
+                              f"input {list(spec.input_shape)} {spec.dtype} and {spec.num_classes} classes")
+    for key, have in settings.items():
+        if state[key] != have:
+            raise CheckpointError(f"{where}: saved with {key} {state[key]!r}; this run has {have!r}")

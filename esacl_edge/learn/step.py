@@ -118,8 +118,11 @@ def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, re
     return losses
 
 
-def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: int) -> ChunkRecord:
-    """Learn one chunk: its passes, then the parts' after-chunk work (buffer, pruning schedule…)."""
+def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: int) -> float:
+    """Learn one chunk: its passes, then the parts' after-chunk work (buffer, pruning schedule…).
+
+    Returns the mean step loss (NaN when nothing was trained), read from the device once.
+    """
     xt, yt = learner.to_device(x), torch.as_tensor(y, device=learner.device)
     n = len(y)
     record = ChunkRecord(x, y, task, torch.zeros(n, learner.spec.num_classes, device=learner.device),
@@ -130,5 +133,4 @@ def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: i
     learner.progress.chunks_done += 1
     for part in learner.method.parts:
         part.after_chunk(learner, record)
-    learner.last_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-    return record
+    return float(torch.stack(losses).mean()) if losses else float("nan")
