@@ -1,27 +1,98 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from esacl_edge import StreamingLearner
+from esacl_edge.data.stream import iter_chunks
 from esacl_edge.learn import ewc, sdp, sparcl
 from esacl_edge.learn.methods import METHODS
+from esacl_edge.learn.select import IdsSelect
 from esacl_edge.runner import learn
+
+PASSES = 8  # enough for every method to learn the tiny stream's 2-class tasks
+
+
+@pytest.fixture(scope="module")
+def run_method(tiny_stream, fast_profile, tmp_path_factory):
+    """results.json of each method on the tiny stream (8 passes, 80% sparsity, 20-sample buffer), run once."""
+    done: dict[str, dict] = {}
+
+    def run(method: str) -> dict:
+        if method not in done:
+            done[method] = learn(tiny_stream.root, fast_profile.replace(passes_per_chunk=PASSES),
+                                 tmp_path_factory.mktemp(method) / "run", method=method, sparsity=0.8,
+                                 buffer_bytes=2240, progress=False)
+        return done[method]
+
+    return run
+
+
+def _chunk_sizes(stream):
+    return [len(c.y) for c in iter_chunks(stream)]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_runs_the_stream_and_reports_costs(method, tiny_stream, fast_profile, tmp_path):
-    r = learn(tiny_stream.root, fast_profile.replace(passes_per_chunk=1), tmp_path / "run", method=method,
-              sparsity=0.8, buffer_bytes=2240, progress=False)
+def test_every_method_runs_the_stream_and_reports_costs(method, tiny_stream, run_method):
+    r = run_method(method)
     cfg = METHODS[method]()
-    assert r["method"] == method
+    sizes = _chunk_sizes(tiny_stream)  # 5 tasks x chunks of 24 and 16 samples
+    n, batch, f = sum(sizes), 16, r["dense_forward_flops_per_sample"]
+    assert r["method"] == method and r["complete"]
     if cfg.sparse:  # SparCL's regrown weights that never received a gradient stay zero: sparsity >= target
         assert 0.8 - 1e-4 <= r["sparsity"] <= (0.8 + 1e-4 if not cfg.sparsity_extras else 0.85)
     else:
-        assert r["sparsity"] < 0.01
+        assert r["sparsity"] == 0.0
+    assert r["buffer_capacity"] == (2240 // 112 if cfg.keeps_buffer else 0)  # 112 B per 8x8 uint8 sample
+    assert r["buffer_size"] == r["buffer_capacity"]
+
+    # Every sample of the stream is learned once; the samples trained follow from the method's parts.
+    assert r["samples_learned"] == n == 200
+    if method == "joint":  # all data seen so far, PASSES epochs at each task's end
+        per_task = [sum(sizes[2 * t: 2 * t + 2]) for t in range(5)]
+        assert r["samples_trained"] == PASSES * sum(sum(per_task[: t + 1]) for t in range(5))
+    elif isinstance(cfg.select, IdsSelect):  # the top half of every minibatch
+        batches = [b for s in sizes for b in _split(s, batch)]
+        assert r["samples_trained"] == PASSES * sum(math.ceil(0.5 * b) for b in batches)
+    elif cfg.data is not None:  # SparCL's data removal drops up to 30% of a chunk half way through its passes
+        assert PASSES * n * (1 - 0.5 * 0.3) <= r["samples_trained"] < PASSES * n
+    else:
+        assert r["samples_trained"] == PASSES * n
+
+    # FLOPs, exactly where the method is dense: a step costs 3 dense forwards per sample through it.
     assert r["train_flops"] > 0 and r["train_macs"] == r["train_flops"] / 2
+    if not cfg.sparse and cfg.replay is None:  # finetune, ewc, joint
+        assert r["train_flops"] == 3 * f * r["samples_trained"]
+    elif not cfg.sparse:  # er, derpp: from the second chunk on, each step replays as many buffered samples
+        replayed = r["samples_trained"] - PASSES * sizes[0]
+        assert r["train_flops"] == 3 * f * (r["samples_trained"] + replayed)
     assert r["peak_memory_bytes"] > 0
-    assert (r["buffer_capacity"] > 0) == cfg.keeps_buffer
-    assert 0.0 <= r["final_acc_class_il"] <= r["final_acc_task_il"] <= 1.0
+
+    # It learned: every task's Task-IL accuracy (chance 0.5 on 2-class tasks; a model that learns nothing
+    # predicts one class per task) went well above chance; Class-IL is never above Task-IL.
+    acc_t, acc_c = r["acc_matrix_task_il"], r["acc_matrix_class_il"]
+    best_t = [max(row[j] for row in acc_t[j:]) for j in range(5)]
+    assert sum(best_t) / 5 >= 0.65, acc_t
+    assert all(c <= t for rc, rt in zip(acc_c, acc_t) for c, t in zip(rc, rt))
+    if cfg.replay is None and method != "joint":  # no replay: the last task overwrites the others in Class-IL
+        assert r["forgetting_class_il"] >= 0.5 and r["final_acc_class_il"] <= 0.3, acc_c
+    else:  # replay (or joint training) keeps earlier tasks alive
+        assert r["final_acc_task_il"] >= 0.75 and r["final_acc_class_il"] >= 0.35, (acc_t, acc_c)
+
+
+def test_replay_forgets_less_than_finetuning(run_method):
+    finetune, ewc_, derpp, joint = (run_method(m) for m in ("finetune", "ewc", "derpp", "joint"))
+    for dense in (finetune, ewc_):
+        assert dense["forgetting_class_il"] >= derpp["forgetting_class_il"] + 0.3
+        assert derpp["final_acc_class_il"] >= dense["final_acc_class_il"] + 0.3
+    assert joint["final_acc_class_il"] >= 0.85 and joint["forgetting_class_il"] <= 0.1
+
+
+def _split(n, batch):
+    """Minibatch sizes of an n-sample pass (``forward.minibatches``: equal splits of at most ``batch``)."""
+    k = math.ceil(n / batch)
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
 def test_joint_trains_only_at_task_end_on_everything_seen(tiny_stream, fast_profile):

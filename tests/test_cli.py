@@ -8,17 +8,20 @@ import pytest
 
 from esacl_edge.cli import main
 from esacl_edge.data.stream import load_test, read_manifest
+from esacl_edge.device.budget import stored_model_bytes
 from esacl_edge.device.profiles import load_profile, to_yaml
+from esacl_edge.models import build_model
 
 RESULT_KEYS = {"acc_matrix_class_il", "acc_matrix_task_il", "final_acc_class_il", "final_acc_task_il",
                "forgetting_class_il", "sparsity", "model_bytes_dense", "model_bytes_sparse", "train_seconds",
-               "method", "profile", "seed"}
+               "method", "profile", "seed", "peak_memory_bytes", "samples_learned", "samples_per_second",
+               "samples_trained", "train_flops", "train_macs"}
 
 
 @pytest.fixture
 def profile_file(tmp_path):
     path = tmp_path / "tiny.yaml"
-    path.write_text(to_yaml(load_profile("cpu").replace(name="tiny", batch_size=16, passes_per_chunk=2,
+    path.write_text(to_yaml(load_profile("cpu").replace(name="tiny", batch_size=16, passes_per_chunk=10,
                                                         buffer_bytes=4480, target_sparsity=0.8)))
     return path
 
@@ -39,7 +42,19 @@ def test_cli_end_to_end_on_a_tiny_stream(tmp_path, profile_file, capsys):
     assert r["final_acc_class_il"] == pytest.approx(np.mean(r["acc_matrix_class_il"][-1]))
     assert all(a >= c for a, c in zip(r["acc_matrix_task_il"][-1], r["acc_matrix_class_il"][-1]))
     assert r["model_bytes_sparse"] < r["model_bytes_dense"] / 3
-    assert r["buffer_bytes"] <= 4480
+    assert r["model_bytes_sparse"] == stored_model_bytes(build_model("small_cnn", (8, 8, 1), 10), 0.8)
+    assert r["buffer_size"] == r["buffer_capacity"] == 4480 // 112 and r["buffer_bytes"] == 4480
+    # It learned: Task-IL (chance 0.5 on 2-class tasks) well above chance after the last task.
+    assert r["final_acc_task_il"] >= 0.7, r["acc_matrix_task_il"]
+    # Throughput and cost: 5 tasks of 24 samples (chunks of 16 and 8, one minibatch each), each learned once;
+    # IDS trains the top half of every minibatch in each of the 10 passes.
+    assert r["samples_learned"] == 120 and r["samples_trained"] == 10 * 5 * (8 + 4)
+    assert r["samples_per_second"] == pytest.approx(120 / r["train_seconds"]) and r["samples_per_second"] > 0
+    assert r["peak_memory_bytes"] > 50 * 2 ** 20 and "memory_peak_bytes" not in r
+    assert r["train_macs"] == r["train_flops"] / 2
+    # At least the scoring forward of every sample and two dense-or-sparser SAM passes of the kept half.
+    f = r["dense_forward_flops_per_sample"]
+    assert 10 * 120 * 0.2 * f < r["train_flops"] < 10 * (120 * f + 2 * 3 * 60 * f)
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == sorted(
         f"task_{t}{ext}" for t in range(5) for ext in (".json", ".pt", "_calib.npz"))
 

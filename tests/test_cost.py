@@ -58,5 +58,101 @@ def test_esacl_cost_counts_scoring_and_both_sam_passes(tiny_stream, fast_profile
     assert learner.cost.flops == pytest.approx(fast_profile.passes_per_chunk * per_pass)
 
 
+def _weighted(learner, densities):
+    """Forward FLOPs of one sample with each prunable layer at the given density."""
+    return sum(f * densities.get(n, 1.0) for n, f in learner.cost.layer_flops.items())
+
+
+def _density(masks):
+    return {n: float(m.float().mean()) for n, m in masks.items()}
+
+
+def _learner(tiny_stream, profile, method="esacl", **kw):
+    return StreamingLearner("small_cnn", profile, 10, (8, 8, 1), method=method, input_dtype="uint8",
+                            normalization=tiny_stream.normalization, **kw)
+
+
+def test_replay_samples_are_charged_with_the_step(tiny_stream, fast_profile):
+    learner = _learner(tiny_stream, fast_profile, "derpp", buffer_bytes=2240)  # 20 buffered samples
+    chunks = list(iter_chunks(tiny_stream))
+    f, passes = learner.cost.dense_forward_flops, fast_profile.passes_per_chunk
+    learner.observe(chunks[0].x, chunks[0].y, 0)  # empty buffer: no replay
+    assert learner.cost.flops == 3 * f * len(chunks[0].y) * passes
+    assert learner.buffer.size == 20
+    before, trained = learner.cost.flops, learner.samples_trained
+    learner.observe(chunks[1].x, chunks[1].y, 0)  # 16 samples, one minibatch, plus 16 replayed, per pass
+    assert learner.samples_trained - trained == 16 * passes  # replayed samples are not "trained samples"...
+    assert learner.cost.flops - before == 3 * f * (16 + 16) * passes  # ...but they go through the passes
+
+
+def test_a_pruned_model_is_charged_at_its_layer_densities(tiny_stream, fast_profile):
+    learner = _learner(tiny_stream, fast_profile, sparsity=0.8, buffer_bytes=0)
+    chunks = list(iter_chunks(tiny_stream))
+    learner.begin_task(0, n_chunks=10)
+    learner.observe(chunks[0].x, chunks[0].y, 0)  # dense, then the schedule's first pruning step
+    dens = _density(learner.masks)
+    assert 0.5 < learner.density < 0.9 and len(set(dens.values())) > 1  # layers pruned unevenly
+    fw, before = _weighted(learner, dens), learner.cost.flops
+    learner.observe(chunks[1].x, chunks[1].y, 0)  # 16 samples: scoring all, both SAM passes on the top 8
+    per_pass = 16 * fw + 2 * 8 * 3 * fw
+    assert learner.cost.flops - before == pytest.approx(fast_profile.passes_per_chunk * per_pass, rel=1e-12)
+    assert fw < 0.9 * learner.cost.dense_forward_flops
+
+
+def test_esacl_with_a_buffer_and_a_pruned_model(tiny_stream, fast_profile):
+    learner = _learner(tiny_stream, fast_profile, sparsity=0.8, buffer_bytes=2240)
+    chunks = list(iter_chunks(tiny_stream))
+    learner.begin_task(0, n_chunks=10)
+    learner.observe(chunks[0].x, chunks[0].y, 0)
+    assert learner.buffer.size == 20 and learner.density < 0.9
+    fw, before = _weighted(learner, _density(learner.masks)), learner.cost.flops
+    learner.observe(chunks[1].x, chunks[1].y, 0)
+    # Per pass: one minibatch of 16, scored; the top 8 and a replay batch of 16 through both SAM passes.
+    per_pass = 16 * fw + 2 * (8 + 16) * 3 * fw
+    assert learner.cost.flops - before == pytest.approx(fast_profile.passes_per_chunk * per_pass, rel=1e-12)
+
+
+def test_regrowth_window_reads_dense_weight_gradients_and_is_charged_dense(tiny_stream, fast_profile):
+    learner = _learner(tiny_stream, fast_profile, sparsity=0.8, buffer_bytes=0)
+    chunks = list(iter_chunks(tiny_stream))  # chunks of 24 and 16 per task
+    f_dense = learner.cost.dense_forward_flops
+    for c in chunks[:2]:
+        learner.observe(c.x, c.y, 0, n_chunks=2)
+    assert learner.density == pytest.approx(0.2, abs=1e-4)
+    regrow = learner.method.pruning.regrow_steps
+    assert regrow == 2 * fast_profile.passes_per_chunk  # the first chunk of task 1 is exactly the window
+    fw, before = _weighted(learner, _density(learner.masks)), learner.cost.flops
+    learner.observe(chunks[2].x, chunks[2].y, 1, n_chunks=2)
+    # Each step: score 12, SAM ascent on the top 6 (weight gradients at density), descent on them with the
+    # dense weight gradient that regrowth reads.
+    per_step = 12 * fw + 6 * 3 * fw + 6 * (2 * fw + f_dense)
+    assert learner.cost.flops - before == pytest.approx(regrow * per_step, rel=1e-12)
+    assert any("regrown" in e for e in learner.prune_events)
+    # After the window, weight gradients are charged at the weight density again.
+    fw, before = _weighted(learner, _density(learner.masks)), learner.cost.flops
+    learner.observe(chunks[3].x, chunks[3].y, 1, n_chunks=2)
+    assert learner.cost.flops - before == pytest.approx(fast_profile.passes_per_chunk * (16 * fw + 2 * 8 * 3 * fw),
+                                                        rel=1e-12)
+
+
+def test_sparcl_reads_dense_weight_gradients_every_step_and_is_charged_dense(tiny_stream, fast_profile):
+    profile = fast_profile.replace(passes_per_chunk=1)
+    learner = _learner(tiny_stream, profile, "sparcl", sparsity=0.8, buffer_bytes=0)
+    chunks = list(iter_chunks(tiny_stream))
+    learner.begin_task(0, n_chunks=10)
+    learner.observe(chunks[0].x, chunks[0].y, 0)
+    assert learner.cost.flops == 3 * learner.cost.dense_forward_flops * len(chunks[0].y)  # dense so far
+    gradient_masks = learner.method.sparsity_extras[1].masks
+    fw, fg = _weighted(learner, _density(learner.masks)), _weighted(learner, _density(gradient_masks))
+    f_dense = learner.cost.dense_forward_flops
+    assert fg < fw < 0.9 * f_dense  # pruned, and gradient masking on top
+    before, trained = learner.cost.flops, learner.samples_trained
+    learner.observe(chunks[1].x, chunks[1].y, 0)
+    n = learner.samples_trained - trained
+    assert n == len(chunks[1].y)
+    # Forward and input gradients at the weight density; weight gradients read dense on every step.
+    assert learner.cost.flops - before == pytest.approx(n * (2 * fw + f_dense), rel=1e-12)
+
+
 def test_peak_memory_is_measured():
     assert peak_memory_bytes(torch.device("cpu")) == peak_rss_bytes() > 50 * 2 ** 20

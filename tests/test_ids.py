@@ -114,14 +114,30 @@ def test_ids_spread_fills_part_of_each_quota_at_random():
 
 
 def test_reservoir_keeps_a_uniform_sample():
+    """Every one of 200 offered samples ends in a 20-slot buffer with probability 1/10.
+
+    Tolerances come from the sampling distribution, not a guess: over T trials the count of
+    first-half samples kept has mean 10 T and variance T * 20 * 1/4 * 180/199 (hypergeometric),
+    so a buffer biased 57/43 (or even 53/47) towards either half fails the first check, and the
+    chi-square over 10 position bins catches any other unevenness.
+    """
     rng = np.random.default_rng(3)
     per = buffer_bytes_per_sample((1, 1, 1), "uint8", 2)
-    hits = np.zeros(200)
-    for _ in range(200):
-        buf = rb.new_buffer(20 * per, (1, 1, 1), "uint8", 2)
-        score = np.arange(200, dtype=np.float32)
-        rb.offer_reservoir(buf, np.zeros((200, 1, 1, 1), np.uint8), np.zeros(200, int), 0,
-                           np.zeros((200, 2), np.float32), score, rng)
-        hits[buf.score[: buf.size].astype(int)] += 1
-    first, last = hits[:100].sum(), hits[100:].sum()
-    assert abs(first - last) < 0.15 * (first + last)
+    trials, n, cap = 400, 200, 20
+    hits = np.zeros(n)
+    score = np.arange(n, dtype=np.float32)
+    for _ in range(trials):
+        buf = rb.new_buffer(cap * per, (1, 1, 1), "uint8", 2)
+        rb.offer_reservoir(buf, np.zeros((n, 1, 1, 1), np.uint8), np.zeros(n, int), 0,
+                           np.zeros((n, 2), np.float32), score, rng)
+        assert buf.size == cap and buf.seen == n
+        kept = buf.score[: buf.size].astype(int)
+        assert len(set(kept.tolist())) == cap  # no sample twice
+        hits[kept] += 1
+    first = hits[: n // 2].sum()
+    sd = np.sqrt(trials * cap * 0.25 * (n - cap) / (n - 1))
+    assert abs(first - trials * cap / 2) < 4 * sd, (first / hits.sum(), 4 * sd / hits.sum())
+    bins = hits.reshape(10, -1).sum(1)
+    expected = trials * cap / 10
+    chi2 = float(((bins - expected) ** 2 / expected).sum())
+    assert chi2 < 33.7, (chi2, bins)  # 9 degrees of freedom, p = 1e-4

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from esacl_edge import EsaclError, StreamingLearner
 from esacl_edge.data.stream import iter_chunks, load_test
+from esacl_edge.learn import sdp
 
 
 def test_streaming_api_learns_and_separates_class_il_from_task_il(tiny_stream, fast_profile):
@@ -20,6 +22,11 @@ def test_streaming_api_learns_and_separates_class_il_from_task_il(tiny_stream, f
     acc = learner.evaluate(x, y, task=0)
     assert 0.0 <= acc["class_il"] <= acc["task_il"] <= 1.0
     assert acc["task_il"] >= 0.8  # two-class digits is easy when only the task's classes compete
+    acc1 = learner.evaluate(*load_test(tiny_stream, 1), task=1)
+    assert acc1["class_il"] >= 0.7  # the task just learned, even with all 10 classes competing
+    # IDS trains on the top half of each minibatch: chunks of 24 (2 x 12) and 16, 8 passes, 2 tasks.
+    assert learner.samples_trained == 8 * 2 * (6 + 6 + 8)
+    assert learner.sparsity() == pytest.approx(0.5, abs=1e-4)  # each task ends on the target exactly
     pred = learner.predict(x, task=0)
     assert set(np.unique(pred)) <= {0, 1}
     assert np.mean(pred == y) == pytest.approx(acc["task_il"])
@@ -31,7 +38,8 @@ def test_finetune_stays_dense_and_keeps_no_buffer(tiny_stream, fast_profile):
     chunk = next(iter_chunks(tiny_stream))
     learner.observe(chunk.x, chunk.y, 0)
     learner.end_task()
-    assert learner.sparsity() < 0.01 and learner.buffer.capacity == 0
+    assert learner.sparsity() == 0.0 and learner.density == 1.0 and learner.masks == {}
+    assert learner.buffer.capacity == 0 and learner.prune_events == []
     assert learner.samples_trained == 2 * len(chunk.y)  # no IDS selection: every sample, every pass
 
 
@@ -52,3 +60,46 @@ def test_bad_inputs(fast_profile):
         StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), sparsity=1.0)
     with pytest.raises(EsaclError, match="unknown method 'sgd'"):
         StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), method="sgd")
+
+
+def test_a_fresh_learner_is_dense_and_the_first_pruning_comes_after_a_chunk(tiny_stream, fast_profile):
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), sparsity=0.8, input_dtype="uint8",
+                               normalization=tiny_stream.normalization)
+    total = sum(m.numel() for m in learner.masks.values())
+    assert learner.masks and all(bool(m.all()) for m in learner.masks.values())
+    assert learner.sparsity() == 0.0 and learner.density == 1.0 and learner.prune_events == []
+    chunks = [c for c in iter_chunks(tiny_stream) if c.task == 0]
+    learner.begin_task(0, n_chunks=len(chunks))  # 2 chunks: the cubic schedule prunes over ceil(0.6 * 2) = 2
+    assert learner.sparsity() == 0.0 and learner.density == 1.0 and learner.prune_events == []
+    learner.observe(chunks[0].x, chunks[0].y, 0)
+    want = sdp.cubic_density(1.0, 0.2, 1, 2)  # 0.3: the schedule's first step, taken after the first chunk
+    assert [(e["task"], e["chunk"], e["density_before"]) for e in learner.prune_events] == [(0, 0, 1.0)]
+    assert learner.density == pytest.approx(want, abs=1 / total)
+    assert learner.sparsity() == pytest.approx(1 - want, abs=1 / total)
+    learner.observe(chunks[1].x, chunks[1].y, 0)
+    assert learner.sparsity() == pytest.approx(0.8, abs=1 / total)
+
+
+def test_observe_with_a_known_length_ends_the_task_by_itself(tiny_stream, fast_profile):
+    learner = StreamingLearner("small_cnn", fast_profile.replace(passes_per_chunk=1), 10, (8, 8, 1), sparsity=0.8,
+                               input_dtype="uint8", normalization=tiny_stream.normalization)
+    ended: list[int] = []
+    learner.on_task_end.append(ended.append)
+    chunks = list(iter_chunks(tiny_stream))  # 2 chunks per task
+    learner.observe(chunks[0].x, chunks[0].y, 0, n_chunks=2)
+    assert ended == [] and learner.snapshots == {} and learner.progress.task == 0
+    learner.observe(chunks[1].x, chunks[1].y, 0, n_chunks=2)
+    assert ended == [0] and list(learner.snapshots) == [0] and learner.progress.task == -1
+    snapshot = learner.snapshots[0]
+    weights = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    assert learner.end_task() is snapshot  # the task is over: no second end, no error
+    assert ended == [0] and list(learner.snapshots) == [0]
+    assert all(torch.equal(v, weights[k]) for k, v in learner.model.state_dict().items())
+    # Without a known length a task stays open until the next task begins, or end_task() closes it.
+    learner.observe(chunks[2].x, chunks[2].y, 1)
+    learner.observe(chunks[3].x, chunks[3].y, 1)
+    assert ended == [0] and learner.progress.task == 1
+    learner.observe(chunks[4].x, chunks[4].y, 2)
+    assert ended == [0, 1] and sorted(learner.snapshots) == [0, 1] and learner.progress.task == 2
+    last = learner.end_task()
+    assert ended == [0, 1, 2] and learner.end_task() is last and ended == [0, 1, 2]

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -218,3 +219,64 @@ def test_cli_resume_with_other_settings_is_refused(tiny_stream, tmp_path, capsys
     assert main(common) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings (method 'finetune' -> 'esacl')" in err
+
+
+def _state_learner(stream, profile):
+    return StreamingLearner("small_cnn", profile, 10, (8, 8, 1), sparsity=0.8, buffer_bytes=2240,
+                            input_dtype="uint8", normalization=stream.normalization, seed=3)
+
+
+def _saved_after_task_0(stream, profile, folder):
+    """A learner that finished task 0 (by itself: the task's length was known) and is inside task 1, saved."""
+    learner = _state_learner(stream, profile)
+    for c in list(iter_chunks(stream))[:3]:
+        learner.observe(c.x, c.y, c.task, n_chunks=2)
+    assert sorted(learner.snapshots) == [0] and learner.progress.task == 1
+    return learner, learner.save_state(folder)
+
+
+def test_saved_state_refers_to_the_snapshots_instead_of_copying_them(tiny_stream, fast_profile, tmp_path):
+    import hashlib
+
+    a, path = _saved_after_task_0(tiny_stream, fast_profile, tmp_path)
+    tensors = torch.load(path / "state.pt", weights_only=True)
+    assert "model/1.conv1.weight" in tensors
+    assert [k for k in tensors if "snapshot" in k] == []
+    pt = tmp_path / "snapshots" / "task_0.pt"
+    meta = json.loads((path / "state.json").read_text())
+    assert meta["snapshots"] == {"0": hashlib.sha256(pt.read_bytes()).hexdigest()}
+    b = _state_learner(tiny_stream, fast_profile)
+    assert b.load_state(tmp_path) == {}
+    assert b.snapshots.keys() == {0} and b.snapshots[0].keys() == a.snapshots[0].keys()
+    assert all(torch.equal(b.snapshots[0][k], v) for k, v in a.snapshots[0].items())
+    # The snapshot is read from the run's snapshots/ folder: without it the state cannot be resumed.
+    pt.rename(tmp_path / "task_0.pt.moved")
+    with pytest.raises(CheckpointError, match=re.escape(f"{pt}: the saved state needs this snapshot")):
+        _state_learner(tiny_stream, fast_profile).load_state(tmp_path)
+
+
+def test_a_snapshot_changed_after_the_state_was_saved_is_refused_by_name(tiny_stream, fast_profile, tmp_path):
+    _saved_after_task_0(tiny_stream, fast_profile, tmp_path)
+    pt = tmp_path / "snapshots" / "task_0.pt"
+    tensors = torch.load(pt, weights_only=True)
+    key = next(k for k in tensors if k.endswith("::values"))
+    tensors[key] = tensors[key] + 1.0
+    torch.save(tensors, pt)  # a well-formed snapshot file, just not the one the state was saved with
+    with pytest.raises(CheckpointError, match=re.escape(f"{pt}: differs from the snapshot")):
+        _state_learner(tiny_stream, fast_profile).load_state(tmp_path)
+
+
+def test_a_schema_1_state_is_refused_with_what_to_do(tiny_stream, fast_profile, tmp_path):
+    _, path = _saved_after_task_0(tiny_stream, fast_profile, tmp_path)
+    meta_path = path / "state.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["schema"] == checkpoint.SCHEMA == 2
+    meta["schema"] = 1
+    meta_path.write_text(json.dumps(meta))
+    learner = _state_learner(tiny_stream, fast_profile)
+    with pytest.raises(CheckpointError) as info:
+        learner.load_state(tmp_path)
+    msg = str(info.value)
+    assert msg.startswith(f"{meta_path}: ") and "schema 1" in msg
+    assert "finish that run with the version that started it" in msg and "--overwrite" in msg
+    assert learner.progress.task == -1 and learner.samples_trained == 0  # nothing was restored

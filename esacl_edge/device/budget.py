@@ -123,7 +123,8 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
          method: Method, input_dtype: str = "uint8", sparsity: float | None = None,
          buffer_bytes: int | None = None) -> Plan:
     """Derive sparsity, buffer capacity and batch size from ``profile``; raise BudgetError if nothing fits."""
-    model = build_model(model_name, input_shape, num_classes)
+    with torch.random.fork_rng(devices=[]):  # a throwaway model: leave the global RNG alone
+        model = build_model(model_name, input_shape, num_classes)
     n_params = sum(p.numel() for p in model.parameters())
     d = sum(p.numel() for p in prunable_parameters(model).values())
     if not method.sparse:

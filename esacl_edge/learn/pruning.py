@@ -55,11 +55,13 @@ class Pruning(Part):
         return sdp.density(self.state)
 
     def _in_regrow_window(self, learner: StreamingLearner) -> bool:
-        return learner.progress.task > 0 and learner.progress.steps < self.regrow_steps
+        return bool(learner.snapshots) and learner.progress.steps < self.regrow_steps
 
     # ------------------------------------------------------------------ hooks
     def begin_task(self, learner: StreamingLearner) -> None:
         self.start_density = self.density
+        if not self.grads_every_step:  # regrowth evidence comes from this task's first steps only
+            self.state.grad_abs = {}
 
     def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
         if self.grads_every_step or self._in_regrow_window(learner):
@@ -70,7 +72,7 @@ class Pruning(Part):
             sdp.accumulate(learner.model, self.state)
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
-        if learner.progress.task > 0 and learner.progress.steps == self.regrow_steps:
+        if learner.snapshots and learner.progress.steps == self.regrow_steps:
             grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer)
             learner.masks_changed()
             self.start_density = self.density  # this task's schedule starts from the regrown density
