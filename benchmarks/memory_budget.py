@@ -32,15 +32,15 @@ def main() -> None:
         warned = "exceeds budgets.training_peak_bytes" in done.stderr
         rows.append({"profile": profile, "batch_size": r["batch_size"], "buffer_capacity": r["buffer_capacity"],
                      "memory_budget_bytes": r["memory_budget_bytes"], "memory_estimate_bytes": r["memory_estimate_bytes"],
-                     "memory_peak_bytes": r["memory_peak_bytes"], "warned": warned,
+                     "peak_memory_bytes": r["peak_memory_bytes"], "warned": warned,
                      "final_acc_class_il": r["final_acc_class_il"], "train_seconds": r["train_seconds"]})
     print("| profile | batch | buffer samples | budget MiB | estimate MiB | measured MiB | measured/estimate | "
           "warned | Class-IL % |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mib = 2 ** 20
         print(f"| {r['profile']} | {r['batch_size']} | {r['buffer_capacity']:,} | {r['memory_budget_bytes'] / mib:,.0f} | "
-              f"{r['memory_estimate_bytes'] / mib:,.0f} | {r['memory_peak_bytes'] / mib:,.0f} | "
-              f"{r['memory_peak_bytes'] / r['memory_estimate_bytes']:.2f} | {'yes' if r['warned'] else 'no'} | "
+              f"{r['memory_estimate_bytes'] / mib:,.0f} | {r['peak_memory_bytes'] / mib:,.0f} | "
+              f"{r['peak_memory_bytes'] / r['memory_estimate_bytes']:.2f} | {'yes' if r['warned'] else 'no'} | "
               f"{100 * r['final_acc_class_il']:.1f} |")
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.out}")

@@ -102,6 +102,7 @@ class _Job:
         self.reported = {(r["chunk"], r["reason"]) for r in record.reported}
         self.verified: set[str] = set()  # learned chunks whose hash was checked in this process
         self.touched = False
+        self.untimed = 0.0  # seconds task_ended spent inside the timed block
         self.resumed_at = len(record.consumed)
 
     # -------------------------------------------------------------- the run folder
@@ -166,24 +167,35 @@ class _Job:
 
     # -------------------------------------------------------------- learning
     def task_ended(self, task: int) -> None:
-        """The learner finished ``task``: evaluate every task so far, write the task's snapshot."""
-        learner = self.learner
+        """The learner finished ``task``: evaluate every task so far, write the task's snapshot (untimed)."""
+        start, learner = time.perf_counter(), self.learner
         row = [learner.evaluate(*self.test(self.manifest, j), task=j) for j in range(task + 1)]
         self.record.acc_c.append([r["class_il"] for r in row])
         self.record.acc_t.append([r["task_il"] for r in row])
         self.write("the task snapshot", learner.write_snapshot, self.run_dir, task,
                    {"pattern": self.record.settings["pattern"], "stream": self.record.settings["stream"],
                     "profile": learner.profile.name})
+        self.untimed += time.perf_counter() - start
+
+    def timed(self, fn, *args):
+        """Run ``fn`` and add its time to ``train_seconds``, less what ``task_ended`` spent evaluating and writing."""
+        start, self.untimed = time.perf_counter(), 0.0
+        out = fn(*args)
+        self.record.train_seconds += time.perf_counter() - start - self.untimed
+        return out
 
     def learn_chunk(self, t: int, i: int) -> dict:
         learner, task = self.learner, self.manifest.tasks[t]
-        start = time.perf_counter()  # train time includes reading and validating the chunk
-        chunk = load_chunk(self.manifest, t, i)
         known = not self.follow or task.complete
-        # The learner's task driver ends the open task on a new task's chunk, and a task of known length
-        # after its last chunk; each end calls task_ended.
-        info = learner.observe(chunk.x, chunk.y, t, len(task.chunks) if known else None, list(task.classes))
-        self.record.train_seconds += time.perf_counter() - start
+
+        def read_and_learn() -> tuple:  # train time includes reading and validating the chunk
+            chunk = load_chunk(self.manifest, t, i)
+            # The learner's task driver ends the open task on a new task's chunk, and a task of known
+            # length after its last chunk; each end calls task_ended.
+            return chunk, learner.observe(chunk.x, chunk.y, t, len(task.chunks) if known else None,
+                                          list(task.classes))
+
+        chunk, info = self.timed(read_and_learn)
         self.record.samples_learned += len(chunk.y)
         self.record.consumed.append({"task": t, "chunk": task.chunks[i], "sha256": chunk.sha256})
         self.consumed[task.chunks[i]] = self.record.consumed[-1]
@@ -245,7 +257,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                              "settings, or pass --overwrite or another --run")
         record.settings["stream"] = settings["stream"]
 
-    if overwrite or learner.load_state(run_dir, same_job) is None:
+    if overwrite or not learner.load_state(run_dir, same_job):
         if not overwrite and ((run_dir / "results.json").exists() or (run_dir / "snapshots").exists()):
             raise EsaclError(f"{run_dir}: already holds a run without saved state; pass --overwrite or choose "
                              "another --run")
@@ -269,7 +281,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
             if stop.signal is not None:
                 break
             if job.task_over(manifest):
-                learner.end_task()
+                job.timed(learner.end_task)
                 job.save()
             if not follow:
                 break

@@ -83,8 +83,8 @@ def test_learner_state_round_trip_continues_identically(tiny_stream, fast_profil
         a.observe(c.x, c.y, c.task)
     a.save_state(tmp_path / "state")
     b = fresh()
-    assert b.load_state(tmp_path / "state") == {}
-    assert fresh().load_state(tmp_path / "nothing-here") is None
+    assert b.load_state(tmp_path / "state") is True
+    assert fresh().load_state(tmp_path / "nothing-here") is False
     for learner in (a, b):
         learner.observe(chunks[3].x, chunks[3].y, chunks[3].task)
         learner.end_task()
@@ -246,7 +246,7 @@ def test_saved_state_refers_to_the_snapshots_instead_of_copying_them(tiny_stream
     meta = json.loads((path / "state.json").read_text())
     assert meta["snapshots"] == {"0": hashlib.sha256(pt.read_bytes()).hexdigest()}
     b = _state_learner(tiny_stream, fast_profile)
-    assert b.load_state(tmp_path) == {}
+    assert b.load_state(tmp_path) is True
     assert b.snapshots.keys() == {0} and b.snapshots[0].keys() == a.snapshots[0].keys()
     assert all(torch.equal(b.snapshots[0][k], v) for k, v in a.snapshots[0].items())
     # The snapshot is read from the run's snapshots/ folder: without it the state cannot be resumed.

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..device.budget import FLOAT_BYTES
 from .parts import Part
 
 if TYPE_CHECKING:
     from .learner import StreamingLearner
     from .step import Batch
 
-FLOAT_BYTES = 4
 
 
 @dataclass
@@ -33,14 +33,19 @@ class EwcState:
 
 
 @torch.no_grad()
-def accumulate(model: nn.Module, state: EwcState, lam: float = 0.0) -> None:
-    """Add this step's squared data gradient: ``.grad`` minus the penalty's gradient ``lam·F·(θ − θ*)``."""
+def accumulate(model: nn.Module, state: EwcState, lam: float = 0.0,
+               masks: dict[str, torch.Tensor] | None = None) -> None:
+    """Add this step's squared data gradient: ``.grad`` minus the penalty's gradient ``lam·F·(θ − θ*)``,
+    zero where ``masks`` (pruning masks) say the weight is pruned."""
+    masks = masks or {}
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         g = p.grad
         if lam and name in state.fisher:
             g = g - lam * state.fisher[name] * (p - state.anchor[name])
+        if name in masks:
+            g = g * masks[name]
         state.task_sq.setdefault(name, torch.zeros_like(p)).add_(g * g)
     state.task_steps += 1
 
@@ -77,7 +82,7 @@ class EwcPenalty(Part):
         return self.lam * penalty(learner.model, self.state) if self.state.fisher else None
 
     def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
-        accumulate(learner.model, self.state, self.lam)
+        accumulate(learner.model, self.state, self.lam, learner.masks)
 
     def end_task(self, learner: StreamingLearner) -> None:
         consolidate(learner.model, self.state, self.gamma)

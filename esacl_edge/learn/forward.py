@@ -1,8 +1,9 @@
 """Forward passes besides the training one, minibatches, and inference: one place for each.
 
-Every extra forward (IDS scoring, SAM's perturbed pass, accuracy probes) runs inside
-:func:`norm_stats_untouched`, so BatchNorm running statistics move once per training step,
-in the step's own forward, whatever the method does on top.
+BatchNorm running statistics move once per training step, in the step's own forward,
+whatever the method does on top: the extra train-mode forwards (IDS scoring, SAM's
+perturbed pass) run inside :func:`norm_stats_untouched`, and accuracy probes and inference
+run in eval mode through :func:`infer_logits`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ class Joint(Part):
     def end_task(self, learner: StreamingLearner) -> None:
         from .step import run_passes
 
+        if not self.x:
+            return
         x, y = np.concatenate(self.x), np.concatenate(self.y)
         run_passes(learner, learner.to_device(x), torch.as_tensor(y, device=learner.device), filter_samples=False)
 

@@ -7,6 +7,7 @@ what a method does lives in its parts (``methods.py``), run by the step in ``ste
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -57,7 +58,8 @@ class StreamingLearner:
                  normalization: dict | None = None, seed: int = 0, class_names: list[str] | None = None,
                  pattern: str | None = None) -> None:
         profile = profile if isinstance(profile, Profile) else load_profile(profile)
-        self.method = method if isinstance(method, Method) else get_method(method)
+        # A Method's parts hold state once bound: each learner gets its own copy.
+        self.method = copy.deepcopy(method) if isinstance(method, Method) else get_method(method)
         if sparsity is not None and not 0.0 <= sparsity < 1.0:
             raise EsaclError(f"sparsity must be in [0, 1), got {sparsity}")
         if buffer_bytes is not None and buffer_bytes < 0:
@@ -80,9 +82,10 @@ class StreamingLearner:
         self.amp_dtype = autocast_dtype(self.profile, self.device)
         self.spec = ModelSpec(model, tuple(input_shape), num_classes, dict(normalization or {}), input_dtype,
                               class_names)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # initialisation draws from the learner's torch generator
+            torch.set_rng_state(self.rngs.torch.get_state())
             self.model = self.spec.build().to(self.device)
+            self.rngs.torch.set_state(torch.get_rng_state())
         self.optimizer = self.method.optimizer.build(self.model.parameters())
         self.buffer = rb.new_buffer(self.plan.buffer_bytes, tuple(input_shape), input_dtype, num_classes)
         self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape))
@@ -252,6 +255,7 @@ class StreamingLearner:
         opt = self.optimizer.state_dict()["state"]
         return {"spec": asdict(self.spec), "method": self.method.name, "seed": self.seed,
                 "target_sparsity": self.target_sparsity, "buffer_capacity": self.buffer.capacity,
+                "pattern": self.pattern and list(self.pattern),
                 "model": self.model.state_dict(), "optimizer": {str(i): dict(s) for i, s in opt.items()},
                 "progress": asdict(self.progress), "task_classes": {str(t): c for t, c in self.task_classes.items()},
                 "samples_trained": self.samples_trained, "snapshots": {str(t): h for t, h in self.snapshot_files.items()},
@@ -260,8 +264,9 @@ class StreamingLearner:
 
     def load_state_dict(self, state: dict[str, Any], folder: Path, where: str) -> None:
         """Put the learner (built with the same settings) into ``state``; snapshots are read from ``folder``."""
-        check_same_setup(state, self.spec, {"method": self.method.name, "buffer_capacity": self.buffer.capacity},
-                         where)
+        check_same_setup(state, self.spec, {"method": self.method.name, "buffer_capacity": self.buffer.capacity,
+                                            "seed": self.seed, "target_sparsity": self.target_sparsity,
+                                            "pattern": self.pattern and list(self.pattern)}, where)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -285,19 +290,23 @@ class StreamingLearner:
         """Save the state crash-safely in ``folder/state`` (finished tasks' snapshots in ``folder/snapshots``)."""
         if Path(folder).resolve() != self.snapshot_folder:
             self.snapshot_files = {}
-        for task in sorted(set(self.snapshots) - set(self.snapshot_files)):
-            self.write_snapshot(folder, task)
+        try:
+            for task in sorted(set(self.snapshots) - set(self.snapshot_files)):
+                self.write_snapshot(folder, task)
+        except OSError as exc:
+            raise CheckpointError(f"{folder}: cannot save the task snapshots ({exc.strerror or exc}); "
+                                  "the previous saved state is kept") from None
         return checkpoint.save(Path(folder) / "state", self.state_dict(), extra)
 
-    def load_state(self, folder: str | Path, check: Callable[[dict], None] | None = None) -> dict | None:
+    def load_state(self, folder: str | Path, check: Callable[[dict], None] | None = None) -> bool:
         """Continue from the latest state saved in ``folder`` by a learner built with the same settings.
 
-        Returns the ``extra`` saved with it, or None (changing nothing) when ``folder`` holds no
-        saved state. ``check(extra)`` runs before anything is restored, to refuse another job's state.
+        Returns False (changing nothing) when ``folder`` holds no saved state. ``check(extra)`` gets
+        the extra JSON saved with the state before anything is restored, to read it or refuse it.
         """
         found = checkpoint.load(Path(folder) / "state")
         if found is None:
-            return None
+            return False
         state, extra, path = found
         if check is not None:
             check(extra)
@@ -306,7 +315,7 @@ class StreamingLearner:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path}: incomplete or inconsistent learner state ({type(exc).__name__}: {exc})") \
                 from None
-        return extra
+        return True
 
     # ------------------------------------------------------------------ sizes
     def model_bytes(self) -> dict[str, int]:

@@ -25,7 +25,9 @@ from .sparcl import DataRemoval, GradientMasks, MaskUpdates
 
 @dataclass
 class Method:
-    """The parts of one method. Hooks run in the order of :attr:`parts`."""
+    """The parts of one method. Hooks run in the order of :attr:`parts`: select, replay, optimizer, data,
+    buffer, pruning, penalty, sparsity extras (so EWC reads masked gradients before SparCL's gradient
+    masks, and anchors at a task's end after the last pruning)."""
 
     name: str
     select: AllSamples | IdsSelect = field(default_factory=AllSamples)
@@ -40,7 +42,7 @@ class Method:
     def named_parts(self) -> list[tuple[str, Part]]:
         """(slot, part) for every part present, in the order hooks run in."""
         slots = [(name, getattr(self, name)) for name in
-                 ("select", "replay", "penalty", "optimizer", "data", "buffer", "pruning")]
+                 ("select", "replay", "optimizer", "data", "buffer", "pruning", "penalty")]
         slots += [(f"sparsity_extras.{i}", p) for i, p in enumerate(self.sparsity_extras)]
         return [(name, part) for name, part in slots if part is not None]
 

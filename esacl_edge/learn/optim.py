@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..device.budget import FLOAT_BYTES
 from .forward import norm_stats_untouched
 from .parts import Part
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from .learner import StreamingLearner
     from .step import Batch
 
-FLOAT_BYTES = 4
 Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 

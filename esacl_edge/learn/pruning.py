@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..device.budget import FLOAT_BYTES
 from . import sdp
 from .forward import infer_logits
 from .parts import Part
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from .learner import StreamingLearner
     from .step import Batch, ChunkRecord
 
-FLOAT_BYTES = 4
 
 
 @dataclass

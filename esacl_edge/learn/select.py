@@ -22,6 +22,8 @@ from .parts import Part
 if TYPE_CHECKING:
     from .learner import StreamingLearner
 
+Selection = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
 
 @dataclass
 class AllSamples(Part):
@@ -29,13 +31,9 @@ class AllSamples(Part):
 
     score: str = "loss"
 
-    def select(self, learner: StreamingLearner, x: torch.Tensor,
-               y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(positions to train on or None for all, logits of the whole minibatch or None)."""
-        return None, None
-
-    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ids.sample_scores(logits, y, self.score)
+    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor) -> Selection:
+        """(positions to train on or None for all, and the whole minibatch's logits and scores if computed)."""
+        return None, None, None
 
 
 @dataclass
@@ -45,12 +43,9 @@ class IdsSelect(Part):
     keep: float = 0.5
     score: str = "loss"
 
-    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ids.sample_scores(logits, y, self.score)
-
-    def select(self, learner: StreamingLearner, x: torch.Tensor,
-               y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor) -> Selection:
         with torch.no_grad(), norm_stats_untouched(learner.model), learner.autocast():
             logits = learner.model(x).float()
         learner.cost.forward(len(y))
-        return ids.select_step(self.scores(logits, y), y, self.keep), logits
+        scores = ids.sample_scores(logits, y, self.score)
+        return ids.select_step(scores, y, self.keep), logits, scores

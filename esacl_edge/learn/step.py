@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import ids
 from .forward import minibatches
 
 if TYPE_CHECKING:
@@ -77,14 +78,16 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor,
     """One step on minibatch ``(xb, yb)``. Returns the loss and every minibatch sample's logits and score."""
     method = learner.method
     # 1. Select the samples to train on.
-    keep, logits = method.select.select(learner, xb, yb)
+    keep, logits, scores = method.select.select(learner, xb, yb)
     batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb)
     if method.replay is not None:
         method.replay.draw(learner, batch, len(yb))
     # 2-3. Loss terms, and the optimizer's gradients (one pass, or SAM's two).
     loss, out = method.optimizer.gradients(learner, batch, lambda: loss_terms(learner, batch))
-    batch.logits = out.detach() if logits is None else logits
-    scores = method.select.scores(batch.logits, yb)
+    if logits is None:  # no scoring forward: the training forward gives logits and scores
+        logits = out.detach()
+        scores = ids.sample_scores(logits, yb, method.select.score)
+    batch.logits = logits
     # 4. After the backward pass: parts read and mask the gradients; then the update.
     for part in method.parts:
         part.after_backward(learner, batch)
