@@ -32,6 +32,7 @@ def state_dict(learner: StreamingLearner) -> dict[str, Any]:
             "rngs": learner.rngs.state_dict(), "cost": learner.cost.state_dict(), "buffer": learner.buffer.state_dict(),
             "parts": {name: part.state_dict() for name, part in learner.method.named_parts()}}
 
+
 def load_state_dict(learner: StreamingLearner, state: dict[str, Any], folder: Path, where: str) -> None:
     """Put the learner (built with the same settings) into ``state``; snapshots are read from ``folder``."""
     check_same_setup(state, learner.spec, {"method": learner.method.name, "buffer_capacity": learner.buffer.capacity,
@@ -56,6 +57,7 @@ def load_state_dict(learner: StreamingLearner, state: dict[str, Any], folder: Pa
     learner.snapshot_files = {int(t): h for t, h in state["snapshots"].items()}
     learner.snapshots, learner.calibration = snap.read_snapshots(folder, learner.snapshot_files)
 
+
 def save_state(learner: StreamingLearner, folder: str | Path, extra: dict | None = None) -> Path:
     """Save the state crash-safely in ``folder/state`` (finished tasks' snapshots in ``folder/snapshots``)."""
     if Path(folder).resolve() != learner.snapshot_folder:
@@ -67,6 +69,7 @@ def save_state(learner: StreamingLearner, folder: str | Path, extra: dict | None
         raise CheckpointError(f"{folder}: cannot save the task snapshots ({exc.strerror or exc}); "
                               "the previous saved state is kept") from None
     return checkpoint.save(Path(folder) / "state", state_dict(learner), extra)
+
 
 def load_state(learner: StreamingLearner, folder: str | Path, check: Callable[[dict], None] | None = None) -> bool:
     """Continue from the latest state saved in ``folder`` by a learner built with the same settings.
