@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint
 from ..deploy import snapshot as snap
 from ..deploy.snapshot import ModelSpec, pack
 from ..device.budget import plan
 from ..device.profiles import Profile, load_profile
 from ..device.selection import autocast_dtype, select_device
-from ..errors import CheckpointError, EsaclError
+from ..errors import EsaclError
 from ..models import layer_sparsity, prunable_parameters
 from . import buffer as rb
-from . import sdp
+from . import persistence, sdp
 from .cost import CostMeter, layer_forward_flops
 from .forward import infer_logits
 from .methods import Method, get_method
-from .state import Generators, TaskProgress, check_same_setup, to_device
+from .state import Generators, TaskProgress
 from .step import train_chunk
 
 CALIBRATION_SAMPLES = 256
@@ -246,57 +244,18 @@ class StreamingLearner:
         return export_variant(self.snapshot_model(task), self.spec, path, variant, meta,
                               calibration=self.calibration.get(task), opset=opset or self.profile.opset, test=test)
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ state (see persistence.py)
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here, as tensors, arrays and JSON; snapshots by file hash."""
-        missing = sorted(set(self.snapshots) - set(self.snapshot_files))
-        if missing:
-            raise EsaclError(f"snapshots of tasks {missing} are not written yet (write_snapshot)")
-        opt = self.optimizer.state_dict()["state"]
-        return {"spec": asdict(self.spec), "method": self.method.name, "seed": self.seed,
-                "target_sparsity": self.target_sparsity, "buffer_capacity": self.buffer.capacity,
-                "pattern": self.pattern and list(self.pattern),
-                "model": self.model.state_dict(), "optimizer": {str(i): dict(s) for i, s in opt.items()},
-                "progress": asdict(self.progress), "task_classes": {str(t): c for t, c in self.task_classes.items()},
-                "samples_trained": self.samples_trained, "snapshots": {str(t): h for t, h in self.snapshot_files.items()},
-                "rngs": self.rngs.state_dict(), "cost": self.cost.state_dict(), "buffer": self.buffer.state_dict(),
-                "parts": {name: part.state_dict() for name, part in self.method.named_parts()}}
+        return persistence.state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any], folder: Path, where: str) -> None:
         """Put the learner (built with the same settings) into ``state``; snapshots are read from ``folder``."""
-        check_same_setup(state, self.spec, {"method": self.method.name, "buffer_capacity": self.buffer.capacity,
-                                            "seed": self.seed, "target_sparsity": self.target_sparsity,
-                                            "pattern": self.pattern and list(self.pattern)}, where)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"{where}: weights do not fit this model: {str(exc).splitlines()[0]}") from None
-        opt = self.optimizer.state_dict()
-        opt["state"] = {int(i): s for i, s in state["optimizer"].items()}
-        self.optimizer.load_state_dict(opt)
-        for name, part in self.method.named_parts():
-            part.load_state_dict(to_device(state["parts"][name], self.device))
-        self.buffer.load_state_dict(state["buffer"])
-        self.rngs.load_state_dict(state["rngs"])
-        self.cost.load_state_dict(state["cost"])
-        self.progress = TaskProgress(**state["progress"])
-        self.task_classes = {int(t): list(c) for t, c in state["task_classes"].items()}
-        self.samples_trained = state["samples_trained"]
-        self.snapshot_folder = folder.resolve()
-        self.snapshot_files = {int(t): h for t, h in state["snapshots"].items()}
-        self.snapshots, self.calibration = snap.read_snapshots(folder, self.snapshot_files)
+        persistence.load_state_dict(self, state, folder, where)
 
     def save_state(self, folder: str | Path, extra: dict | None = None) -> Path:
         """Save the state crash-safely in ``folder/state`` (finished tasks' snapshots in ``folder/snapshots``)."""
-        if Path(folder).resolve() != self.snapshot_folder:
-            self.snapshot_files = {}
-        try:
-            for task in sorted(set(self.snapshots) - set(self.snapshot_files)):
-                self.write_snapshot(folder, task)
-        except OSError as exc:
-            raise CheckpointError(f"{folder}: cannot save the task snapshots ({exc.strerror or exc}); "
-                                  "the previous saved state is kept") from None
-        return checkpoint.save(Path(folder) / "state", self.state_dict(), extra)
+        return persistence.save_state(self, folder, extra)
 
     def load_state(self, folder: str | Path, check: Callable[[dict], None] | None = None) -> bool:
         """Continue from the latest state saved in ``folder`` by a learner built with the same settings.
@@ -304,18 +263,7 @@ class StreamingLearner:
         Returns False (changing nothing) when ``folder`` holds no saved state. ``check(extra)`` gets
         the extra JSON saved with the state before anything is restored, to read it or refuse it.
         """
-        found = checkpoint.load(Path(folder) / "state")
-        if found is None:
-            return False
-        state, extra, path = found
-        if check is not None:
-            check(extra)
-        try:
-            self.load_state_dict(state, Path(folder), str(path))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{path}: incomplete or inconsistent learner state ({type(exc).__name__}: {exc})") \
-                from None
-        return True
+        return persistence.load_state(self, folder, check)
 
     # ------------------------------------------------------------------ sizes
     def model_bytes(self) -> dict[str, int]:
