@@ -1,6 +1,6 @@
 """esacl-edge: on-device continual learning of sparse models (EsaCL: SDP + IDS)."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .device.profiles import Profile, load_profile  # noqa: E402
 from .errors import EsaclError  # noqa: E402

@@ -41,38 +41,52 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "esacl_edge": __version__}
 
 
-METRICS = ("final_acc_class_il", "final_acc_task_il", "forgetting_class_il", "bwt_class_il", "train_seconds",
-           "train_flops", "train_macs", "peak_memory_bytes", "model_bytes_sparse", "model_bytes_dense",
-           "buffer_bytes", "sparsity", "samples_trained")
+METRICS = ("final_acc_class_il", "final_acc_task_il", "forgetting_class_il", "bwt_class_il", "learning_acc_class_il",
+           "learning_acc_task_il", "train_seconds", "samples_per_second", "train_flops", "train_macs",
+           "peak_memory_bytes", "model_bytes_sparse", "model_bytes_dense", "buffer_bytes", "sparsity",
+           "samples_trained")
 COLUMNS = [("final_acc_class_il", "Class-IL %", 100, 1), ("final_acc_task_il", "Task-IL %", 100, 1),
-           ("forgetting_class_il", "Forget %", 100, 1), ("train_flops", "GFLOPs", 1e-9, 1),
-           ("train_seconds", "Time s", 1, 1), ("peak_memory_bytes", "Peak MB", 2 ** -20, 0)]
+           ("learning_acc_task_il", "Learned %", 100, 1), ("forgetting_class_il", "Forget %", 100, 1),
+           ("train_flops", "GFLOPs", 1e-9, 1), ("train_seconds", "Time s", 1, 1),
+           ("samples_per_second", "Samples/s", 1, 1), ("peak_memory_bytes", "Peak MB", 2 ** -20, 0)]
+
+
+def _stats(vals: list[float]) -> dict:
+    a = np.array(vals, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
 def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
-    """Mean and std per label over seeds, plus FLOP and time ratios to the first label."""
+    """Mean and std per label over seeds; FLOP and time ratios to the first label, and the per-seed
+    (paired) Class-IL difference to it."""
     rows = []
+    by_seed = {(r["label"], r["seed"]): r for r in runs}
     for label in labels:
         mine = [r for r in runs if r["label"] == label]
         row: dict = {"label": label, "seeds": len(mine)}
         for key in METRICS:
-            vals = np.array([r[key] for r in mine], dtype=float)
-            row[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+            row[key] = _stats([r[key] if r.get(key) is not None else np.nan for r in mine])
         rows.append(row)
     ref = rows[0]
     for row in rows:
         row["flops_ratio_to_first"] = row["train_flops"]["mean"] / max(ref["train_flops"]["mean"], 1e-30)
         row["time_ratio_to_first"] = row["train_seconds"]["mean"] / max(ref["train_seconds"]["mean"], 1e-30)
+        seeds = sorted(s for label, s in by_seed if label == row["label"] and (ref["label"], s) in by_seed)
+        diffs = [by_seed[(row["label"], s)]["final_acc_class_il"] - by_seed[(ref["label"], s)]["final_acc_class_il"]
+                 for s in seeds]
+        row["class_il_minus_first"] = {**_stats(diffs), "per_seed": diffs}
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'method':<20}" + "".join(f"{title:>17}" for _, title, _, _ in COLUMNS)
-            + f"{'FLOPs x':>9}{'time x':>8}")
+            + f"{'FLOPs x':>9}{'time x':>8}{'CIL - 1st (per seed)':>34}")
     lines = [head, "-" * len(head)]
     for row in rows:
         cells = "".join(f"{row[k]['mean'] * s:>10.{d}f} ±{row[k]['std'] * s:<6.{d}f}" for k, _, s, d in COLUMNS)
-        lines.append(f"{row['label']:<20}{cells}{row['flops_ratio_to_first']:>9.3f}{row['time_ratio_to_first']:>8.2f}")
+        paired = " ".join(f"{100 * d:+.1f}" for d in row["class_il_minus_first"]["per_seed"])
+        lines.append(f"{row['label']:<20}{cells}{row['flops_ratio_to_first']:>9.3f}{row['time_ratio_to_first']:>8.2f}"
+                     f"{paired:>34}")
     return "\n".join(lines)
 
 

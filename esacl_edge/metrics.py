@@ -27,6 +27,11 @@ def backward_transfer(matrix: list[list[float]]) -> float:
     return float(np.mean([matrix[-1][j] - matrix[j][j] for j in range(t - 1)]))
 
 
+def learning_accuracy(matrix: list[list[float]]) -> float:
+    """Mean accuracy on each task right after learning it (the diagonal): how well the stream is learned."""
+    return float(np.mean([matrix[i][i] for i in range(len(matrix))]))
+
+
 def format_matrix(matrix: list[list[float]], title: str) -> str:
     """A printable lower-triangular table in percent."""
     t = len(matrix)

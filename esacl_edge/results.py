@@ -11,7 +11,7 @@ from .data.stream import Manifest
 from .device.memory import peak_memory_bytes
 from .device.profiles import Profile
 from .learn.learner import StreamingLearner
-from .metrics import backward_transfer, final_accuracy, forgetting
+from .metrics import backward_transfer, final_accuracy, forgetting, learning_accuracy
 
 if TYPE_CHECKING:
     from .runner import RunRecord
@@ -37,6 +37,8 @@ def build_results(learner: StreamingLearner, rec: RunRecord, manifest: Manifest,
         "forgetting_task_il": forgetting(acc_t) if acc_t else None,
         "bwt_class_il": backward_transfer(acc_c) if acc_c else None,
         "bwt_task_il": backward_transfer(acc_t) if acc_t else None,
+        "learning_acc_class_il": learning_accuracy(acc_c) if acc_c else None,
+        "learning_acc_task_il": learning_accuracy(acc_t) if acc_t else None,
         "sparsity": learner.sparsity(), "target_sparsity": learner.target_sparsity,
         "model_bytes_dense": sizes["dense"], "model_bytes_sparse": sizes["sparse"],
         "buffer_capacity": learner.buffer.capacity, "buffer_size": learner.buffer.size,

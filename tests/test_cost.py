@@ -6,6 +6,8 @@ from esacl_edge import StreamingLearner
 from esacl_edge.data.stream import iter_chunks
 from esacl_edge.device.memory import peak_memory_bytes, peak_rss_bytes
 from esacl_edge.learn.cost import CostMeter, layer_forward_flops
+from esacl_edge.learn.methods import esacl
+from esacl_edge.learn.pruning import Pruning
 from esacl_edge.models import build_model
 
 
@@ -48,14 +50,27 @@ def test_finetune_cost_is_three_dense_forwards_per_trained_sample(tiny_stream, f
     assert learner.cost.flops == 3 * learner.cost.dense_forward_flops * len(chunk.y) * fast_profile.passes_per_chunk
 
 
-def test_esacl_cost_counts_scoring_and_both_sam_passes(tiny_stream, fast_profile):
+def _step(fw, kept, replay=0, sam=False, fg=None):
+    """FLOPs of one EsaCL update: forward + backward on the kept samples and the replay batch (weight
+    gradients at ``fg``, default ``fw``), plus on a SAM step the ascent pass on the kept samples only."""
+    fg = fw if fg is None else fg
+    return (kept + replay) * (2 * fw + fg) + (kept * 3 * fw if sam else 0)
+
+
+def test_esacl_cost_scores_on_the_first_pass_and_runs_sam_on_every_other_step(tiny_stream, fast_profile):
     learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8", buffer_bytes=0)
+    assert learner.method.optimizer.every == 2
     chunk = next(iter_chunks(tiny_stream))  # 24 samples: minibatches of 12 and 12, IDS keeps 6 of each
     learner.begin_task(0, n_chunks=10)  # long task: the first chunk is trained dense
     learner.observe(chunk.x, chunk.y, 0)
     f = learner.cost.dense_forward_flops
-    per_pass = 24 * f + 2 * (3 * 12 * f)  # scoring forward of all + two SAM passes of the kept half
-    assert learner.cost.flops == pytest.approx(fast_profile.passes_per_chunk * per_pass)
+    # Scoring forward of all 24 on the first pass only; 4 steps, SAM on the 1st and 3rd.
+    want = 24 * f + 2 * _step(f, 6, sam=True) + 2 * _step(f, 6)
+    assert fast_profile.passes_per_chunk == 2 and learner.cost.flops == pytest.approx(want)
+    learner.method.select.rescore_every_pass = True  # the old rule: a scoring forward on every pass
+    before = learner.cost.flops
+    learner.observe(chunk.x, chunk.y, 0)
+    assert learner.cost.flops - before == pytest.approx(want + 24 * f)
 
 
 def _weighted(learner, densities):
@@ -86,30 +101,53 @@ def test_replay_samples_are_charged_with_the_step(tiny_stream, fast_profile):
 
 
 def test_a_pruned_model_is_charged_at_its_layer_densities(tiny_stream, fast_profile):
-    learner = _learner(tiny_stream, fast_profile, sparsity=0.8, buffer_bytes=0)
+    method = esacl(pruning=Pruning(allocation="global", warmup=0.0))  # layers at uneven densities
+    learner = _learner(tiny_stream, fast_profile, method, sparsity=0.8, buffer_bytes=0)
     chunks = list(iter_chunks(tiny_stream))
     learner.begin_task(0, n_chunks=10)
-    learner.observe(chunks[0].x, chunks[0].y, 0)  # dense, then the schedule's first pruning step
+    learner.observe(chunks[0].x, chunks[0].y, 0)  # dense (4 steps), then the schedule's first pruning step
     dens = _density(learner.masks)
     assert 0.5 < learner.density < 0.9 and len(set(dens.values())) > 1  # layers pruned unevenly
     fw, before = _weighted(learner, dens), learner.cost.flops
-    learner.observe(chunks[1].x, chunks[1].y, 0)  # 16 samples: scoring all, both SAM passes on the top 8
-    per_pass = 16 * fw + 2 * 8 * 3 * fw
-    assert learner.cost.flops - before == pytest.approx(fast_profile.passes_per_chunk * per_pass, rel=1e-12)
-    assert fw < 0.9 * learner.cost.dense_forward_flops
+    learner.observe(chunks[1].x, chunks[1].y, 0)  # 16 samples, one minibatch: IDS trains the top 8
+    assert learner.cost.flops - before == pytest.approx(16 * fw + _step(fw, 8, sam=True) + _step(fw, 8), rel=1e-12)
+    # A global ranking keeps the FLOP-heavy convolutions denser than the weights overall.
+    assert learner.density < fw / learner.cost.dense_forward_flops < 1
+
+
+def test_uniform_allocation_prunes_every_layer_but_the_stem_alike(tiny_stream, fast_profile):
+    learner = _learner(tiny_stream, fast_profile, sparsity=0.8, buffer_bytes=0)
+    chunks = list(iter_chunks(tiny_stream))
+    for c in chunks[:2]:
+        learner.observe(c.x, c.y, 0, n_chunks=2)
+    total = sum(m.numel() for m in learner.masks.values())
+    assert learner.density == pytest.approx(0.2, abs=1 / total)
+    (stem, d_stem), *rest = _density(learner.masks).items()
+    assert stem == "1.conv1.weight" and d_stem == 1.0  # the first layer stays dense
+    d_rest = (0.2 * total - learner.masks[stem].numel()) / (total - learner.masks[stem].numel())
+    for name, d in rest:
+        assert d == pytest.approx(d_rest, abs=1 / learner.masks[name].numel()), name
+    # So the FLOPs of a forward fall with the weights, up to the stem's share.
+    f = learner.cost.layer_flops
+    want = (f[stem] + d_rest * (learner.cost.dense_forward_flops - f[stem])) / learner.cost.dense_forward_flops
+    flop_density = _weighted(learner, _density(learner.masks)) / learner.cost.dense_forward_flops
+    assert flop_density == pytest.approx(want, rel=1e-2)
 
 
 def test_esacl_with_a_buffer_and_a_pruned_model(tiny_stream, fast_profile):
     learner = _learner(tiny_stream, fast_profile, sparsity=0.8, buffer_bytes=2240)
     chunks = list(iter_chunks(tiny_stream))
-    learner.begin_task(0, n_chunks=10)
-    learner.observe(chunks[0].x, chunks[0].y, 0)
-    assert learner.buffer.size == 20 and learner.density < 0.9
+    for c in chunks[:2]:
+        learner.observe(c.x, c.y, 0, n_chunks=2)
+    assert learner.buffer.size == 20 and learner.density == pytest.approx(0.2, abs=1e-3)
+    learner.method.pruning.regrow_frac = 0.0  # keep the masks fixed through the next chunk
     fw, before = _weighted(learner, _density(learner.masks)), learner.cost.flops
-    learner.observe(chunks[1].x, chunks[1].y, 0)
-    # Per pass: one minibatch of 16, scored; the top 8 and a replay batch of 16 through both SAM passes.
-    per_pass = 16 * fw + 2 * (8 + 16) * 3 * fw
-    assert learner.cost.flops - before == pytest.approx(fast_profile.passes_per_chunk * per_pass, rel=1e-12)
+    learner.observe(chunks[3].x, chunks[3].y, 1, n_chunks=2)
+    # 16 samples, one minibatch per pass: scored once; the top 8 with a replay batch of 16; SAM on every other step.
+    f_dense = learner.cost.dense_forward_flops
+    # Steps 7 and 8 of the run, both in task 1's regrowth window: their weight gradients are read dense.
+    want = 16 * fw + _step(fw, 8, 16, sam=True, fg=f_dense) + _step(fw, 8, 16, fg=f_dense)
+    assert learner.cost.flops - before == pytest.approx(want, rel=1e-12)
 
 
 def test_regrowth_window_reads_dense_weight_gradients_and_is_charged_dense(tiny_stream, fast_profile):
@@ -123,21 +161,21 @@ def test_regrowth_window_reads_dense_weight_gradients_and_is_charged_dense(tiny_
     assert regrow == 2 * fast_profile.passes_per_chunk  # the first chunk of task 1 is exactly the window
     fw, before = _weighted(learner, _density(learner.masks)), learner.cost.flops
     learner.observe(chunks[2].x, chunks[2].y, 1, n_chunks=2)
-    # Each step: score 12, SAM ascent on the top 6 (weight gradients at density), descent on them with the
-    # dense weight gradient that regrowth reads.
-    per_step = 12 * fw + 6 * 3 * fw + 6 * (2 * fw + f_dense)
-    assert learner.cost.flops - before == pytest.approx(regrow * per_step, rel=1e-12)
+    # Score 24 once; 4 steps on the top 6 of 12 (SAM on the 1st and 3rd), each update's weight gradient
+    # read dense for regrowth.
+    want = 24 * fw + 2 * _step(fw, 6, sam=True, fg=f_dense) + 2 * _step(fw, 6, fg=f_dense)
+    assert learner.cost.flops - before == pytest.approx(want, rel=1e-12)
     assert any("regrown" in e for e in learner.prune_events)
     # After the window, weight gradients are charged at the weight density again.
     fw, before = _weighted(learner, _density(learner.masks)), learner.cost.flops
     learner.observe(chunks[3].x, chunks[3].y, 1, n_chunks=2)
-    assert learner.cost.flops - before == pytest.approx(fast_profile.passes_per_chunk * (16 * fw + 2 * 8 * 3 * fw),
-                                                        rel=1e-12)
+    assert learner.cost.flops - before == pytest.approx(16 * fw + _step(fw, 8, sam=True) + _step(fw, 8), rel=1e-12)
 
 
 def test_sparcl_reads_dense_weight_gradients_every_step_and_is_charged_dense(tiny_stream, fast_profile):
     profile = fast_profile.replace(passes_per_chunk=1)
     learner = _learner(tiny_stream, profile, "sparcl", sparsity=0.8, buffer_bytes=0)
+    learner.method.pruning.warmup = 0.0  # prune after the first chunk
     chunks = list(iter_chunks(tiny_stream))
     learner.begin_task(0, n_chunks=10)
     learner.observe(chunks[0].x, chunks[0].y, 0)

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from esacl_edge import StreamingLearner
+from esacl_edge.data.stream import iter_chunks
 from esacl_edge.device.budget import buffer_bytes_per_sample, buffer_capacity
 from esacl_edge.learn import buffer as rb
 from esacl_edge.learn import ids
@@ -47,12 +49,12 @@ def test_balanced_quotas(counts, total, want):
     assert all(got[c] <= counts[c] for c in counts)
 
 
-def _offer(buf, rng, classes, n, task, spread=0.0):
+def _offer(buf, rng, classes, n, task, spread=0.0, prefer="low"):
     y = rng.choice(classes, n)
     x = rng.integers(0, 255, (n, 4, 4, 1), dtype=np.uint8)
     score = rng.random(n).astype(np.float32)
     logits = rng.standard_normal((n, 6)).astype(np.float32)
-    rb.offer_ids(buf, x, y, task, logits, score, spread, rng)
+    rb.offer_ids(buf, x, y, task, logits, score, spread, rng, prefer)
     return x, y, score, logits
 
 
@@ -83,13 +85,15 @@ def test_buffer_never_exceeds_budget_and_stays_class_balanced():
     assert set(np.unique(buf.task[: buf.size])) == {0, 1, 2}
 
 
-def test_ids_buffer_keeps_highest_scoring_samples_with_stored_data_intact():
+@pytest.mark.parametrize("prefer", ["low", "high"])
+def test_ids_buffer_keeps_the_preferred_scores_with_stored_data_intact(prefer):
     rng = np.random.default_rng(1)
     per = buffer_bytes_per_sample((4, 4, 1), "uint8", 6)
     buf = rb.new_buffer(8 * per, (4, 4, 1), "uint8", 6)
-    x, y, score, logits = _offer(buf, rng, [0, 1], 40, task=0, spread=0.0)
+    x, y, score, logits = _offer(buf, rng, [0, 1], 40, task=0, spread=0.0, prefer=prefer)
     for c in (0, 1):
-        top = np.sort(score[y == c])[-4:]
+        ranked = np.sort(score[y == c])
+        top = ranked[:4] if prefer == "low" else ranked[-4:]
         kept = buf.score[: buf.size][buf.y[: buf.size] == c]
         assert np.allclose(np.sort(kept), top)
     # Every stored row is an exact copy of one offered sample (x, logits and score together).
@@ -109,8 +113,8 @@ def test_ids_spread_fills_part_of_each_quota_at_random():
     for c in (0, 1):
         kept = np.sort(buf.score[: buf.size][buf.y[: buf.size] == c])
         assert len(kept) == 10
-        assert np.array_equal(kept[-5:], np.arange(95, 100))  # the top half of the quota
-        assert kept[:5].max() < 95  # the rest from below the top
+        assert np.array_equal(kept[:5], np.arange(5))  # the lowest-scoring half of the quota
+        assert kept[5:].min() >= 5  # the rest at random from above them
 
 
 def test_reservoir_keeps_a_uniform_sample():
@@ -141,3 +145,19 @@ def test_reservoir_keeps_a_uniform_sample():
     expected = trials * cap / 10
     chi2 = float(((bins - expected) ** 2 / expected).sum())
     assert chi2 < 33.7, (chi2, bins)  # 9 degrees of freedom, p = 1e-4
+
+
+def test_replayed_samples_get_their_scores_refreshed(tiny_stream, fast_profile):
+    # 20 buffered samples, replay batches of 16 of them per step: every one is replayed during the chunk.
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8", buffer_bytes=2240,
+                               normalization=tiny_stream.normalization)
+    chunks = list(iter_chunks(tiny_stream))
+    learner.observe(chunks[0].x, chunks[0].y, 0)
+    buf = learner.buffer
+    assert buf.size == 20
+    old_x = buf.x[: buf.size].copy()
+    buf.score[: buf.size] = 1e6  # stale scores that a refresh must replace
+    learner.observe(chunks[2].x, chunks[2].y, 1)
+    still = [i for i in range(buf.size) if any(np.array_equal(buf.x[i], x) for x in old_x)]
+    assert still, "task 0's classes keep their share of the buffer"
+    assert (buf.score[still] < 1e6).all() and (buf.score[still] >= 0).all()

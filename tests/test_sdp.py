@@ -24,17 +24,15 @@ def _chunk(n=48, seed=0):
 
 def test_pruned_weights_stay_exactly_zero_through_sam_steps(fast_profile, digits_norm):
     # Momentum and weight decay are on: the optimizer state must not move pruned weights either.
-    method = esacl(optimizer=Sam(rho=0.05, base=Sgd(momentum=0.9, weight_decay=5e-4)),
-                   pruning=Pruning(prune_until=0.1))  # the schedule ends after the first of 6 chunks
+    method = esacl(optimizer=Sam(rho=0.05, every=1, base=Sgd(momentum=0.9, weight_decay=5e-4)),
+                   pruning=Pruning(regrow_frac=0.0))
     learner = StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), method=method, sparsity=0.5,
                                input_dtype="uint8", normalization=digits_norm, seed=0)
-    x, y = _chunk()
-    learner.begin_task(0, n_chunks=6)
-    learner.observe(x, y, 0)  # momentum builds up, then the schedule prunes to 50%
+    learner.observe(*_chunk(), 0, n_chunks=1)  # momentum builds up, then the task's end prunes to 50%
     masks = {n: m.clone() for n, m in learner.masks.items()}
     assert learner.sparsity() == pytest.approx(0.5, abs=1e-3)
     for seed in range(1, 6):
-        learner.observe(*_chunk(seed=seed), 0)
+        learner.observe(*_chunk(seed=seed), 1, n_chunks=5)
     for name, p in prunable_parameters(learner.model).items():
         assert torch.equal(learner.masks[name], masks[name])
         assert torch.count_nonzero(p[~masks[name]]) == 0, name
@@ -202,7 +200,43 @@ def test_no_retraining_needed_and_the_directional_score_beats_a_random_one(monke
     assert np.mean([e["before"] for e in last.values()]) > 0.8  # the tasks were learned
     big = [e for e in events if e["share"] >= 0.2]  # substantial steps: a fifth of the live weights or more
     assert len(big) >= 5
-    assert np.mean([e["before"] - e["after"] for e in big]) <= 0.03, big
+    # Per-layer budgets (uniform allocation) cost a little at the big steps: 5.6 points on average here,
+    # against 3 for one global ranking, which keeps the FLOP-heavy convolutions 3x denser.
+    assert np.mean([e["before"] - e["after"] for e in big]) <= 0.06, big
     assert np.mean([e["after"] - e["random"] for e in big]) >= 0.15, big
     assert max(e["after"] - e["random"] for e in big) >= 0.3, big
     assert learner.sparsity() == pytest.approx(0.9, abs=1e-4)
+
+
+def test_layer_budgets_sum_to_the_target_and_follow_the_allocation():
+    masks = {"stem": torch.ones(8, 3, 3, 3, dtype=torch.bool), "conv": torch.ones(64, 8, 3, 3, dtype=torch.bool),
+             "big": torch.ones(128, 64, 3, 3, dtype=torch.bool), "head": torch.ones(10, 128, dtype=torch.bool)}
+    sizes = {n: m.numel() for n, m in masks.items()}
+    total = sum(sizes.values())
+    assert sdp.layer_budgets(masks, 0.1, "global") is None
+    for allocation in ("uniform", "erk"):
+        b = sdp.layer_budgets(masks, 0.1, allocation)
+        assert sum(b.values()) == round(0.1 * total)
+        assert b["stem"] == sizes["stem"]  # the first layer stays dense
+        assert all(0 < b[n] <= sizes[n] for n in masks)
+    uniform = sdp.layer_budgets(masks, 0.1, "uniform")
+    shares = [uniform[n] / sizes[n] for n in ("conv", "big", "head")]
+    assert max(shares) - min(shares) < 2 / sizes["head"]
+    erk = sdp.layer_budgets(masks, 0.1, "erk")
+    assert erk["head"] / sizes["head"] > erk["conv"] / sizes["conv"] > erk["big"] / sizes["big"]
+    with pytest.raises(ValueError, match="allocation"):
+        sdp.layer_budgets(masks, 0.1, "random")
+
+
+def test_per_layer_pruning_ranks_within_each_layer():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2))
+    state = sdp.init_state(model)
+    # Layer 1 scores all far below layer 2's: a global ranking would empty layer 1 first.
+    score = {"0.weight": torch.rand(8, 4) + 100, "1.weight": torch.rand(6, 8), "2.weight": torch.rand(2, 6) + 10}
+    removed = sdp.prune_to(model, state, 0.5, score, allocation="uniform")
+    budgets = sdp.layer_budgets(state.masks, 0.5, "uniform")
+    assert removed == sum(m.numel() for m in state.masks.values()) - sum(budgets.values())
+    for name, m in state.masks.items():
+        assert int(m.sum()) == budgets[name]
+        kept, dropped = score[name][m], score[name][~m]
+        assert dropped.numel() == 0 or dropped.max() <= kept.min()  # the lowest of each layer went

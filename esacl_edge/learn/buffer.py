@@ -2,7 +2,9 @@
 and the two rules that decide what it keeps after each chunk (parts of a method):
 
 * :class:`IdsBuffer`: class-balanced quotas, within a class the highest-scoring samples plus a
-  random ``spread`` share (IDS at buffer level, ``ids.select_for_buffer``);
+  random ``spread`` share (IDS at buffer level, ``ids.select_for_buffer``). A buffered sample's
+  score is refreshed whenever it is replayed (from the update's own forward, at no extra cost),
+  so old samples do not compete with stale losses from when they were inserted;
 * :class:`ReservoirBuffer`: reservoir sampling, every sample seen kept with equal probability.
 
 Inputs are kept in the stream's storage dtype (uint8 images stay uint8), with labels, task
@@ -11,10 +13,11 @@ ids, the logits at insertion (for DER++) and the insertion score (for IDS).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ..device.budget import buffer_bytes_per_sample, buffer_capacity
 from . import ids
@@ -22,7 +25,7 @@ from .parts import Part
 
 if TYPE_CHECKING:
     from .learner import StreamingLearner
-    from .step import ChunkRecord
+    from .step import Batch, ChunkRecord
 
 ARRAYS = ("x", "y", "task", "logits", "score")
 
@@ -73,7 +76,7 @@ def _write(buf: ReplayBuffer, slots: np.ndarray, x, y, task: int, logits, score,
 
 
 def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits: np.ndarray,
-              score: np.ndarray, spread: float, rng: np.random.Generator) -> None:
+              score: np.ndarray, spread: float, rng: np.random.Generator, prefer: str = "low") -> None:
     """Merge a chunk into the buffer: class-balanced quotas over all classes seen, IDS rule per class."""
     buf.seen += len(y)
     if buf.capacity == 0:
@@ -83,7 +86,7 @@ def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits
     all_score = np.concatenate([buf.score[:n], score])
     classes, counts = np.unique(all_y, return_counts=True)
     quotas = ids.balanced_quotas(dict(zip(classes.tolist(), counts.tolist())), buf.capacity)
-    keep = ids.select_for_buffer(all_score, all_y, quotas, spread, rng)
+    keep = ids.select_for_buffer(all_score, all_y, quotas, spread, rng, prefer)
     old, new = keep[keep < n], keep[keep >= n] - n
     # Compact the kept old samples to the front, then append the new ones.
     for name in ARRAYS:
@@ -123,10 +126,21 @@ class IdsBuffer(Part):
     """After each chunk, merge it into the buffer by the IDS rule."""
 
     spread: float = 0.25  # share of each class quota filled at random
+    prefer: str = "low"   # keep the lowest scores (most typical samples) or the highest (hardest)
+    refreshed: list[tuple[np.ndarray, torch.Tensor]] = field(init=False, default_factory=list, repr=False)
+
+    def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
+        if batch.replay_out is not None:  # kept on the device until the chunk ends (no sync per step)
+            self.refreshed.append((batch.replay_index, ids.sample_scores(batch.replay_out, batch.replay_y,
+                                                                        learner.method.select.score)))
 
     def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+        buf = learner.buffer
+        for idx, score in self.refreshed:
+            buf.score[idx] = score.cpu().numpy()
+        self.refreshed = []
         offer_ids(learner.buffer, chunk.x, chunk.y, chunk.task, *_chunk_arrays(chunk), self.spread,
-                  learner.rngs.buffer)
+                  learner.rngs.buffer, self.prefer)
 
 
 @dataclass

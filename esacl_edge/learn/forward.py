@@ -2,7 +2,7 @@
 
 BatchNorm running statistics move once per training step, in the step's own forward,
 whatever the method does on top: the extra train-mode forwards (IDS scoring, SAM's
-perturbed pass) run inside :func:`norm_stats_untouched`, and accuracy probes and inference
+ascent pass) run inside :func:`norm_stats_untouched`, and accuracy probes and inference
 run in eval mode through :func:`infer_logits`.
 """
 

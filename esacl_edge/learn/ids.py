@@ -61,14 +61,15 @@ def select_step(scores: torch.Tensor, y: torch.Tensor, keep_frac: float) -> torc
 
 
 def select_for_buffer(scores: np.ndarray, y: np.ndarray, quotas: dict[int, int], spread: float,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Indices to keep: per class, the top ``(1 - spread)`` of its quota by score, the rest at random."""
+                      rng: np.random.Generator, prefer: str = "low") -> np.ndarray:
+    """Indices to keep: per class, the ``(1 - spread)`` of its quota with the lowest scores (the most
+    typical samples; ``prefer="high"``: the hardest), the rest at random."""
     keep = []
     for cls, q in quotas.items():
         idx = np.flatnonzero(y == cls)
         if q <= 0 or idx.size == 0:
             continue
-        order = idx[np.argsort(-scores[idx], kind="stable")]
+        order = idx[np.argsort(-scores[idx] if prefer == "high" else scores[idx], kind="stable")]
         n_top = q - int(round(spread * q))
         rest = order[n_top:]
         keep.append(order[:n_top])

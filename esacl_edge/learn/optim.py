@@ -3,16 +3,19 @@
 Both build the torch SGD optimizer and compute the gradients the update applies:
 
 * :class:`Sgd`: one forward and backward pass at θ;
-* :class:`Sam`: an ascent pass at θ, the perturbation ε = ρ·(g⊙m)/‖g⊙m‖ added to the live
-  weights only (m: the pruning masks), a second pass at θ+ε whose forward leaves BatchNorm
-  statistics alone, then θ restored; the update applies the gradient from θ+ε at θ.
+* :class:`Sam`: on every ``every``-th step, an ascent pass at θ on the selected samples only
+  (the replay batch stays out of it; its forward leaves BatchNorm statistics alone), the
+  perturbation ε = ρ·(g⊙m)/‖g⊙m‖ added to the live weights only (m: the pruning masks), the
+  full pass at θ+ε, then θ restored; the update applies the gradient from θ+ε at θ. The other
+  steps are plain SGD steps, which halves SAM's extra cost at ``every=2`` (as RST does at random).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from .learner import StreamingLearner
     from .step import Batch
 
-Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+Closure = Callable[["Batch"], tuple[torch.Tensor, torch.Tensor]]  # batch -> (loss, selected samples' logits)
 
 
 @dataclass
@@ -43,9 +46,9 @@ class Sgd(Part):
         return {"optimizer_state": n_params * FLOAT_BYTES if self.momentum > 0 else 0}
 
     def gradients(self, learner: StreamingLearner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fill ``.grad`` with the gradient of ``closure()``'s loss; returns (loss, selected samples' logits)."""
+        """Fill ``.grad`` with the gradient of ``closure(batch)``'s loss; returns (loss, selected samples' logits)."""
         learner.optimizer.zero_grad(set_to_none=True)
-        loss, out = closure()
+        loss, out = closure(batch)
         loss.backward()
         learner.cost.train_pass(batch.n_train)
         return loss, out
@@ -56,7 +59,9 @@ class Sam(Part):
     """Sharpness-aware minimisation around ``base``, restricted to live weights."""
 
     rho: float = 0.05
+    every: int = 2       # SAM on every every-th step, plain SGD on the others (1: every step)
     base: Sgd = field(default_factory=Sgd)
+    steps: int = field(init=False, default=0)
 
     def build(self, params: Iterable[nn.Parameter]) -> torch.optim.SGD:
         return self.base.build(params)
@@ -65,14 +70,24 @@ class Sam(Part):
         return {**self.base.memory_terms(n_params, n_prunable), "sam_perturbation": n_params * FLOAT_BYTES}
 
     def gradients(self, learner: StreamingLearner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, out = self.base.gradients(learner, batch, closure)
+        self.steps += 1
+        if (self.steps - 1) % self.every:
+            return self.base.gradients(learner, batch, closure)
+        current = dataclasses.replace(batch, replay_x=None, replay_y=None, replay_logits=None)
+        with norm_stats_untouched(learner.model):
+            _, out = self.base.gradients(learner, current, closure)
         eps = perturb(learner.model, learner.masks, self.rho)
         try:
-            with norm_stats_untouched(learner.model):
-                self.base.gradients(learner, batch, closure)
+            loss, _ = self.base.gradients(learner, batch, closure)
         finally:
             restore(learner.model, eps)
         return loss, out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
 
 
 @torch.no_grad()

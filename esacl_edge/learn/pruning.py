@@ -1,10 +1,16 @@
 """The pruning part: SDP's masks, statistics and schedule (and the same machinery for SparCL).
 
 * after the backward pass: record |grad| where regrowth will need it (a dense-gradient read,
-  charged dense), mask the gradients to live weights, update the running statistics;
+  charged dense), mask the gradients to live weights, and update the running statistics
+  while a pruning is still ahead (once at the target, nothing is collected);
 * after the first ``regrow_steps`` steps of every task but the first: regrow at zero;
-* after each chunk: prune to the cubic schedule's density (no fine-tuning afterwards);
-* at the end of a task: prune to the target exactly.
+* after each chunk: prune to the schedule's density (no fine-tuning afterwards). The first
+  task trains dense for its first ``warmup`` share of chunks, so the directional statistics
+  come from a network that has learned something, then follows a cubic schedule to the
+  target at its end; a later task prunes its regrown weights by ``prune_until`` of its chunks;
+* at the end of a task: prune to the target.
+
+Each layer keeps its share of live weights (``allocation``, see ``sdp.layer_budgets``).
 
 The arithmetic (scores, prune/regrow, the schedule) is in ``sdp.py``.
 """
@@ -17,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..device.budget import FLOAT_BYTES
 from . import sdp
-from .forward import infer_logits
 from .parts import Part
 
 if TYPE_CHECKING:
@@ -29,8 +34,10 @@ if TYPE_CHECKING:
 @dataclass
 class Pruning(Part):
     score: str = "directional"       # "directional" (SDP), "magnitude" or "sparcl"
+    allocation: str = "uniform"      # live weights per layer: "uniform", "erk" or "global" (one ranking)
     importance_lambda: float = 0.5   # SparCL importance |w| + lambda |grad|
-    prune_until: float = 0.6         # the cubic schedule ends after this fraction of a task's chunks
+    warmup: float = 0.5              # share of the first task's chunks trained dense
+    prune_until: float = 0.6         # a later task's schedule ends after this fraction of its chunks
     gap_per_chunk: float = 0.3       # unknown task length: close this share of the gap per chunk
     regrow_frac: float = 0.05        # of all prunable weights, revived at each new task
     regrow_steps: int = 4            # steps of a new task whose |grad| decides the regrowth
@@ -39,23 +46,42 @@ class Pruning(Part):
     state: sdp.SdpState = field(init=False, repr=False)
     start_density: float = field(init=False, default=1.0)
     events: list[dict] = field(init=False, default_factory=list)
+    density: float = field(init=False, default=1.0)   # live share of prunable weights, kept current
+    float_masks: dict = field(init=False, default_factory=dict, repr=False)  # for the gradient product
 
     def __post_init__(self) -> None:
         if self.score not in sdp.SCORE_KINDS:
             raise ValueError(f"unknown pruning score {self.score!r}; choose one of {', '.join(sdp.SCORE_KINDS)}")
+        if self.allocation not in sdp.ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(sdp.ALLOCATIONS)}")
 
     def bind(self, learner: StreamingLearner) -> None:
         self.state = sdp.init_state(learner.model, self.stat_decay)
+        self._refresh()
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {"masks_and_pruning_stats": n_prunable * (1 + 3 * FLOAT_BYTES)}
 
-    @property
-    def density(self) -> float:
-        return sdp.density(self.state)
+    def masks_changed(self, learner: StreamingLearner) -> None:
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.density = sdp.density(self.state)
+        self.float_masks = {n: m.float() for n, m in self.state.masks.items()}
 
     def _in_regrow_window(self, learner: StreamingLearner) -> bool:
         return bool(learner.snapshots) and learner.progress.steps < self.regrow_steps
+
+    def _pruning_ahead(self, learner: StreamingLearner) -> bool:
+        """Statistics are needed: this task still prunes (its density is above the target)."""
+        return self.density > 1.0 - learner.target_sparsity + 1e-9 or self._in_regrow_window(learner)
+
+    def _window(self, learner: StreamingLearner) -> tuple[int, int]:
+        """The chunks (first, last) of the current task over which the schedule prunes."""
+        n = learner.progress.n_chunks
+        if not learner.snapshots:   # the first task: dense warm-up, then to the target by its end
+            return math.ceil(self.warmup * n), n
+        return 0, max(1, math.ceil(self.prune_until * n))
 
     # ------------------------------------------------------------------ hooks
     def begin_task(self, learner: StreamingLearner) -> None:
@@ -67,8 +93,8 @@ class Pruning(Part):
         if self.grads_every_step or self._in_regrow_window(learner):
             sdp.record_grad_abs(learner.model, self.state)
             learner.cost.dense_weight_grads(batch.n_train)
-        sdp.mask_grads(learner.model, self.state)
-        if self.score != "magnitude":
+        sdp.mask_grads(learner.model, self.state, self.float_masks)
+        if self.score != "magnitude" and (self.grads_every_step or self._pruning_ahead(learner)):
             sdp.accumulate(learner.model, self.state)
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
@@ -83,17 +109,20 @@ class Pruning(Part):
     def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
         prog, target = learner.progress, 1.0 - learner.target_sparsity
         if prog.n_chunks is not None:
-            total = max(1, math.ceil(self.prune_until * prog.n_chunks))
-            want = sdp.cubic_density(self.start_density, target, prog.chunks_done, total)
-        else:
+            first, last = self._window(learner)
+            if prog.chunks_done <= first:
+                return
+            want = sdp.cubic_density(self.start_density, target, prog.chunks_done - first, last - first)
+        elif learner.snapshots:
             want = self.density - self.gap_per_chunk * (self.density - target)
-        if round(want * sdp.size(self.state)) >= sdp.live(self.state):
+        else:   # the first task of unknown length is pruned at its end, once it has been learned
             return
-        before, acc_before = self.density, _accuracy(learner, chunk)
+        if round(want * sdp.size(self.state)) >= round(self.density * sdp.size(self.state)):
+            return
+        before = self.density
         removed = self.prune(learner, want)
         self.events.append({"task": prog.task, "chunk": prog.chunks_done - 1, "density_before": before,
-                            "density_after": self.density, "removed": removed,
-                            "chunk_acc_before": acc_before, "chunk_acc_after": _accuracy(learner, chunk)})
+                            "density_after": self.density, "removed": removed})
 
     def end_task(self, learner: StreamingLearner) -> None:
         self.prune(learner, 1.0 - learner.target_sparsity)
@@ -102,7 +131,7 @@ class Pruning(Part):
         """Prune the lowest-scoring live weights down to ``target_density``; returns how many were removed."""
         score = sdp.scores(learner.model, self.state, self.score, self.importance_lambda)
         removed = sdp.prune_to(learner.model, self.state, target_density, score, learner.optimizer,
-                               pattern=learner.pattern)
+                               pattern=learner.pattern, allocation=self.allocation)
         if removed:
             learner.masks_changed()
         return removed
@@ -122,8 +151,4 @@ class Pruning(Part):
         s.grad_abs = {k: v.to(s.masks[k].device) for k, v in state.get("grad_abs", {}).items()}
         s.updates, self.start_density = int(state["updates"]), float(state["start_density"])
         self.events = list(state["events"])
-
-
-def _accuracy(learner: StreamingLearner, chunk: ChunkRecord) -> float:
-    """Accuracy on the chunk just learned (eval mode: an extra forward that moves no statistic)."""
-    return float((infer_logits(learner.model, chunk.x_device).argmax(1) == chunk.y_device).float().mean())
+        self._refresh()

@@ -34,6 +34,7 @@ class Replay(Part):
         if buf.size == 0:
             return
         idx = sample(buf, round(self.ratio * minibatch_size), learner.rngs.replay)
+        batch.replay_index = idx
         batch.replay_x = learner.to_device(buf.x[idx])
         batch.replay_y = torch.as_tensor(buf.y[idx].astype(np.int64), device=learner.device)
         batch.replay_logits = torch.as_tensor(buf.logits[idx], device=learner.device)
@@ -42,6 +43,7 @@ class Replay(Part):
         if batch.replay_y is None:
             return None
         old = out[len(batch.y):]
+        batch.replay_out = old.detach()
         term = self.beta * F.cross_entropy(old, batch.replay_y)
         if self.alpha:
             term = term + self.alpha * F.mse_loss(old, batch.replay_logits)

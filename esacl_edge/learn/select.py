@@ -1,8 +1,10 @@
 """Step 1 of the training step: which samples of a minibatch are trained on.
 
 * :class:`AllSamples`: every sample (the baselines, and EsaCL without IDS step selection);
-* :class:`IdsSelect`: IDS at step level: a forward pass without gradients scores each sample
-  (in train mode, BatchNorm statistics untouched), and the top ⌈γ·|b|⌉, class-balanced, train.
+* :class:`IdsSelect`: IDS at step level: the top ⌈γ·|b|⌉ samples by score, class-balanced,
+  train. On a chunk's first pass a forward pass without gradients scores each sample (in train
+  mode, BatchNorm statistics untouched); later passes reuse each sample's score from its last
+  step (the trained samples' from their training forward), so they cost no scoring forward.
 
 Both give each sample an informativeness score (its loss, or minus its logit margin), which
 the IDS buffer uses when the chunk is offered to it.
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from .learner import StreamingLearner
 
 Selection = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+Prior = tuple[torch.Tensor, torch.Tensor] | None   # the minibatch's (logits, scores) from the previous pass
 
 
 @dataclass
@@ -31,8 +34,8 @@ class AllSamples(Part):
 
     score: str = "loss"
 
-    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor) -> Selection:
-        """(positions to train on or None for all, and the whole minibatch's logits and scores if computed)."""
+    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None) -> Selection:
+        """(positions to train on or None for all, and the whole minibatch's logits and scores if known)."""
         return None, None, None
 
 
@@ -42,10 +45,14 @@ class IdsSelect(Part):
 
     keep: float = 0.5
     score: str = "loss"
+    rescore_every_pass: bool = False   # a scoring forward on every pass, not only the first
 
-    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor) -> Selection:
-        with torch.no_grad(), norm_stats_untouched(learner.model), learner.autocast():
-            logits = learner.model(x).float()
-        learner.cost.forward(len(y))
-        scores = ids.sample_scores(logits, y, self.score)
+    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None) -> Selection:
+        if prior is not None and not self.rescore_every_pass:
+            logits, scores = prior
+        else:
+            with torch.no_grad(), norm_stats_untouched(learner.model), learner.autocast():
+                logits = learner.model(x).float()
+            learner.cost.forward(len(y))
+            scores = ids.sample_scores(logits, y, self.score)
         return ids.select_step(scores, y, self.keep), logits, scores

@@ -4,7 +4,7 @@ One step on a minibatch:
 
 1. **select** the samples to train on (IDS: the top-scored, class-balanced; or all);
 2. **loss terms**: cross-entropy on them, plus every part's term (DER++/ER replay, EWC…);
-3. **optimizer**: gradients from plain SGD's one pass, or SAM's ascent + perturbed pass;
+3. **optimizer**: gradients from plain SGD's one pass, or (every other step) SAM's ascent + perturbed pass;
 4. **after the backward pass**: parts read or mask the gradients (SDP statistics, masks, Fisher);
 5. the SGD update, then ``after_update`` (e.g. regrowth after the first steps of a task).
 
@@ -37,6 +37,8 @@ class Batch:
     replay_x: torch.Tensor | None = None
     replay_y: torch.Tensor | None = None
     replay_logits: torch.Tensor | None = None
+    replay_index: np.ndarray | None = None   # buffer slots of the replay batch
+    replay_out: torch.Tensor | None = None   # the replay batch's logits from the update's forward
     index: torch.Tensor | None = None    # positions of the whole minibatch in the chunk
     labels: torch.Tensor | None = None   # labels of the whole minibatch
     logits: torch.Tensor | None = None   # logits of the whole minibatch (scoring or training forward)
@@ -56,8 +58,6 @@ class ChunkRecord:
     task: int
     logits: torch.Tensor
     scores: torch.Tensor
-    x_device: torch.Tensor
-    y_device: torch.Tensor
 
 
 def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,20 +73,27 @@ def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, t
     return loss, out[: len(batch.y)]
 
 
-def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor,
-               index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step on minibatch ``(xb, yb)``. Returns the loss and every minibatch sample's logits and score."""
+def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, index: torch.Tensor,
+               prior: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step on minibatch ``(xb, yb)``; ``prior``: its samples' (logits, scores) from the previous pass.
+
+    Returns the loss and every minibatch sample's logits and score, the trained ones from this step's forward.
+    """
     method = learner.method
     # 1. Select the samples to train on.
-    keep, logits, scores = method.select.select(learner, xb, yb)
+    keep, logits, scores = method.select.select(learner, xb, yb, prior)
     batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb)
     if method.replay is not None:
         method.replay.draw(learner, batch, len(yb))
     # 2-3. Loss terms, and the optimizer's gradients (one pass, or SAM's two).
-    loss, out = method.optimizer.gradients(learner, batch, lambda: loss_terms(learner, batch))
-    if logits is None:  # no scoring forward: the training forward gives logits and scores
-        logits = out.detach()
-        scores = ids.sample_scores(logits, yb, method.select.score)
+    loss, out = method.optimizer.gradients(learner, batch, lambda b: loss_terms(learner, b))
+    out = out.detach()
+    if keep is None:  # every sample was trained: the training forward gives logits and scores
+        logits, scores = out, ids.sample_scores(out, yb, method.select.score)
+    elif prior is not None:  # scores reused from the previous pass: refresh the trained samples'
+        logits, scores = logits.clone(), scores.clone()
+        logits[keep], scores[keep] = out, ids.sample_scores(out, batch.y, method.select.score)
     batch.logits = logits
     # 4. After the backward pass: parts read and mask the gradients; then the update.
     for part in method.parts:
@@ -114,7 +121,8 @@ def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, re
                 active = part.active_samples(learner, p, active)
         order = torch.as_tensor(learner.rngs.order.permutation(active.numpy()), device=learner.device)
         for idx in minibatches(order, learner.profile.batch_size):
-            loss, logits, scores = train_step(learner, xt[idx], yt[idx], idx)
+            prior = (record.logits[idx], record.scores[idx]) if p > 0 and record is not None else None
+            loss, logits, scores = train_step(learner, xt[idx], yt[idx], idx, prior)
             if record is not None:
                 record.logits[idx], record.scores[idx] = logits, scores
             losses.append(loss)
@@ -129,7 +137,7 @@ def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: i
     xt, yt = learner.to_device(x), torch.as_tensor(y, device=learner.device)
     n = len(y)
     record = ChunkRecord(x, y, task, torch.zeros(n, learner.spec.num_classes, device=learner.device),
-                         torch.zeros(n, device=learner.device), xt, yt)
+                         torch.zeros(n, device=learner.device))
     for part in learner.method.parts:
         part.begin_chunk(learner, n)
     losses = run_passes(learner, xt, yt, record)
