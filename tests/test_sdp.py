@@ -240,3 +240,17 @@ def test_per_layer_pruning_ranks_within_each_layer():
         assert int(m.sum()) == budgets[name]
         kept, dropped = score[name][m], score[name][~m]
         assert dropped.numel() == 0 or dropped.max() <= kept.min()  # the lowest of each layer went
+
+
+def test_sparcl_mask_updates_wait_for_the_first_pruning(tiny_stream, fast_profile):
+    from esacl_edge.data.stream import iter_chunks
+
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method="sparcl", sparsity=0.8,
+                               input_dtype="uint8", normalization=tiny_stream.normalization)
+    assert learner.method.pruning.allocation == "global"  # SparCL ranks across layers
+    chunks = [c for c in iter_chunks(tiny_stream) if c.task == 0]
+    learner.begin_task(0, n_chunks=8)  # warm-up: 4 dense chunks, mask updates due after chunks 2 and 4
+    for i in range(4):
+        learner.observe(chunks[i % 2].x, chunks[i % 2].y, 0)
+    assert learner.density == 1.0
+    assert all(int((p == 0).sum()) == 0 for p in prunable_parameters(learner.model).values())

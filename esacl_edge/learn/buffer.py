@@ -1,8 +1,8 @@
 """The replay buffer: fixed-size arrays allocated once from a byte budget, never grown,
 and the two rules that decide what it keeps after each chunk (parts of a method):
 
-* :class:`IdsBuffer`: class-balanced quotas, within a class the highest-scoring samples plus a
-  random ``spread`` share (IDS at buffer level, ``ids.select_for_buffer``). A buffered sample's
+* :class:`IdsBuffer`: class-balanced quotas, within a class the lowest-scoring (most typical)
+  samples plus a random ``spread`` share (IDS at buffer level, ``ids.select_for_buffer``). A buffered sample's
   score is refreshed whenever it is replayed (from the update's own forward, at no extra cost),
   so old samples do not compete with stale losses from when they were inserted;
 * :class:`ReservoirBuffer`: reservoir sampling, every sample seen kept with equal probability.
@@ -127,6 +127,10 @@ class IdsBuffer(Part):
 
     spread: float = 0.25  # share of each class quota filled at random
     prefer: str = "low"   # keep the lowest scores (most typical samples) or the highest (hardest)
+
+    def __post_init__(self) -> None:
+        if self.prefer not in ("low", "high"):
+            raise ValueError(f"IdsBuffer prefer must be 'low' or 'high', got {self.prefer!r}")
     refreshed: list[tuple[np.ndarray, torch.Tensor]] = field(init=False, default_factory=list, repr=False)
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
@@ -136,8 +140,9 @@ class IdsBuffer(Part):
 
     def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
         buf = learner.buffer
-        for idx, score in self.refreshed:
-            buf.score[idx] = score.cpu().numpy()
+        if self.refreshed:  # one copy from the device; a sample replayed twice keeps its latest score
+            buf.score[np.concatenate([i for i, _ in self.refreshed])] = torch.cat(
+                [s for _, s in self.refreshed]).cpu().numpy()
         self.refreshed = []
         offer_ids(learner.buffer, chunk.x, chunk.y, chunk.task, *_chunk_arrays(chunk), self.spread,
                   learner.rngs.buffer, self.prefer)

@@ -2,10 +2,10 @@
 
 Two rules, both driven by a per-sample informativeness score:
 
-* step level: of a minibatch b keep the ceil(gamma * |b|) highest-scoring samples, class-balanced
-  where the batch allows; only they go through the two SAM passes;
-* buffer level: per class, keep the highest-scoring candidates, except a ``spread`` share of the
-  quota drawn at random from the rest, so the buffer is not made only of outliers.
+* step level: of a minibatch b keep the ceil(gamma * |b|) highest-scoring samples (the ones the
+  model gets most wrong), class-balanced where the batch allows; only they are trained on;
+* buffer level: per class, keep the lowest-scoring (most typical) candidates, except a
+  ``spread`` share of the quota drawn at random from the rest, for diversity.
 """
 
 from __future__ import annotations

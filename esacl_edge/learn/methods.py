@@ -83,7 +83,8 @@ def sparcl(name: str = "sparcl", **changes) -> Method:
     """SparCL-style (hyperparameters from SparCL's released script where it has them): TDM masks on the
     importance score, DGM gradient masks, DDR data removal, DER++ replay on a reservoir buffer."""
     return Method(name, replay=Replay(alpha=0.3, beta=1.0), data=DataRemoval(frac=0.3, after=0.5),
-                  buffer=ReservoirBuffer(), pruning=Pruning(score="sparcl", grads_every_step=True),
+                  buffer=ReservoirBuffer(),
+                  pruning=Pruning(score="sparcl", allocation="global", grads_every_step=True),
                   sparsity_extras=(MaskUpdates(every=2, frac=0.1), GradientMasks(keep=0.8))).replace(**changes)
 
 

@@ -63,6 +63,10 @@ class Sam(Part):
     base: Sgd = field(default_factory=Sgd)
     steps: int = field(init=False, default=0)
 
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"Sam every must be >= 1 (SAM on every every-th step), got {self.every}")
+
     def build(self, params: Iterable[nn.Parameter]) -> torch.optim.SGD:
         return self.base.build(params)
 

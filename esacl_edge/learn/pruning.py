@@ -46,7 +46,8 @@ class Pruning(Part):
     state: sdp.SdpState = field(init=False, repr=False)
     start_density: float = field(init=False, default=1.0)
     events: list[dict] = field(init=False, default_factory=list)
-    density: float = field(init=False, default=1.0)   # live share of prunable weights, kept current
+    live: int = field(init=False, default=0)          # live prunable weights, kept current
+    density: float = field(init=False, default=1.0)   # their share of the prunable weights
     float_masks: dict = field(init=False, default_factory=dict, repr=False)  # for the gradient product
 
     def __post_init__(self) -> None:
@@ -66,15 +67,17 @@ class Pruning(Part):
         self._refresh()
 
     def _refresh(self) -> None:
-        self.density = sdp.density(self.state)
+        self.live = sdp.live(self.state)
+        self.density = self.live / sdp.size(self.state)
         self.float_masks = {n: m.float() for n, m in self.state.masks.items()}
 
     def _in_regrow_window(self, learner: StreamingLearner) -> bool:
         return bool(learner.snapshots) and learner.progress.steps < self.regrow_steps
 
     def _pruning_ahead(self, learner: StreamingLearner) -> bool:
-        """Statistics are needed: this task still prunes (its density is above the target)."""
-        return self.density > 1.0 - learner.target_sparsity + 1e-9 or self._in_regrow_window(learner)
+        """Statistics are needed: this task still prunes (more weights live than the target keeps)."""
+        keep = round((1.0 - learner.target_sparsity) * sdp.size(self.state))
+        return self.live > keep or self._in_regrow_window(learner)
 
     def _window(self, learner: StreamingLearner) -> tuple[int, int]:
         """The chunks (first, last) of the current task over which the schedule prunes."""
@@ -117,7 +120,7 @@ class Pruning(Part):
             want = self.density - self.gap_per_chunk * (self.density - target)
         else:   # the first task of unknown length is pruned at its end, once it has been learned
             return
-        if round(want * sdp.size(self.state)) >= round(self.density * sdp.size(self.state)):
+        if round(want * sdp.size(self.state)) >= self.live:
             return
         before = self.density
         removed = self.prune(learner, want)

@@ -5,7 +5,8 @@ masked SAM ascent itself is in ``optim.py``):
 
 * :func:`mask_grads`: the descent gradient is applied to live weights only, so pruned
   weights (zero, with zero momentum) stay exactly zero.
-* :func:`accumulate`: running averages a = E[theta * g~] and f = E[g~^2] at the perturbed point.
+* :func:`accumulate`: running averages a = E[theta * g~] and f = E[g~^2] of the gradient the
+  update applies (at the perturbed point on SAM steps).
 * :func:`scores`: removing weight i moves theta by -theta_i e_i; the second-order loss change is
   Delta_i = -a_i + 0.5 * theta_i^2 * f_i, and the score is |Delta_i| (lowest pruned first).
 * :func:`layer_budgets`: how many live weights each layer keeps at a given density (the

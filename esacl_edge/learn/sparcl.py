@@ -61,7 +61,8 @@ def gradient_masks(model: nn.Module, state: sdp.SdpState, lam: float, keep: floa
 
 @dataclass
 class MaskUpdates(Part):
-    """TDM: every ``every`` chunks (not on a task's last chunk), ``frac`` of the live weights move."""
+    """TDM: every ``every`` chunks (not on a task's last chunk, nor before the first pruning),
+    ``frac`` of the live weights move."""
 
     every: int = 2
     frac: float = 0.1
@@ -69,7 +70,8 @@ class MaskUpdates(Part):
     def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
         prog, pruning = learner.progress, learner.method.pruning
         last_chunk = prog.chunks_done == prog.n_chunks  # weights regrown now would stay zero in the snapshot
-        if prog.chunks_done % self.every == 0 and not last_chunk:
+        warm_up = pruning.density >= 1.0  # nothing is pruned yet: a move would only zero weights
+        if prog.chunks_done % self.every == 0 and not last_chunk and not warm_up:
             update_masks(learner.model, pruning.state, pruning.importance_lambda, self.frac, learner.optimizer)
             learner.masks_changed()
 

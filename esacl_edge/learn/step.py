@@ -78,7 +78,8 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, in
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step on minibatch ``(xb, yb)``; ``prior``: its samples' (logits, scores) from the previous pass.
 
-    Returns the loss and every minibatch sample's logits and score, the trained ones from this step's forward.
+    Returns the loss and every minibatch sample's logits and score (from the scoring forward, or, when
+    scores are reused, the trained samples' from this step's forward and the others' from ``prior``).
     """
     method = learner.method
     # 1. Select the samples to train on.
