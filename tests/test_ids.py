@@ -149,8 +149,8 @@ def test_reservoir_keeps_a_uniform_sample():
 
 def test_replayed_samples_get_their_scores_refreshed(tiny_stream, fast_profile):
     # 20 buffered samples, replay batches of 16 of them per step: every one is replayed during the chunk.
-    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8", buffer_bytes=2240,
-                               normalization=tiny_stream.normalization)
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method="esacl-idsbuffer", input_dtype="uint8",
+                               buffer_bytes=2240, normalization=tiny_stream.normalization)
     chunks = list(iter_chunks(tiny_stream))
     learner.observe(chunks[0].x, chunks[0].y, 0)
     buf = learner.buffer

@@ -74,9 +74,10 @@ class Method:
 
 
 def esacl(name: str = "esacl", **changes) -> Method:
-    """EsaCL = IDS step selection + SAM(ρ) + DER++ + SDP pruning + IDS buffer."""
+    """EsaCL = IDS step selection + SAM(ρ) on every other step + DER++ + SDP pruning + a reservoir buffer
+    (the IDS buffer lost to reservoir at equal bytes: docs/method.md)."""
     return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0), optimizer=Sam(rho=0.05),
-                  buffer=IdsBuffer(spread=0.25), pruning=Pruning(score="directional")).replace(**changes)
+                  buffer=ReservoirBuffer(), pruning=Pruning(score="directional")).replace(**changes)
 
 
 def sparcl(name: str = "sparcl", **changes) -> Method:
@@ -94,7 +95,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     "esacl-noids": lambda: esacl("esacl-noids", select=AllSamples()),
     "esacl-nosam": lambda: esacl("esacl-nosam", optimizer=Sgd()),
     "esacl-magnitude": lambda: esacl("esacl-magnitude", pruning=Pruning(score="magnitude")),
-    "esacl-reservoir": lambda: esacl("esacl-reservoir", buffer=ReservoirBuffer()),
+    "esacl-reservoir": lambda: esacl("esacl-reservoir", buffer=ReservoirBuffer()),  # the default since 0.3
+    "esacl-idsbuffer": lambda: esacl("esacl-idsbuffer", buffer=IdsBuffer(spread=0.25)),
     # Dense baselines: plain SGD steps on whole minibatches.
     "finetune": lambda: Method("finetune"),
     "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),
