@@ -23,8 +23,8 @@ def _colour_chunk(n, seed):
 
 @pytest.mark.parametrize("method", ["esacl", "esacl-noids", "derpp", "sparcl"])
 def test_batchnorm_statistics_move_once_per_training_step(method, fast_profile):
-    """IDS scoring, SAM's perturbed pass and the pruning probes forward the model too; only the step's
-    own forward (selected samples and replay batch together) may update running statistics."""
+    """IDS scoring and SAM's ascent pass forward the model too; only the update's own forward (selected
+    samples and replay batch together) may update running statistics."""
     learner = StreamingLearner("resnet18_reduced", fast_profile.replace(batch_size=4, passes_per_chunk=1), 4,
                                (32, 32, 3), method=method, sparsity=0.5, input_dtype="uint8", seed=0)
     norms = {n: m for n, m in learner.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
@@ -46,7 +46,7 @@ def test_the_buffer_rule_does_not_change_the_minibatch_order(tiny_stream, fast_p
     """Each use has its own generator: the IDS buffer draws (its random share) and the reservoir draws
     differently, and neither moves the order (or replay) stream."""
     ids, reservoir = (_digits_learner(tiny_stream, fast_profile, m, sparsity=0.8, buffer_bytes=2240)
-                      for m in ("esacl", "esacl-reservoir"))
+                      for m in ("esacl-idsbuffer", "esacl"))
     chunks = list(iter_chunks(tiny_stream))[:3]
     for i, c in enumerate(chunks):
         for learner in (ids, reservoir):

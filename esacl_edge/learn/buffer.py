@@ -127,11 +127,11 @@ class IdsBuffer(Part):
 
     spread: float = 0.25  # share of each class quota filled at random
     prefer: str = "low"   # keep the lowest scores (most typical samples) or the highest (hardest)
+    refreshed: list[tuple[np.ndarray, torch.Tensor]] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.prefer not in ("low", "high"):
             raise ValueError(f"IdsBuffer prefer must be 'low' or 'high', got {self.prefer!r}")
-    refreshed: list[tuple[np.ndarray, torch.Tensor]] = field(init=False, default_factory=list, repr=False)
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
         if batch.replay_out is not None:  # kept on the device until the chunk ends (no sync per step)
