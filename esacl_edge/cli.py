@@ -69,11 +69,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .runner import learn
 
     profile = load_profile(args.profile)
+    overrides = {"device": args.device, "passes_per_chunk": args.passes, "batch_size": args.batch_size}
+    profile = profile.replace(**{k: v for k, v in overrides.items() if v is not None})
     apply_threads(profile)
     r = learn(args.stream, profile=profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
               seed=args.seed, model=args.model, buffer_bytes=args.buffer_bytes, overwrite=args.overwrite,
               progress=not args.quiet, anytime=args.anytime, pattern=args.pattern, follow=args.follow,
-              poll_seconds=args.poll, max_idle=args.max_idle)
+              poll_seconds=args.poll, max_idle=args.max_idle, lr=args.lr)
     if r["resumed_at_chunk"]:
         print(f"resumed {args.run} after {r['resumed_at_chunk']} chunks learned earlier")
     reports.print_results(r)
@@ -155,6 +157,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     reports.print_export(export_task(run, last, out / f"model_task{last}.onnx"))
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``esacl-edge`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="esacl-edge", description="On-device continual learning of sparse models.")
@@ -227,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--max-idle", type=float,
                    help="with --follow: end (finishing the open task) after this many seconds without a new chunk")
     l.add_argument("--anytime", action="store_true", help="also evaluate after every chunk (anytime accuracy)")
+    l.add_argument("--device", choices=("cpu", "cuda"), help="train on this device instead of the profile's")
+    l.add_argument("--passes", type=_positive_int, help="passes over each chunk instead of the profile's")
+    l.add_argument("--batch-size", type=_positive_int, help="minibatch size instead of the profile's (the memory "
+                   "budget may lower it)")
+    l.add_argument("--lr", type=float, help="SGD learning rate instead of the method's")
     l.add_argument("--pattern", choices=("2:4",), help="N:M structured sparsity for TensorRT sparse tensor cores")
     l.add_argument("--quiet", action="store_true", help="no progress bar")
     l.set_defaults(func=cmd_learn)

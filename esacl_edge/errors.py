@@ -23,3 +23,7 @@ class ExportError(EsaclError):
 
 class CheckpointError(EsaclError):
     """Saved learner state cannot be written, read, or does not match this run."""
+
+
+class DivergenceError(EsaclError):
+    """Training diverged (a non-finite or exploding loss, or non-finite weights): the model is unusable."""

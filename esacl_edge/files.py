@@ -15,11 +15,29 @@ import numpy as np
 import torch
 
 
+def umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file_beside(path: Path, suffix: str) -> tuple[int, str]:
+    """A temp file beside ``path`` (for an atomic rename), with the mode a plain ``open`` would give it.
+
+    ``mkstemp`` creates files owner-only; a service user on the device must be able to read what
+    esacl-edge writes whenever the umask allows it.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write(f)`` on a temp file in the target folder, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -23,12 +23,17 @@ from .data.stream import (
     read_manifest,
     sha256_of,
 )
+from . import chunk_log
 from .device.profiles import Profile, load_profile
-from .errors import EsaclError
+from .errors import DivergenceError, EsaclError, StreamError
 from .files import write_json
 from .learn.learner import StreamingLearner
-from .learn.methods import Method
+from .learn.methods import Method, get_method, with_lr
 from .results import build_results
+from .runlock import run_lock
+
+PLOTS = ("acc_matrix.png", "layer_sparsity.png")  # written by plots.write_run_plots
+CHUNK_RETRIES = 3  # --follow: polls a chunk that does not read yet (still being written) gets before failing
 
 
 def default_model(input_shape: tuple[int, int, int]) -> str:
@@ -104,17 +109,25 @@ class _Job:
         self.touched = False
         self.untimed = 0.0  # seconds task_ended spent inside the timed block
         self.resumed_at = len(record.consumed)
+        self.unreadable: dict[str, int] = {}  # --follow: polls each chunk that did not read yet has waited
+        self.log = run_dir / chunk_log.FILE_NAME
 
     # -------------------------------------------------------------- the run folder
     def _touch(self) -> None:
         """Create (or, with --overwrite, clear) the run folder: only once there is something to write."""
         if self.touched:
             return
-        if self.overwrite:
-            for name in ("snapshots", "state"):
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
-            (self.run_dir / "results.json").unlink(missing_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.overwrite:
+                for name in ("snapshots", "state"):
+                    if (self.run_dir / name).exists():
+                        shutil.rmtree(self.run_dir / name)
+                for name in ("results.json", chunk_log.FILE_NAME, *PLOTS):
+                    (self.run_dir / name).unlink(missing_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            chunk_log.trim(self.log, self.resumed_at)
+        except OSError as exc:
+            raise EsaclError(f"{self.run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
         self.touched = True
 
     def write(self, what: str, fn, *args) -> None:
@@ -124,9 +137,21 @@ class _Job:
         except OSError as exc:
             raise EsaclError(f"{self.run_dir}: cannot write {what} ({exc.strerror or exc})") from None
 
-    def save(self) -> None:
+    def save(self, line: dict | None = None) -> None:
+        """Save the learner's state; then append a learned chunk's ``line`` to the chunk log."""
         self._touch()
         self.learner.save_state(self.run_dir, asdict(self.record))
+        if line is not None:
+            self.write("the chunk log", chunk_log.append, self.log, line)
+
+    def write_plots(self, results: dict) -> None:
+        """The run's accuracy-matrix and sparsity plots (a plotting failure only warns: the results stand)."""
+        try:
+            from .plots import write_run_plots
+
+            write_run_plots(results, self.run_dir)
+        except Exception as exc:  # matplotlib raises many types; the run itself is done
+            warnings.warn(f"{self.run_dir}: plots not written ({exc})", RuntimeWarning, stacklevel=2)
 
     # -------------------------------------------------------------- the stream
     def report(self, rel: str, reason: str, detail: str) -> None:
@@ -169,9 +194,10 @@ class _Job:
     def task_ended(self, task: int) -> None:
         """The learner finished ``task``: evaluate every task so far, write the task's snapshot (untimed)."""
         start, learner = time.perf_counter(), self.learner
-        row = [learner.evaluate(*self.test(self.manifest, j), task=j) for j in range(task + 1)]
-        self.record.acc_c.append([r["class_il"] for r in row])
-        self.record.acc_t.append([r["task_il"] for r in row])
+        row = [learner.evaluate(*self.test(self.manifest, j), task=j) if self.manifest.tasks[j].test else None
+               for j in range(task + 1)]
+        self.record.acc_c.append([r and r["class_il"] for r in row])
+        self.record.acc_t.append([r and r["task_il"] for r in row])
         self.write("the task snapshot", learner.write_snapshot, self.run_dir, task,
                    {"pattern": self.record.settings["pattern"], "stream": self.record.settings["stream"],
                     "profile": learner.profile.name})
@@ -195,32 +221,101 @@ class _Job:
             return chunk, learner.observe(chunk.x, chunk.y, t, len(task.chunks) if known else None,
                                           list(task.classes))
 
-        chunk, info = self.timed(read_and_learn)
+        before = self.record.train_seconds
+        try:
+            chunk, info = self.timed(read_and_learn)
+        except DivergenceError as exc:
+            raise DivergenceError(f"{self.manifest.path(task.chunks[i])}: {exc} ({self.run_dir / 'state'} holds "
+                                  "it; the same command with --lr lower, or --overwrite after fixing the stream)"
+                                  ) from None
         self.record.samples_learned += len(chunk.y)
         self.record.consumed.append({"task": t, "chunk": task.chunks[i], "sha256": chunk.sha256})
         self.consumed[task.chunks[i]] = self.record.consumed[-1]
+        seconds = self.record.train_seconds - before
+        line = {"chunk": len(self.record.consumed) - 1, "task": t, "file": task.chunks[i], "samples": len(chunk.y),
+                "loss": info["loss"], "density": info["density"], "seconds": seconds,
+                "samples_per_second": len(chunk.y) / seconds if seconds > 0 else None}
         if self.anytime:
-            seen = [learner.evaluate(*self.test(self.manifest, j), task=j)["class_il"] for j in range(t + 1)]
-            self.record.anytime_c.append(sum(seen) / len(seen))
-        return info
+            seen = [learner.evaluate(*self.test(self.manifest, j), task=j)["class_il"] for j in range(t + 1)
+                    if self.manifest.tasks[j].test]
+            self.record.anytime_c.append(sum(seen) / len(seen) if seen else None)
+            line["anytime_acc_class_il"] = self.record.anytime_c[-1]
+        return line
 
     def task_over(self, manifest: Manifest) -> bool:
         """Whether the open task can get no more chunks."""
         t = self.learner.progress.task
         return t >= 0 and (not self.follow or manifest.tasks[t].complete)
 
+    def learn_pending(self, bar: tqdm, stop: _StopSignals) -> bool:
+        """Learn the chunks that are there, saving after each; False when one did not read yet (--follow)."""
+        for t, i in self.pending(self.manifest):
+            rel = self.manifest.tasks[t].chunks[i]
+            try:
+                line = self.learn_chunk(t, i)
+            except StreamError as exc:
+                # A producer may still be writing the chunk under its final name: wait a few polls.
+                waited = self.unreadable.get(rel, 0)
+                if not self.follow or waited >= CHUNK_RETRIES:
+                    raise
+                self.unreadable[rel] = waited + 1
+                warnings.warn(f"{exc}; waiting for it to be complete ({waited + 1} of {CHUNK_RETRIES})",
+                              RuntimeWarning, stacklevel=2)
+                return False
+            self.save(line)
+            bar.update(1)
+            bar.set_postfix(task=t, loss=f"{line['loss']:.3f}", density=f"{self.learner.density:.3f}")
+            if stop.signal is not None:
+                break
+        return True
+
+    def loop(self, bar: tqdm, stop: _StopSignals, poll_seconds: float, max_idle: float | None) -> None:
+        """Learn the stream; with --follow keep looking for new chunks until stopped or idle too long."""
+        idle_since, consumed = time.monotonic(), len(self.record.consumed)
+        while stop.signal is None:
+            complete = self.learn_pending(bar, stop)
+            if stop.signal is not None:
+                break
+            if complete and self.task_over(self.manifest):
+                self.timed(self.learner.end_task)
+                self.save()
+            if not self.follow:
+                break
+            if len(self.record.consumed) > consumed:
+                idle_since, consumed = time.monotonic(), len(self.record.consumed)
+            elif max_idle is not None and time.monotonic() - idle_since >= max_idle:
+                self.follow = False  # the stream has ended: close the open task
+                continue
+            stop.wait(poll_seconds)
+            try:
+                self.manifest = read_manifest(self.stream_dir)
+            except EsaclError as exc:  # a producer mid-update; keep waiting
+                warnings.warn(f"{exc}; waiting for a valid manifest", RuntimeWarning, stacklevel=2)
+            bar.total = sum(len(t.chunks) for t in self.manifest.tasks)
+
 
 def _settings_differ(saved: dict, now: dict) -> str:
-    """The settings a resumed run must share (the stream may have moved: its chunks are checked by hash)."""
+    """The settings a resumed run must share (the stream may have moved: its chunks are checked by hash).
+
+    A setting the saved run does not record (it predates it) is not compared."""
     return ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now
-                     if k != "stream" and saved.get(k) != now.get(k))
+                     if k != "stream" and k in saved and saved[k] != now[k])
+
+
+def _waiting_task(manifest: Manifest, record: RunRecord) -> int | None:
+    """The first task that has no chunk yet while the tasks after it cannot start (an empty chunk_dir)."""
+    learned = {c["task"] for c in record.consumed}
+    for t, task in enumerate(manifest.tasks):
+        if not task.chunks and t not in learned:
+            return t
+    return None
 
 
 def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir: str | Path = "esacl-run",
           method: str | Method = "esacl", sparsity: float | None = None, seed: int = 0, model: str | None = None,
           buffer_bytes: int | None = None, overwrite: bool = False, progress: bool = True,
           anytime: bool = False, pattern: str | None = None, follow: bool = False, poll_seconds: float = 5.0,
-          max_idle: float | None = None) -> dict:
+          max_idle: float | None = None, lr: float | None = None) -> dict:
     """Learn the stream chunk by chunk; write per-task snapshots and ``results.json`` to ``run_dir``.
 
     The learner's state is saved in ``run_dir/state`` after every chunk. On a run folder
@@ -228,13 +323,25 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
     SIGINT/SIGTERM stop it after the current chunk (``results["stopped_by"]``). With
     ``follow``, it waits for new chunks (polling every ``poll_seconds``) until stopped or
     until ``max_idle`` seconds pass without one. With ``anytime``, it also evaluates on every
-    task seen so far after every chunk.
+    task seen so far after every chunk. ``lr`` overrides the method's learning rate.
+
+    One chunk's numbers are appended to ``run_dir/metrics.jsonl`` as it is saved; the accuracy
+    matrix and sparsity plots are written at the end. A second job on the same ``run_dir`` is
+    refused while this one runs (an OS lock, see ``runlock.py``).
     """
     stream_dir, run_dir = Path(stream_dir), Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise EsaclError(f"{run_dir}: is a file, not a run folder")
+    if not poll_seconds > 0:
+        raise EsaclError(f"--poll must be a number of seconds > 0, got {poll_seconds}")
+    if max_idle is not None and not max_idle >= 0:
+        raise EsaclError(f"--max-idle must be a number of seconds >= 0, got {max_idle}")
+    if lr is not None and not lr > 0:
+        raise EsaclError(f"--lr must be > 0, got {lr}")
     manifest = read_manifest(stream_dir)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    if lr is not None:
+        method = with_lr(get_method(method) if isinstance(method, str) else method, lr)
     # The learner checks the profile's budgets, so a run that cannot fit stops before touching run_dir.
     learner = StreamingLearner(model or default_model(manifest.input_shape), prof, manifest.num_classes,
                                manifest.input_shape, method=method, sparsity=sparsity, buffer_bytes=buffer_bytes,
@@ -243,7 +350,8 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                                pattern=pattern)
     settings = {"stream": str(stream_dir.resolve()), "stream_name": manifest.name, "method": learner.method.name,
                 "model": learner.spec.model, "seed": seed, "sparsity": sparsity, "buffer_bytes": buffer_bytes,
-                "pattern": pattern, "profile": prof.name, "anytime": anytime}
+                "pattern": pattern, "profile": prof.name, "anytime": anytime, "device": prof.device,
+                "passes": prof.passes_per_chunk, "batch_size": prof.batch_size, "lr": lr}
     record = RunRecord(settings)
 
     def same_job(saved: dict) -> None:
@@ -257,46 +365,24 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                              "settings, or pass --overwrite or another --run")
         record.settings["stream"] = settings["stream"]
 
-    if overwrite or not learner.load_state(run_dir, same_job):
-        if not overwrite and ((run_dir / "results.json").exists() or (run_dir / "snapshots").exists()):
-            raise EsaclError(f"{run_dir}: already holds a run without saved state; pass --overwrite or choose "
-                             "another --run")
-    if not follow:
-        for t in range(len(manifest.tasks)):  # fail early on a bad test split
-            load_test(manifest, t)
-    job = _Job(stream_dir, run_dir, manifest, learner, record, overwrite, follow, anytime)
-    bar = tqdm(total=sum(len(t.chunks) for t in manifest.tasks), initial=len(record.consumed), desc="learn",
-               unit="chunk", disable=not progress)
-    idle_since = time.monotonic()
-    with _StopSignals() as stop:
-        while stop.signal is None:
-            todo = job.pending(manifest)
-            for t, i in todo:
-                info = job.learn_chunk(t, i)
-                job.save()
-                bar.update(1)
-                bar.set_postfix(task=t, loss=f"{info['loss']:.3f}", density=f"{learner.density:.3f}")
-                if stop.signal is not None:
-                    break
-            if stop.signal is not None:
-                break
-            if job.task_over(manifest):
-                job.timed(learner.end_task)
-                job.save()
-            if not follow:
-                break
-            if todo:
-                idle_since = time.monotonic()
-            elif max_idle is not None and time.monotonic() - idle_since >= max_idle:
-                follow = job.follow = False  # the stream has ended: close the open task
-                continue
-            stop.wait(poll_seconds)
-            try:
-                manifest = job.manifest = read_manifest(stream_dir)
-            except EsaclError as exc:  # a producer mid-update; keep waiting
-                warnings.warn(f"{exc}; waiting for a valid manifest", RuntimeWarning, stacklevel=2)
-            bar.total = sum(len(t.chunks) for t in manifest.tasks)
-    bar.close()
-    results = build_results(job.learner, job.record, manifest, prof, stop.signal, job.resumed_at)
-    job.write("results.json", write_json, run_dir / "results.json", results)
+    with run_lock(run_dir):
+        if overwrite or not learner.load_state(run_dir, same_job):
+            if not overwrite and ((run_dir / "results.json").exists() or (run_dir / "snapshots").exists()):
+                raise EsaclError(f"{run_dir}: already holds a run without saved state; pass --overwrite or choose "
+                                 "another --run")
+        if not follow:
+            for t, task in enumerate(manifest.tasks):  # fail early on a bad test split
+                if task.test:
+                    load_test(manifest, t)
+        job = _Job(stream_dir, run_dir, manifest, learner, record, overwrite, follow, anytime)
+        with tqdm(total=sum(len(t.chunks) for t in manifest.tasks), initial=len(record.consumed), desc="learn",
+                  unit="chunk", disable=not progress) as bar, _StopSignals() as stop:
+            job.loop(bar, stop, poll_seconds, max_idle)
+        if stop.signal is None and (waiting := _waiting_task(job.manifest, job.record)) is not None:
+            warnings.warn(f"{stream_dir}: task {waiting} has no chunks yet (its chunk_dir is empty), so the stream "
+                          f"stops there; run the same command again (or with --follow) once they arrive",
+                          RuntimeWarning, stacklevel=2)
+        results = build_results(job.learner, job.record, job.manifest, prof, stop.signal, job.resumed_at)
+        job.write("results.json", write_json, run_dir / "results.json", results)
+        job.write_plots(results)
     return results

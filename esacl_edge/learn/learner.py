@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,10 @@ from torch import nn
 
 from ..deploy import snapshot as snap
 from ..deploy.snapshot import ModelSpec, pack
-from ..device.budget import plan
+from ..device.budget import buffer_bytes_per_sample, plan
 from ..device.profiles import Profile, load_profile
 from ..device.selection import autocast_dtype, select_device
-from ..errors import EsaclError
+from ..errors import DivergenceError, EsaclError
 from ..models import layer_sparsity, prunable_parameters
 from . import buffer as rb
 from . import persistence, sdp
@@ -32,6 +34,10 @@ from .state import Generators, TaskProgress
 from .step import train_chunk
 
 CALIBRATION_SAMPLES = 256
+INPUT_DTYPES = ("uint8", "float32")
+# A chunk's mean loss above this has diverged: cross-entropy at chance is ln(classes) (< 21 for a
+# billion classes), and the replay terms are of the same order for any model that still learns.
+DIVERGED_LOSS = 1e6
 
 
 class StreamingLearner:
@@ -62,6 +68,10 @@ class StreamingLearner:
             raise EsaclError(f"sparsity must be in [0, 1), got {sparsity}")
         if buffer_bytes is not None and buffer_bytes < 0:
             raise EsaclError(f"buffer budget must be >= 0 bytes, got {buffer_bytes}")
+        if type(seed) is not int or not 0 <= seed < 2 ** 32:
+            raise EsaclError(f"seed must be an integer in 0..{2 ** 32 - 1}, got {seed!r}")
+        if input_dtype not in INPUT_DTYPES:
+            raise EsaclError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
         if not profile.training_supported:
             raise EsaclError(f"profile {profile.name} ({profile.source}) does not support training: "
                              f"{profile.description}")
@@ -86,6 +96,11 @@ class StreamingLearner:
             self.rngs.torch.set_state(torch.get_rng_state())
         self.optimizer = self.method.optimizer.build(self.model.parameters())
         self.buffer = rb.new_buffer(self.plan.buffer_bytes, tuple(input_shape), input_dtype, num_classes)
+        per_sample = buffer_bytes_per_sample(tuple(input_shape), input_dtype, num_classes)
+        if self.method.keeps_buffer and self.buffer.capacity == 0 and (buffer_bytes or profile.buffer_bytes):
+            warnings.warn(f"a replay buffer of {buffer_bytes or profile.buffer_bytes:,} bytes holds no sample (one "
+                          f"takes {per_sample:,} bytes): {self.method.name} runs without replay", RuntimeWarning,
+                          stacklevel=2)
         self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape))
         self.progress = TaskProgress()
         self.task_classes: dict[int, list[int]] = {}
@@ -102,10 +117,38 @@ class StreamingLearner:
     def to_device(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Stored NHWC samples -> float32 NCHW on the training device."""
         t = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
-        if t.ndim != 4 or tuple(t.shape[1:]) != tuple(self.spec.input_shape):
-            raise EsaclError(f"inputs must have shape (N, {', '.join(map(str, self.spec.input_shape))}), "
-                             f"got {tuple(t.shape)}")
+        self._check_shape(tuple(t.shape))
         return t.to(self.device, torch.float32).permute(0, 3, 1, 2).contiguous()
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 4 or tuple(shape[1:]) != tuple(self.spec.input_shape):
+            raise EsaclError(f"inputs must have shape (N, {', '.join(map(str, self.spec.input_shape))}), "
+                             f"got {shape}")
+
+    def _inputs(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Check samples given to the public API: their shape, non-empty, the stored dtype, finite."""
+        self._check_shape(tuple(x.shape))
+        if len(x) == 0:
+            raise EsaclError("inputs are empty: give at least one sample")
+        dtype = str(x.dtype).removeprefix("torch.")
+        if self.spec.dtype == "uint8" and dtype != "uint8":
+            raise EsaclError(f"inputs have dtype {dtype}; this learner stores uint8 samples (values 0..255): "
+                             "convert them with x.astype(numpy.uint8) if that is what they are")
+        if "float" in dtype and not bool((torch.isfinite(x) if torch.is_tensor(x) else np.isfinite(x)).all()):
+            raise EsaclError("inputs contain NaN or Inf")
+        return x
+
+    def _check_diverged(self, loss: float, trained: bool) -> None:
+        """Stop on a non-finite or exploding loss, or non-finite weights: nothing learned after that is usable."""
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
+        bad_loss = (trained and not math.isfinite(loss)) or loss > DIVERGED_LOSS
+        if finite and not bad_loss:
+            return
+        what = f"the loss reached {loss:.3g}" if bad_loss else "the weights became NaN or Inf"
+        raise DivergenceError(f"training diverged on this chunk of task {self.progress.task}: {what}. Check the "
+                              "inputs' scale (a stream's normalization) or lower the learning rate; the model is "
+                              "unusable now: continue from the state saved before this chunk")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision as the profile asks on this device (a no-op in fp32)."""
@@ -171,23 +214,36 @@ class StreamingLearner:
         A chunk of a new task begins it (``n_chunks`` and ``classes`` as in :meth:`begin_task`);
         a task of known length ends after its last chunk.
         """
+        x_np = np.asarray(self._inputs(x.cpu() if torch.is_tensor(x) else np.asarray(x)))
+        y_np = self._labels(y, len(x_np))
         if task != self.progress.task:
             self.begin_task(task, n_chunks, classes)
-        y_np = np.asarray(y.cpu() if torch.is_tensor(y) else y).astype(np.int64)
-        if y_np.min() < 0 or y_np.max() >= self.spec.num_classes:
-            raise EsaclError(f"labels must be in 0..{self.spec.num_classes - 1}, got {y_np.min()}..{y_np.max()}")
         if not self.progress.fixed_classes:
             self.task_classes[task] = sorted(set(self.task_classes[task]) | set(np.unique(y_np).tolist()))
-        loss = train_chunk(self, np.asarray(x.cpu() if torch.is_tensor(x) else x), y_np, task)
+        trained = self.samples_trained
+        loss = train_chunk(self, x_np, y_np, task)
+        self._check_diverged(loss, self.samples_trained > trained)
         info = {"loss": loss, "density": self.density}
         if self.progress.chunks_done == self.progress.n_chunks:
             self.end_task()
         return info
 
+    def _labels(self, y: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
+        """Labels as int64, one per sample, each a class of this learner."""
+        y_np = np.asarray(y.cpu() if torch.is_tensor(y) else y)
+        if y_np.ndim != 1 or len(y_np) != n or not (np.issubdtype(y_np.dtype, np.integer) or y_np.size == 0):
+            raise EsaclError(f"labels must be a 1-D integer array with one label per sample ({n}), got "
+                             f"{y_np.dtype} with shape {tuple(y_np.shape)}")
+        if n == 0:
+            raise EsaclError("inputs are empty: give at least one sample")
+        if y_np.min() < 0 or y_np.max() >= self.spec.num_classes:
+            raise EsaclError(f"labels must be in 0..{self.spec.num_classes - 1}, got {y_np.min()}..{y_np.max()}")
+        return y_np.astype(np.int64)
+
     # ------------------------------------------------------------------ inference
     def logits(self, x: np.ndarray | torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """Float32 logits of stored samples ``x`` (eval mode)."""
-        return infer_logits(model or self.model, self.to_device(x))
+        return infer_logits(model or self.model, self.to_device(self._inputs(x)))
 
     def predict(self, x: np.ndarray | torch.Tensor, task: int | None = None) -> np.ndarray:
         """Predicted classes; with ``task``, only that task's classes compete (Task-IL)."""
@@ -207,8 +263,8 @@ class StreamingLearner:
     def evaluate(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, task: int,
                  model: nn.Module | None = None) -> dict[str, float]:
         """Class-IL (all classes compete) and Task-IL (the task's classes compete) accuracy."""
+        yt = torch.as_tensor(self._labels(y, len(x)), device=self.device)
         logits = self.logits(x, model)
-        yt = torch.as_tensor(np.asarray(y), device=logits.device)
         return {"class_il": (logits.argmax(1) == yt).float().mean().item(),
                 "task_il": (self._restrict(logits, task).argmax(1) == yt).float().mean().item()}
 

@@ -116,3 +116,11 @@ def get_method(name: str) -> Method:
         return METHODS[name]()
     except KeyError:
         raise EsaclError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def with_lr(method: Method, lr: float) -> Method:
+    """``method`` with its SGD learning rate set to ``lr`` (SAM's base optimizer for SAM methods)."""
+    opt = method.optimizer
+    if isinstance(opt, Sam):
+        return method.replace(optimizer=dataclasses.replace(opt, base=dataclasses.replace(opt.base, lr=lr)))
+    return method.replace(optimizer=dataclasses.replace(opt, lr=lr))

@@ -3,7 +3,7 @@ checks a saved state must pass before it is loaded."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -61,9 +61,9 @@ def check_same_setup(state: dict[str, Any], spec: ModelSpec, settings: dict[str,
     """Refuse a saved state whose model spec or ``settings`` differ from this learner's, naming both."""
     saved = ModelSpec(**{**state["spec"], "input_shape": tuple(state["spec"]["input_shape"])})
     if saved != spec:
-        raise CheckpointError(f"{where}: saved for model {saved.model} with input {list(saved.input_shape)} "
-                              f"{saved.dtype} and {saved.num_classes} classes; this run has {spec.model} with "
-                              f"input {list(spec.input_shape)} {spec.dtype} and {spec.num_classes} classes")
+        diff = "; ".join(f"{f.name} {getattr(saved, f.name)!r} was saved, this run has {getattr(spec, f.name)!r}"
+                         for f in fields(spec) if getattr(saved, f.name) != getattr(spec, f.name))
+        raise CheckpointError(f"{where}: saved for another model setup: {diff}")
     for key, have in settings.items():
         if state[key] != have:
             raise CheckpointError(f"{where}: saved with {key} {state[key]!r}; this run has {have!r}")
