@@ -1,9 +1,26 @@
 """esacl-edge: on-device continual learning of sparse models (EsaCL: SDP + IDS)."""
 
+from __future__ import annotations
+
+import importlib
+
+from .errors import EsaclError
+
 __version__ = "0.3.0"
 
-from .device.profiles import Profile, load_profile  # noqa: E402
-from .errors import EsaclError  # noqa: E402
-from .learn.learner import StreamingLearner  # noqa: E402
+# Imported on first use, so that the command line starts without loading torch.
+_LAZY = {"StreamingLearner": ".learn.learner", "Profile": ".device.profiles", "load_profile": ".device.profiles"}
 
 __all__ = ["StreamingLearner", "Profile", "load_profile", "EsaclError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

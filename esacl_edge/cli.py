@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
+# Only light modules here: torch and the other heavy dependencies are imported by the commands that use them,
+# so that --help and argument errors are immediate.
 from . import __version__, reports
 from .errors import EsaclError
-from .learn.methods import METHODS
-from .models import MODEL_NAMES
+from .names import METHOD_DESCRIPTIONS, METHOD_NAMES, MODEL_DESCRIPTIONS, MODEL_NAMES
 
 DEFAULT_RUN = "esacl-run"
 DEMO_BUFFER_BYTES = 22400  # 200 digits samples of 112 bytes: a buffer far smaller than the stream
@@ -168,6 +171,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual, but prints a text with line breaks (a list of names) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.indent(text, indent) if "\n" in text else super()._fill_text(text, width, indent)
+
+
+def _listing(sections: dict[str, dict[str, str]]) -> str:
+    """Each heading, then one name per line with its description wrapped beside it."""
+    width = max(60, min(shutil.get_terminal_size().columns - 2, 110))
+    column = max(len(name) for names in sections.values() for name in names) + 4
+    lines = []
+    for heading, descriptions in sections.items():
+        lines += ["", heading] if lines else [heading]
+        for name, text in descriptions.items():
+            lines += textwrap.wrap(text, width, initial_indent=f"  {name:<{column - 2}}",
+                                   subsequent_indent=" " * column)
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``esacl-edge`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="esacl-edge", description="On-device continual learning of sparse models.")
@@ -220,17 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "the new task's share rising by 1/(2N+1) per chunk (default: 0, clean boundaries)")
     s.set_defaults(func=cmd_make_stream)
 
+    methods_and_models = _listing({"methods (--method):": METHOD_DESCRIPTIONS,
+                                   "models (--model):": MODEL_DESCRIPTIONS})
     l = sub.add_parser("learn", help="learn a chunk stream, snapshot every task, write results.json",
                        description="Learn a chunk stream in order. The state is saved after every chunk, so "
                        "running the same command on the same --run resumes it and learns each chunk exactly once. "
-                       "SIGINT/SIGTERM stop after the current chunk (exit status 130/143).")
+                       "SIGINT/SIGTERM stop after the current chunk (exit status 130/143).",
+                       formatter_class=_HelpFormatter, epilog=methods_and_models)
     l.add_argument("--profile", default="cpu", help="profile name (cpu, jetson_orin) or YAML path (default: %(default)s)")
     l.add_argument("--stream", required=True, help="chunk stream folder (with manifest.json)")
     l.add_argument("--run", default=DEFAULT_RUN, help="run folder for snapshots and results (default: %(default)s)")
-    l.add_argument("--method", default="esacl", choices=sorted(METHODS))
+    l.add_argument("--method", default="esacl", choices=METHOD_NAMES, metavar="METHOD",
+                   help="continual-learning method, listed below (default: %(default)s)")
     l.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (default: the profile's)")
     l.add_argument("--seed", type=int, default=0)
-    l.add_argument("--model", choices=MODEL_NAMES, help="backbone (default: by input shape)")
+    l.add_argument("--model", choices=MODEL_NAMES, help="backbone, listed below (default: by input shape)")
     l.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
     l.add_argument("--overwrite", action="store_true",
                    help="start afresh, replacing a run already in --run (default: resume it)")
@@ -249,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--quiet", action="store_true", help="no progress bar")
     l.set_defaults(func=cmd_learn)
 
-    b = sub.add_parser("bench", help="compare methods on one stream over several seeds; table + bench.json")
+    b = sub.add_parser("bench", help="compare methods on one stream over several seeds; table + bench.json",
+                       formatter_class=_HelpFormatter, epilog=methods_and_models)
     src = b.add_mutually_exclusive_group()
     src.add_argument("--stream", help="existing chunk stream folder")
     src.add_argument("--dataset", help="make a stream first: digits or npz:PATH")
@@ -258,13 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--per-class", type=int, help="with --dataset: training samples per class")
     b.add_argument("--test-per-class", type=int, help="with --dataset: test samples per class")
     b.add_argument("--methods", default="esacl,derpp,sparcl,finetune",
-                   help="comma-separated; METHOD@S sets the sparsity of one entry (default: %(default)s)")
+                   help="comma-separated methods, listed below; METHOD@S sets the sparsity of one entry "
+                   "(default: %(default)s)")
     b.add_argument("--sparsity", type=float, default=0.9, help="sparsity of entries without @ (default: %(default)s)")
     b.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
     b.add_argument("--profile", default="cpu", help="profile name or YAML path (default: %(default)s)")
     b.add_argument("--passes", type=int, help="override the profile's passes per chunk")
     b.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
-    b.add_argument("--model", choices=MODEL_NAMES, help="backbone (default: by input shape)")
+    b.add_argument("--model", choices=MODEL_NAMES, help="backbone, listed below (default: by input shape)")
     b.add_argument("--anytime", action="store_true", help="also measure accuracy after every chunk")
     b.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
@@ -276,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input-shape", default="28,28,1", help="H,W,C of one stored sample (default: %(default)s)")
     pr.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
     pr.add_argument("--dtype", default="uint8", choices=("uint8", "float32"), help="input storage (default: %(default)s)")
-    pr.add_argument("--method", default="esacl", choices=sorted(METHODS), help="(default: %(default)s)")
+    pr.add_argument("--method", default="esacl", choices=METHOD_NAMES, metavar="METHOD",
+                    help="a method of 'esacl-edge learn --help' (default: %(default)s)")
     pr.set_defaults(func=cmd_profiles)
 
     e = sub.add_parser("export", help="export the model of one task to ONNX and check it with onnxruntime",
@@ -298,19 +328,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plain_warnings(show_other):
+    """A ``warnings.showwarning`` that prints RuntimeWarnings (ours) as one line, without source file and line,
+    above any progress bar; other warnings go to ``show_other``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, RuntimeWarning):
+            return show_other(message, category, filename, lineno, file, line)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"esacl-edge: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; exit status 2 on an input error, 130 when interrupted."""
-    args = build_parser().parse_args(argv)
-    warnings.simplefilter("default", RuntimeWarning)
+    """Run the command; exit status 2 on an input error, 130 when interrupted (also while torch loads)."""
     try:
-        status = args.func(args)
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", RuntimeWarning)
+            warnings.showwarning = _plain_warnings(warnings.showwarning)
+            return args.func(args) or 0
     except EsaclError as exc:
         print(f"esacl-edge: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("esacl-edge: interrupted", file=sys.stderr)
         return 130
-    return status or 0
 
 
 if __name__ == "__main__":

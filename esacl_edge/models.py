@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EsaclError
-
-MODEL_NAMES = ("small_cnn", "resnet18_reduced")
+from .names import MODEL_NAMES
 
 
 class Normalize(nn.Module):

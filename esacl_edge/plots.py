@@ -1,4 +1,5 @@
-"""PNG plots of a bench report: accuracy matrices, accuracy vs training FLOPs, per-layer sparsity."""
+"""PNG plots of a bench report and of one learn run: accuracy matrices, accuracy vs training FLOPs,
+per-layer sparsity. matplotlib (Agg backend) is imported on first use."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .reports import percent
+
+MATRIX_TITLES = {"acc_matrix_class_il": "Class-IL accuracy (%)", "acc_matrix_task_il": "Task-IL accuracy (%)"}
 
 
 def _pyplot():
@@ -18,10 +23,47 @@ def _pyplot():
 
 
 def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _square(rows: list[list[float]]) -> np.ndarray:
+    """A lower-triangular accuracy matrix (row i has i + 1 entries) in percent, NaN above the diagonal."""
+    n = len(rows)
+    return 100 * np.array([list(row) + [np.nan] * (n - len(row)) for row in rows], dtype=float)
+
+
+def _heatmap(ax, matrix: np.ndarray, title: str):
+    """One accuracy matrix on ``ax``: cells annotated, rows = after task i, columns = task j."""
+    image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
+    for (i, j), v in np.ndenumerate(matrix):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
+    ticks = np.arange(matrix.shape[0])
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("task evaluated")
+    ax.set_ylabel("after task")
+    return image
+
+
+def _layer_bars(ax, runs: list[dict], title: str) -> None:
+    """Grouped bars of each run's ``layer_sparsity`` (fractions), one group per layer."""
+    layers = list(runs[0]["layer_sparsity"])
+    width = 0.8 / len(runs)
+    for k, r in enumerate(runs):
+        ax.bar(np.arange(len(layers)) + k * width, [100 * r["layer_sparsity"][n] for n in layers], width,
+               label=r.get("label", r.get("method")))
+    ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2)
+    ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("layer (prunable weights)")
+    ax.set_ylabel("sparsity (% of weights zero)")
+    ax.set_title(title, fontsize=10)
+    if len(runs) > 1:
+        ax.legend(fontsize=7)
 
 
 def plot_report(report: dict, out: str | Path) -> list[Path]:
@@ -32,25 +74,21 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
     runs = report["runs"]
     paths = []
 
-    # Accuracy matrices (Class-IL), mean over seeds, one panel per method.
-    fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels), 2.8), squeeze=False)
+    # Accuracy matrices (Class-IL), mean over seeds, one panel per method, one colour bar.
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 1, 3.2), squeeze=False,
+                             layout="constrained")
     for ax, label in zip(axes[0], labels):
-        mats = [np.array([row + [np.nan] * (len(r["acc_matrix_class_il"]) - len(row))
-                          for row in r["acc_matrix_class_il"]]) for r in runs if r["label"] == label]
+        mats = [_square(r["acc_matrix_class_il"]) for r in runs if r["label"] == label]
         with warnings.catch_warnings():  # the upper triangle is all-NaN by design
             warnings.simplefilter("ignore", RuntimeWarning)
-            mean = 100 * np.nanmean(np.stack(mats), axis=0)
-        ax.imshow(mean, vmin=0, vmax=100, cmap="viridis")
-        for (i, j), v in np.ndenumerate(mean):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("task evaluated")
-        ax.set_ylabel("after task")
+            image = _heatmap(ax, np.nanmean(np.stack(mats), axis=0), label)
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
+    fig.suptitle(f"Class-IL accuracy (%), mean over {report.get('seeds', 1)} seeds: row = after task i, "
+                 "column = task j", fontsize=10)
     paths.append(_save(plt, fig, out / "acc_matrix_class_il.png"))
 
     # Final Class-IL accuracy against training FLOPs.
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for row in report["summary"]:
         ax.errorbar(row["train_flops"]["mean"], 100 * row["final_acc_class_il"]["mean"],
                     xerr=row["train_flops"]["std"], yerr=100 * row["final_acc_class_il"]["std"], fmt="o", capsize=3)
@@ -59,21 +97,39 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (RigL convention)")
     ax.set_ylabel("final Class-IL accuracy (%)")
+    ax.set_title("Final Class-IL accuracy vs training FLOPs (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     paths.append(_save(plt, fig, out / "accuracy_vs_flops.png"))
 
     # Per-layer sparsity of the first seed's final model, for the methods that prune.
     sparse = [r for r in runs if r["seed"] == 0 and r["sparsity"] > 0]
     if sparse:
-        layers = list(sparse[0]["layer_sparsity"])
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(layers) * len(sparse) / 2), 4))
-        width = 0.8 / len(sparse)
-        for k, r in enumerate(sparse):
-            ax.bar(np.arange(len(layers)) + k * width, [100 * r["layer_sparsity"][n] for n in layers], width,
-                   label=r["label"])
-        ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2)
-        ax.set_xticklabels([n.removesuffix(".weight") for n in layers], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("sparsity (%)")
-        ax.legend(fontsize=7)
+        n_layers = len(sparse[0]["layer_sparsity"])
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * n_layers * len(sparse) / 2), 4), layout="constrained")
+        _layer_bars(ax, sparse, "Per-layer sparsity of the final model (seed 0)")
         paths.append(_save(plt, fig, out / "layer_sparsity.png"))
+    return paths
+
+
+def write_run_plots(results: dict, folder: str | Path) -> list[Path]:
+    """Write the Class-IL and Task-IL accuracy matrices and, for a sparse model, its per-layer sparsity,
+    from one learn run's ``results.json`` dict into ``folder``; returns the paths written (none for
+    matrices before the first task ends)."""
+    plt = _pyplot()
+    folder = Path(folder)
+    method = results.get("method", "run")
+    paths = []
+    for key, metric in MATRIX_TITLES.items():
+        if not results.get(key):
+            continue
+        matrix = _square(results[key])
+        fig, ax = plt.subplots(figsize=(1.0 * len(matrix) + 2.5, 0.9 * len(matrix) + 1.8), layout="constrained")
+        fig.colorbar(_heatmap(ax, matrix, f"{method}: {metric}"), ax=ax, label="accuracy (%)", shrink=0.9)
+        paths.append(_save(plt, fig, folder / f"{key}.png"))
+    if results.get("layer_sparsity") and results.get("sparsity", 0) > 0:
+        n_layers = len(results["layer_sparsity"])
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * n_layers), 4), layout="constrained")
+        _layer_bars(ax, [results], f"{method}: per-layer sparsity at the end of the run "
+                                   f"({percent(results['sparsity'])} overall)")
+        paths.append(_save(plt, fig, folder / "layer_sparsity.png"))
     return paths

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-from .metrics import format_matrix
-
 if TYPE_CHECKING:
     from .device.budget import Plan
     from .device.profiles import Profile
 
 
+def fixed(value: float, digits: int, top: float = 1.0) -> str:
+    """``value`` with ``digits`` decimals, or more where rounding would turn a value strictly between 0 and
+    ``top`` into 0 or ``top`` (a sparsity of 0.99999 is not 100%)."""
+    for d in range(digits, digits + 15):
+        text = f"{value:.{d}f}"
+        if not 0 < value < top or 0 < float(text) < top:
+            return text
+    return repr(value)
+
+
+def percent(fraction: float, digits: int = 1) -> str:
+    """A fraction in [0, 1] as a percentage; only 0 shows as 0% and only 1 as 100%."""
+    return fixed(100 * fraction, digits, 100.0) + "%"
+
+
 def print_results(r: dict) -> None:
     """Accuracy matrices and the summary lines of a learn run's results."""
+    from .metrics import format_matrix
+
     if not r["acc_matrix_class_il"]:
         print(f"no task finished yet ({r['chunks_consumed']} chunks learned)")
         return
@@ -20,9 +35,16 @@ def print_results(r: dict) -> None:
     print()
     print(format_matrix(r["acc_matrix_task_il"], "Task-IL accuracy (%)"))
     print()
-    print(f"final accuracy   Class-IL {100 * r['final_acc_class_il']:.1f}%   Task-IL {100 * r['final_acc_task_il']:.1f}%")
-    print(f"forgetting       Class-IL {100 * r['forgetting_class_il']:.1f} points")
-    print(f"sparsity         {100 * r['sparsity']:.1f}% of prunable weights are zero")
+    if r["final_acc_class_il"] is None:
+        print("final accuracy   not measured: no finished task has a test split")
+    else:
+        print(f"final accuracy   Class-IL {100 * r['final_acc_class_il']:.1f}%   "
+              f"Task-IL {100 * r['final_acc_task_il']:.1f}%")
+    if r["forgetting_class_il"] is not None:
+        print(f"forgetting       Class-IL {100 * r['forgetting_class_il']:.1f} points")
+    if r.get("untested_tasks"):
+        print(f"not evaluated    tasks {', '.join(map(str, r['untested_tasks']))} (no test split)")
+    print(f"sparsity         {percent(r['sparsity'])} of prunable weights are zero")
     print(f"model size       {r['model_bytes_dense']:,} bytes dense, {r['model_bytes_sparse']:,} bytes sparse "
           f"({r['model_bytes_dense'] / r['model_bytes_sparse']:.1f}x smaller)")
     print(f"replay buffer    {r['buffer_size']} of {r['buffer_capacity']} samples, {r['buffer_bytes']:,} bytes")
@@ -68,7 +90,7 @@ def print_plan(p: Profile, pl: Plan, num_classes: int, method: str, dtype: str) 
     """What a profile's budgets yield for one model and input, and the training-peak estimate."""
     h, w, c = pl.input_shape
     print(f"derived for {pl.model} on {h}x{w}x{c} {dtype}, {num_classes} classes, method {method}:")
-    print(f"  target sparsity   {pl.target_sparsity:.4f}  ({pl.sparsity_from})")
+    print(f"  target sparsity   {fixed(pl.target_sparsity, 4)}  ({pl.sparsity_from})")
     print(f"  model             {pl.model_bytes_dense:,} B dense -> {pl.model_bytes_stored:,} B stored"
           + (f" (budget {p.model_bytes:,} B)" if p.model_bytes else ""))
     print(f"  replay buffer     {pl.buffer_capacity:,} samples = {pl.buffer_bytes:,} B (budget {p.buffer_bytes:,} B)")

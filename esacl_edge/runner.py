@@ -32,7 +32,7 @@ from .learn.methods import Method, get_method, with_lr
 from .results import build_results
 from .runlock import run_lock
 
-PLOTS = ("acc_matrix.png", "layer_sparsity.png")  # written by plots.write_run_plots
+PLOTS = ("acc_matrix_class_il.png", "acc_matrix_task_il.png", "layer_sparsity.png")  # plots.write_run_plots
 CHUNK_RETRIES = 3  # --follow: polls a chunk that does not read yet (still being written) gets before failing
 
 

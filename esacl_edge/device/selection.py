@@ -26,19 +26,21 @@ def detect_jetson(root: str | Path = "/") -> str | None:
     return None
 
 
-def select_device(profile: Profile, cuda_available: Callable[[], bool] = torch.cuda.is_available,
+def select_device(profile: Profile, cuda_available: Callable[[], bool] | None = None,
                   jetson: Callable[[], str | None] = detect_jetson) -> torch.device:
-    """CUDA when the profile asks for it and it is there; otherwise the profile's fallback (CPU)."""
+    """CUDA when the profile asks for it and it is there (``torch.cuda.is_available`` unless
+    ``cuda_available`` is given); otherwise the CPU, with one warning that says so."""
     device = torch.device("cpu")
     if profile.device == "cuda":
-        if cuda_available():
+        if (cuda_available or torch.cuda.is_available)():
             device = torch.device("cuda")
         else:
             board = jetson()
             hint = (f" This is a {board}: install NVIDIA's PyTorch wheel for your JetPack to train on its GPU."
                     if board else "")
-            warnings.warn(f"profile {profile.name}: CUDA is not available, training on the CPU instead.{hint}",
-                          RuntimeWarning, stacklevel=2)
+            precision = f", where {profile.precision} becomes fp32" if profile.precision != "fp32" else ""
+            warnings.warn(f"profile {profile.name}: CUDA is not available, so this runs on the CPU{precision}."
+                          f"{hint}", RuntimeWarning, stacklevel=2)
     return device
 
 

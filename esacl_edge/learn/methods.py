@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import EsaclError
+from ..names import METHOD_NAMES
 from .buffer import IdsBuffer, ReservoirBuffer
 from .ewc import EwcPenalty
 from .joint import Joint
@@ -89,6 +90,7 @@ def sparcl(name: str = "sparcl", **changes) -> Method:
                   sparsity_extras=(MaskUpdates(every=2, frac=0.1), GradientMasks(keep=0.8))).replace(**changes)
 
 
+# The names and their descriptions are listed, torch-free, in ``esacl_edge.names``; the keys here are the same.
 METHODS: dict[str, Callable[[], Method]] = {
     "esacl": esacl,
     # Ablations: each switches off one part of EsaCL.
@@ -115,7 +117,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]()
     except KeyError:
-        raise EsaclError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+        raise EsaclError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") from None
 
 
 def with_lr(method: Method, lr: float) -> Method:

@@ -1,0 +1,37 @@
+"""Method and model names with one-line descriptions, importable without torch.
+
+The command line takes its ``--method``/``--model`` choices and help from here;
+``learn.methods.METHODS`` and ``models.build_model`` cover exactly these names.
+"""
+
+from __future__ import annotations
+
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    "esacl": "EsaCL: IDS step selection, masked SAM (every other step), SDP pruning, DER++ replay from a "
+             "reservoir buffer",
+    "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
+    "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
+    "esacl-magnitude": "ablation: EsaCL pruning by weight magnitude instead of the directional score",
+    "esacl-reservoir": "EsaCL with a reservoir buffer: the same as esacl since 0.3",
+    "esacl-idsbuffer": "ablation: EsaCL with the class-balanced IDS buffer instead of reservoir",
+    "finetune": "dense baseline: plain fine-tuning, no replay",
+    "ewc": "dense baseline: online EWC, no buffer",
+    "er": "dense baseline: ER (experience replay) from a reservoir buffer",
+    "derpp": "dense baseline: DER++ replay from a reservoir buffer",
+    "joint": "upper bound: keeps all data seen so far and trains on it at each task end",
+    "sparcl": "SparCL-style sparse learner: task-aware dynamic masks (importance |w| + lambda |grad w|, "
+              "prune-and-regrow every 2 chunks, extra capacity at a task start), dynamic data removal, "
+              "dynamic gradient masking, DER++ replay",
+    "sparcl-er": "SparCL-style sparse learner with ER replay instead of DER++",
+    "sparcl-ewc": "SparCL-style sparse learner with online EWC instead of replay (no buffer)",
+}
+
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    "small_cnn": "two 3x3 conv blocks and a 2-layer MLP head, sized for 8x8 and 28x28 inputs (the default, "
+                 "except for colour inputs of 32x32 or more)",
+    "resnet18_reduced": "reduced ResNet-18 (width 20, as in GEM, DER and SparCL) for 32x32 colour images (the "
+                        "default for colour inputs of 32x32 or more)",
+}
+
+METHOD_NAMES: tuple[str, ...] = tuple(METHOD_DESCRIPTIONS)
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_DESCRIPTIONS)
