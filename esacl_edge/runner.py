@@ -29,6 +29,7 @@ from .errors import DivergenceError, EsaclError, StreamError
 from .files import write_json
 from .learn.learner import StreamingLearner
 from .learn.methods import Method, get_method, with_lr
+from .reports import fixed
 from .results import build_results
 from .runlock import run_lock
 
@@ -264,7 +265,7 @@ class _Job:
                 return False
             self.save(line)
             bar.update(1)
-            bar.set_postfix(task=t, loss=f"{line['loss']:.3f}", density=f"{self.learner.density:.3f}")
+            bar.set_postfix(task=t, loss=f"{line['loss']:.3f}", density=fixed(self.learner.density, 3))
             if stop.signal is not None:
                 break
         return True

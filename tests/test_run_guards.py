@@ -239,6 +239,8 @@ def test_the_chunk_log_has_one_line_per_chunk_across_a_resume(stream, tmp_path, 
     assert all(line["samples"] == 20 and line["samples_per_second"] > 0 and 0 <= line["anytime_acc_class_il"] <= 1
                and np.isfinite(line["loss"]) for line in lines)
     assert lines[-1]["density"] == pytest.approx(0.1, abs=0.01)
+    for name in runner.PLOTS:  # learn draws the run's plots too
+        assert (run / name).read_bytes().startswith(b"\x89PNG"), name
 
 
 def test_a_buffer_too_small_for_one_sample_is_reported(capsys):
