@@ -23,6 +23,7 @@ from .data.stream import (
     read_manifest,
     sha256_of,
 )
+from .deploy.snapshot import write_run_profile
 from .device.profiles import Profile, load_profile
 from .errors import EsaclError
 from .files import write_json
@@ -115,6 +116,7 @@ class _Job:
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / "results.json").unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_profile(self.run_dir, self.learner.profile)  # export's default profile
         self.touched = True
 
     def write(self, what: str, fn, *args) -> None:
