@@ -22,23 +22,22 @@ DEMO_BUFFER_BYTES = 22400  # 200 digits samples of 112 bytes: a buffer far small
 
 def export_task(run: str | Path, task: int, out: str | Path, variant: str = "sparse", profile: str | None = None,
                 opset: int | None = None, stream: str | None = None, min_l1: float = 0.0) -> dict:
-    """Export the snapshot of ``task`` in ``run``; test data from ``stream`` (or the run's own) if present."""
+    """Export the snapshot of ``task`` in ``run`` under ``profile`` (default: the run's own); accuracy on
+    the test data of ``stream`` (default: the run's own stream, if it is still there)."""
     import numpy as np
 
-    from .data.stream import load_test, read_manifest
     from .deploy.export import export_variant
-    from .deploy.snapshot import load_calibration, load_snapshot
-    from .device.profiles import load_profile, profile_names
+    from .deploy.snapshot import load_calibration, load_snapshot, run_profile
+    from .device.profiles import load_profile
+    from .evaluate import stream_tests
 
     model, meta = load_snapshot(run, task)
-    name = profile or (meta.get("profile") if meta.get("profile") in profile_names() else "cpu")
-    prof = load_profile(name)
-    stream = stream or meta.get("stream")
+    prof = load_profile(profile) if profile else run_profile(run, meta)
+    own = meta.get("stream")
     test = None
-    if stream and (Path(stream) / "manifest.json").is_file():
-        manifest = read_manifest(stream)
-        parts = [load_test(manifest, t) for t in range(task + 1) if manifest.tasks[t].test]
-        test = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])) if parts else None
+    if stream or (own and (Path(own) / "manifest.json").is_file()):
+        parts = [p for p in stream_tests(stream or own, task, meta["spec"]) if p is not None]
+        test = (np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts])) if parts else None
     info = {"task": task, "task_classes": meta["task_classes"][: task + 1], "pattern": meta.get("pattern"),
             "providers": list(prof.providers)}
     return export_variant(model, meta["spec"], out, variant, info, calibration=load_calibration(run, task),
@@ -94,6 +93,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     """``export``: one task's model to ONNX, checked with onnxruntime."""
     reports.print_export(export_task(args.run, args.task, args.out, args.variant, args.profile, args.opset,
                                      args.stream, args.min_l1))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """``eval``: accuracy of one task's snapshot on the test data of tasks 0..N of a stream."""
+    from .evaluate import evaluate_snapshot, format_evaluation
+    from .files import write_json
+
+    if args.json is not None and Path(args.json).is_dir():
+        raise EsaclError(f"--json {args.json}: is a folder; give a file name")
+    result = evaluate_snapshot(args.run, args.task, args.stream)
+    print(format_evaluation(result))
+    if args.json is not None:
+        try:
+            write_json(args.json, result)
+        except OSError as exc:
+            raise EsaclError(f"--json {args.json}: cannot write it ({exc.strerror or exc})") from None
+        print(f"wrote {args.json}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -313,18 +329,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the model as it was at the end of task N (tasks count from 0) to a "
                        "single ONNX file, then compare onnxruntime with PyTorch; fails above 1e-4.")
     e.add_argument("--task", type=int, required=True, help="task number, counting from 0")
-    e.add_argument("out", help="output .onnx file")
+    e.add_argument("out", help="output .onnx file (not a folder)")
     e.add_argument("--run", default=DEFAULT_RUN, help="run folder (default: %(default)s)")
     e.add_argument("--variant", default="sparse", choices=("sparse", "dense", "structured", "int8"),
                    help="sparse: sparse initializers (default); dense; structured: unused units and channels "
                    "removed (small_cnn); int8: static quantization calibrated on the task's buffer samples")
-    e.add_argument("--profile", help="device profile for the opset and providers (default: the run's, or cpu)")
-    e.add_argument("--opset", type=int, help="ONNX opset (default: the profile's)")
+    e.add_argument("--profile", help="device profile for the opset and providers (default: the one the run "
+                   "learned with, kept in RUN/profile.yaml)")
+    e.add_argument("--opset", type=int, help="ONNX opset, 7 to 23; int8 13 to 23 (default: the profile's)")
     e.add_argument("--stream", help="stream whose test data of tasks 0..N measures accuracy (default: the run's)")
     e.add_argument("--min-l1", type=float, default=0.0,
                    help="structured only, lossy: also remove units whose L1 norm is below this share of the "
                    "layer mean (default: 0, exact)")
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="accuracy of one task's snapshot on the test data of tasks 0..N of a stream",
+                       description="Measure the model as it was at the end of task N on the test data of tasks "
+                       "0..N of a stream: Class-IL and Task-IL accuracy per task and their means.")
+    v.add_argument("--run", default=DEFAULT_RUN, help="run folder (default: %(default)s)")
+    v.add_argument("--task", type=int, help="task number, counting from 0 (default: the run's last snapshot)")
+    v.add_argument("--stream", help="stream whose test data is used (default: the run's)")
+    v.add_argument("--json", help="also write the table to this JSON file")
+    v.set_defaults(func=cmd_eval)
     return p
 
 

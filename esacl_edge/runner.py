@@ -24,6 +24,7 @@ from .data.stream import (
     sha256_of,
 )
 from . import chunk_log
+from .deploy.snapshot import write_run_profile
 from .device.profiles import Profile, load_profile
 from .errors import DivergenceError, EsaclError, StreamError
 from .files import write_json
@@ -127,6 +128,7 @@ class _Job:
                     (self.run_dir / name).unlink(missing_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             chunk_log.trim(self.log, self.resumed_at)
+            write_run_profile(self.run_dir, self.learner.profile)  # export's default profile
         except OSError as exc:
             raise EsaclError(f"{self.run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
         self.touched = True

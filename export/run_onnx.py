@@ -5,10 +5,11 @@
     python run_onnx.py MODEL.onnx --images DIR            # image files, or DIR/<class>/ files (needs Pillow)
     python run_onnx.py MODEL.onnx --random 64             # latency only
 
-The sidecar MODEL.onnx.json (written by `esacl-edge export`) gives the input shape, class
-names and the execution providers in preference order; unavailable providers are skipped
-and the CPU provider is always last. Prints predictions, accuracy when labels are known,
-and latency percentiles.
+The model file carries what this needs (input shape, classes and their names, execution
+providers in preference order) in its metadata; the sidecar MODEL.onnx.json written next to
+it by `esacl-edge export`, when present, is read instead. Unavailable providers are skipped
+and the CPU provider is always last. Prints predictions, accuracy when labels are known
+(with a warning when they include classes the model never learned), and latency percentiles.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".gif", ".webp"}
+METADATA_KEY = "esacl_edge"  # the model's metadata_props entry written by esacl-edge export
 
 
 def fail(message: str) -> None:
@@ -30,26 +32,48 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def load_sidecar(model: Path) -> dict:
-    path = model.with_name(model.name + ".json")
-    if not path.is_file():
-        fail(f"{path}: sidecar not found (export with esacl-edge, which writes it next to the model)")
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def load_info(model: Path) -> dict:
+    """What esacl-edge export recorded about the model: the sidecar if present, else the file's metadata."""
+    path = model.with_name(model.name + ".json")
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            fail(f"{path}: not valid JSON: {exc}")
+    try:
+        meta = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_modelmeta()
+    except Exception as exc:  # onnxruntime raises its own exception types
+        fail(f"{model}: onnxruntime cannot load it: {str(exc).splitlines()[0]}")
+    text = meta.custom_metadata_map.get(METADATA_KEY)
+    if text is None:
+        fail(f"{path}: sidecar not found, and {model} carries no esacl-edge metadata (export it with esacl-edge)")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        fail(f"{path}: not valid JSON: {exc}")
+        fail(f"{model}: its esacl-edge metadata is not valid JSON: {exc}")
 
 
-def providers_for(sidecar: dict, wanted: list[str] | None, cache: Path) -> list:
-    """The sidecar's (or the user's) providers that this onnxruntime has, CPU last, with TensorRT options."""
+def providers_for(info: dict, wanted: list[str] | None, cache: Path) -> list:
+    """The model's (or the user's) providers that this onnxruntime has, CPU last, with TensorRT options."""
     available = set(ort.get_available_providers())
     chosen = []
-    for name in wanted or sidecar.get("providers") or ["CPUExecutionProvider"]:
+    for name in wanted or info.get("providers") or ["CPUExecutionProvider"]:
         if name not in available or name == "CPUExecutionProvider":
             continue
         if name == "TensorrtExecutionProvider":
             cache.mkdir(parents=True, exist_ok=True)
-            chosen.append((name, {"trt_fp16_enable": True, "trt_sparsity_enable": sidecar.get("pattern") == "2:4",
+            chosen.append((name, {"trt_fp16_enable": True, "trt_sparsity_enable": info.get("pattern") == "2:4",
                                   "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}))
         else:
             chosen.append(name)
@@ -70,14 +94,14 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         fail(f"{path}: not a readable .npz file: {exc}")
 
 
-def load_images(folder: Path, sidecar: dict) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def load_images(folder: Path, info: dict) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Images in ``folder`` (unlabelled) or in ``folder/<class>/`` (class index or name)."""
     try:
         from PIL import Image
     except ImportError:
         fail("--images needs Pillow (pip install pillow); or convert the images to an .npz with x, y")
-    h, w, c = sidecar["input"]["stored_shape"]
-    names = sidecar.get("class_names") or []
+    h, w, c = info["input"]["stored_shape"]
+    names = info.get("class_names") or []
     files, labels = [], []
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -89,7 +113,7 @@ def load_images(folder: Path, sidecar: dict) -> tuple[np.ndarray, np.ndarray | N
         elif parent.isdigit():
             labels.append(int(parent))
         elif parent in names:
-            labels.append(sidecar["classes"][names.index(parent)])
+            labels.append(info["classes"][names.index(parent)])
         else:
             fail(f"{path.parent}: folder name is neither a class index nor one of {names}")
     if not files:
@@ -111,31 +135,38 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--npz", type=Path, help="arrays x (N, H, W, C) as stored, optional y")
     src.add_argument("--images", type=Path, help="folder of images, or of class folders")
-    src.add_argument("--random", type=int, help="N random inputs (latency only)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=1, help="passes over the data for latency (default 1)")
-    parser.add_argument("--providers", help="comma-separated, overrides the sidecar's order")
+    src.add_argument("--random", type=positive_int, help="N random inputs (latency only)")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--repeat", type=positive_int, default=1, help="passes over the data for latency (default 1)")
+    parser.add_argument("--providers", help="comma-separated, overrides the model's order")
     parser.add_argument("--show", type=int, default=10, help="predictions to print (default 10)")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
 
     if not args.model.is_file():
         fail(f"{args.model}: model file not found")
-    sidecar = load_sidecar(args.model)
-    h, w, c = sidecar["input"]["stored_shape"]
+    info = load_info(args.model)
+    h, w, c = info["input"]["stored_shape"]
     names: list[str] = []
     if args.npz:
         x, y = load_npz(args.npz)
     elif args.images:
-        x, y, names = load_images(args.images, sidecar)
+        x, y, names = load_images(args.images, info)
     else:
         x = np.random.default_rng(0).uniform(0, 255, (args.random, h, w, c)).astype(np.float32)
         y = None
     if x.ndim != 4 or tuple(x.shape[1:]) != (h, w, c):
         fail(f"inputs have shape {tuple(x.shape)}, the model expects (N, {h}, {w}, {c})")
+    if y is not None and (y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer)):
+        fail(f"{args.npz}: y must hold one integer label per sample of x, got {y.dtype} {tuple(y.shape)}")
+    learned = info.get("classes") or []
+    unknown = sorted(set(np.unique(y).tolist()) - set(learned)) if y is not None and learned else []
+    if unknown:
+        print(f"run_onnx: warning: labels include classes {unknown} that the model never learned (it learned "
+              f"{learned}); their samples count as errors", file=sys.stderr)
     x = np.ascontiguousarray(x.astype(np.float32).transpose(0, 3, 1, 2))
 
-    providers = providers_for(sidecar, args.providers.split(",") if args.providers else None,
+    providers = providers_for(info, args.providers.split(",") if args.providers else None,
                               args.model.parent / "trt_cache")
     try:
         session = ort.InferenceSession(str(args.model), providers=providers)
@@ -151,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             if r == 0:
                 logits.append(out)
     pred = np.concatenate(logits).argmax(1)
-    class_names = sidecar.get("class_names") or []
-    classes = sidecar.get("classes") or []
+    class_names = info.get("class_names") or []
+    classes = info.get("classes") or []
     label = {cls: class_names[k] for k, cls in enumerate(classes)} if len(class_names) == len(classes) else {}
     for i in range(min(args.show, len(pred))):
         who = names[i] if names else f"#{i}"
@@ -167,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latency per batch of {args.batch}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, "
           f"p99 {lat['p99']:.3f} ms ({', '.join(summary['providers'])})")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        try:
+            args.json.write_text(json.dumps(summary, indent=2))
+        except OSError as exc:
+            fail(f"{args.json}: cannot write the summary ({exc.strerror or exc})")
     return 0
 
 

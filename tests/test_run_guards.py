@@ -140,9 +140,14 @@ def test_files_follow_the_umask(tmp_path, profile):
         s = make_stream("digits", tmp_path / "stream", tasks=2, chunk_size=40, seed=0, per_class=20,
                         test_per_class=5)
         assert learn(s.root, tmp_path / "run", profile) == 0
+        (tmp_path / "onnx").mkdir()
+        for variant in ("sparse", "dense", "structured", "int8"):
+            assert main(["export", "--task", "1", str(tmp_path / "onnx" / f"{variant}.onnx"), "--run",
+                         str(tmp_path / "run"), "--variant", variant]) == 0
     finally:
         os.umask(old)
-    files = [p for p in [*s.root.rglob("*"), *(tmp_path / "run").rglob("*")] if p.is_file()]
+    files = [p for p in [*s.root.rglob("*"), *(tmp_path / "run").rglob("*"), *(tmp_path / "onnx").rglob("*")]
+             if p.is_file()]
     assert len(files) > 10
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     assert set(modes.values()) == {0o644}, {n: oct(m) for n, m in modes.items() if m != 0o644}

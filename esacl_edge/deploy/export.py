@@ -12,6 +12,10 @@ Variants (:func:`export_variant`), each with a sidecar ``MODEL.onnx.json``:
   (:mod:`esacl_edge.structured`), a smaller dense network.
 * ``int8``: static QDQ quantization by onnxruntime, calibrated on the replay-buffer samples
   kept with the snapshot; judged by top-1 agreement and accuracy, not by 1e-4 parity.
+
+Every variant declares the opset asked for (checked in the written file) and carries what the
+device runner needs as JSON in ``metadata_props["esacl_edge"]``, so the file runs without its
+sidecar. Outputs that are NaN or infinite fail the check.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import json
 import logging
 import os
 import platform
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,13 +36,17 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ExportError
-from ..files import write_json
+from ..files import temp_file_beside, write_json
 from ..models import layer_sparsity
 from .snapshot import ModelSpec
 
 PARITY_TOLERANCE = 1e-4
 VARIANTS = ("sparse", "dense", "structured", "int8")
 INT8_MIN_AGREEMENT = 0.9
+OPSETS = range(7, 24)  # as device profiles allow
+INT8_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+DYNAMO_OPSET = 18  # the opset the torch.export-based exporter writes natively
+METADATA_KEY = "esacl_edge"  # metadata_props entry: what the device runner needs, as JSON
 
 
 def sample_inputs(spec: ModelSpec, n: int = 8, seed: int = 0) -> np.ndarray:
@@ -52,11 +60,23 @@ def _nchw(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32).transpose(0, 3, 1, 2))
 
 
-def parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray) -> float:
-    """Max |onnxruntime - PyTorch| over the outputs for ``x_nhwc``, one batch and one sample."""
-    import onnxruntime as ort
+def max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """Max |got - want|; raises :class:`ExportError` when either holds NaN or infinity, which no
+    difference can vouch for."""
+    if not np.isfinite(want).all():
+        raise ExportError("the PyTorch snapshot outputs NaN or infinite logits (its weights have diverged); "
+                          "export the snapshot of an earlier task")
+    if not np.isfinite(got).all():
+        raise ExportError("onnxruntime outputs NaN or infinite logits where PyTorch does not")
+    return float(np.abs(got - want).max())
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+def parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray) -> float:
+    """Max |onnxruntime - PyTorch| over the outputs for ``x_nhwc``, one batch and one sample.
+
+    Raises :class:`ExportError` (without the file name) when either output is not finite.
+    """
+    session = _session(path)
     name = session.get_inputs()[0].name
     x = _nchw(x_nhwc)
     worst = 0.0
@@ -64,8 +84,13 @@ def parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray) -> float:
         got = session.run(None, {name: batch})[0]
         with torch.no_grad():
             want = model(torch.from_numpy(batch)).numpy()
-        worst = max(worst, float(np.abs(got - want).max()))
+        worst = max(worst, max_abs_diff(got, want))
     return worst
+
+
+def file_opset(proto) -> int | None:
+    """The default-domain opset a model file declares."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.ndarray | None = None,
@@ -73,43 +98,71 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.
     """Write ``model`` (eval mode, weights already masked) to ``path`` and verify it.
 
     The graph takes float32 NCHW input named ``input`` in the stream's units (normalisation
-    is inside the graph) and returns ``logits``. Returns ``{"path", "bytes", "max_abs_diff"}``.
-    Raises :class:`ExportError`, leaving nothing at ``path``, if writing fails or the
-    onnxruntime output differs from PyTorch by more than ``tolerance``.
+    is inside the graph) and returns ``logits``; the file declares ``opset``. Returns
+    ``{"path", "bytes", "max_abs_diff", "opset"}``. Raises :class:`ExportError`, leaving
+    nothing at ``path``, if writing fails, the file has another opset, or the onnxruntime
+    output differs from PyTorch by more than ``tolerance`` (or is not finite).
     """
+    path = Path(path)
+    _check_target(path)
+    try:
+        return _export_checked(model, spec, path, sample, opset, tolerance)
+    except ExportError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+
+
+def _export_checked(model: nn.Module, spec: ModelSpec, path: Path, sample: np.ndarray | None, opset: int,
+                    tolerance: float) -> dict:
+    """:func:`export_onnx` with errors that do not name the file (the caller knows its name)."""
     import onnx
 
-    path = Path(path)
     model = model.eval().cpu()
-    _check_target(path)
     x = sample if sample is not None else sample_inputs(spec)
     example = torch.from_numpy(_nchw(x[:2] if len(x) >= 2 else np.concatenate([x, x])))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
+    fd, tmp = temp_file_beside(path, ".onnx")
     os.close(fd)
     try:
-        batch = torch.export.Dim("batch", min=1)
-        # The exporter narrates its progress on stdout and logs optional-op notices (e.g. without
-        # torchvision); keep the user's terminal for our report.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
+        # The exporters narrate their progress on stdout and log notices and fallbacks; keep the
+        # user's terminal for our report.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                _quiet_logger("torch.onnx"), _quiet_logger("onnxscript"):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), tmp, input_names=["input"], output_names=["logits"],
-                              opset_version=opset, dynamo=True, external_data=False,
-                              dynamic_shapes=({0: batch},), verbose=False)
+            _torch_export(model, example, tmp, opset)
         proto = onnx.load(tmp, load_external_data=False)
+        if file_opset(proto) != opset:
+            raise ExportError(f"the exporter wrote opset {file_opset(proto)}, not the requested {opset}; "
+                              "choose another opset")
         onnx.checker.check_model(proto)
         if any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
-            raise ExportError(f"{path}: exporter wrote external data; expected one self-contained file")
+            raise ExportError("exporter wrote external data; expected one self-contained file")
         diff = parity(tmp, model, x)
         if not diff <= tolerance:
-            raise ExportError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (> {tolerance:g})")
+            raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> {tolerance:g})")
         os.replace(tmp, path)
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"{path}: ONNX export failed: {_reason(exc)}") from exc
+        raise ExportError(f"ONNX export at opset {opset} failed: {_reason(exc).replace(tmp, path.name)}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff, "opset": opset}
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    """Export with a dynamic batch dimension in ``opset``.
+
+    The torch.export-based exporter writes opset 18 and converts to other opsets afterwards,
+    which fails below 18 for common ops (e.g. Shape-15, ReduceMean-18) and leaves the file at
+    18; below it, the TorchScript exporter writes the requested opset directly.
+    """
+    if opset >= DYNAMO_OPSET:
+        torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
+                          opset_version=opset, dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+    else:
+        torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
+                          opset_version=opset, dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, verbose=False)
 
 
 @contextlib.contextmanager
@@ -129,6 +182,10 @@ def _reason(exc: Exception) -> str:
 
 
 def _check_target(path: Path) -> None:
+    if path.is_dir():
+        raise ExportError(f"{path}: is a folder; give the model file's name, e.g. {path / 'model.onnx'}")
+    if sidecar_path(path).is_dir():
+        raise ExportError(f"{path}: its sidecar {sidecar_path(path)} would replace a folder; choose another name")
     if not path.parent.is_dir():
         raise ExportError(f"{path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
@@ -191,10 +248,12 @@ def quantize_int8(dense_path: Path, out_path: Path, calibration_nhwc: np.ndarray
         prepared.unlink(missing_ok=True)
 
 
-def _session(path: Path):
+def _session(path: str | Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: they reach the user as our one-line error
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -208,10 +267,48 @@ def torch_logits(model: nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(_nchw(x_nhwc))).numpy()
 
 
+def deployment_info(spec: ModelSpec, meta: dict, variant: str, opset: int) -> dict:
+    """What a device needs to run the file: classes and their names, input and output, providers,
+    pattern. It goes into the sidecar and, as JSON, into the file's ``metadata_props``."""
+    h, w, c = spec.input_shape
+    classes = sorted({c_ for cls in meta.get("task_classes", []) for c_ in cls})
+    return {
+        "variant": variant, "opset": opset, "task": meta.get("task"), "classes": classes,
+        "task_classes": meta.get("task_classes"),
+        "class_names": [spec.class_names[i] for i in classes] if spec.class_names else None,
+        "model": spec.model, "num_classes": spec.num_classes,
+        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": [-1, c, h, w],
+                  "stored_shape": [h, w, c], "stored_dtype": spec.dtype,
+                  "normalization_in_graph": spec.normalization},
+        "output": {"name": "logits", "shape": [-1, spec.num_classes]},
+        "pattern": meta.get("pattern"), "providers": meta.get("providers", ["CPUExecutionProvider"]),
+    }
+
+
+def _drop_unused_domains(proto) -> None:
+    """Remove opset imports no node uses (onnxruntime's quantizer adds several that older runtimes reject)."""
+    used = {n.domain for n in proto.graph.node} | {"", "ai.onnx"} | {f.domain for f in proto.functions} \
+        | {n.domain for f in proto.functions for n in f.node}
+    kept = [o for o in proto.opset_import if o.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+
+
+def _set_metadata(proto, info: dict) -> None:
+    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(info))
+
+
 def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant: str, meta: dict,
                    calibration: np.ndarray | None = None, opset: int = 18,
                    test: tuple[np.ndarray, np.ndarray] | None = None, min_l1: float = 0.0) -> dict:
-    """Write ``variant`` of ``model`` to ``path`` plus ``path.json``; return the report (also in the sidecar)."""
+    """Write ``variant`` of ``model`` to ``path`` plus ``path.json``; return the report (also in the sidecar).
+
+    The file declares ``opset`` and carries :func:`deployment_info` in its metadata, so it runs
+    without the sidecar.
+    """
     import onnx
 
     from .structured import shrink
@@ -226,36 +323,48 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
         model_out, structure = shrink(model, min_l1)
     else:
         model_out = model
+    if opset not in OPSETS or (variant == "int8" and opset < INT8_MIN_OPSET):
+        low = INT8_MIN_OPSET if variant == "int8" else OPSETS.start
+        raise ExportError(f"{path}: the {variant} variant cannot be written at opset {opset}; choose an opset "
+                          f"from {low} to {OPSETS.stop - 1}")
     if variant == "int8" and (calibration is None or len(calibration) == 0):
         raise ExportError(f"{path}: INT8 export needs calibration samples, and this snapshot has none "
                           "(the method kept no replay buffer)")
+    info = deployment_info(spec, meta, variant, opset)
     sample = sample_inputs(spec) if test is None else test[0][:64].astype(np.float32)
     dense_tmp = path.with_name(f".{path.name}.dense.onnx")
     final_tmp = path.with_name(f".{path.name}.final.onnx")
     try:
-        report = export_onnx(model_out, spec, dense_tmp, sample=sample, opset=opset)
-        if variant in ("dense", "structured"):
-            os.replace(dense_tmp, final_tmp)
-        elif variant == "sparse":
-            proto = onnx.load(dense_tmp)
-            sparsify_initializers(proto)
-            onnx.save(proto, final_tmp)
-            report["max_abs_diff"] = parity(final_tmp, model_out, sample)
-            if not report["max_abs_diff"] <= PARITY_TOLERANCE:
-                raise ExportError(f"{path}: sparse file differs from PyTorch by {report['max_abs_diff']:.3g}")
-        else:
+        report = _export_checked(model_out, spec, dense_tmp, sample, opset, PARITY_TOLERANCE)
+        if variant == "int8":
             quantize_int8(dense_tmp, final_tmp, calibration)
+            proto = onnx.load(final_tmp)
+        else:
+            proto = onnx.load(dense_tmp)
+            if variant == "sparse":
+                sparsify_initializers(proto)
+        _drop_unused_domains(proto)
+        _set_metadata(proto, info)
+        onnx.save(proto, final_tmp)
+        if file_opset(proto) != opset:
+            raise ExportError(f"the {variant} file declares opset {file_opset(proto)}, not the requested {opset}")
+        if variant == "int8":
             got, want = onnx_logits(final_tmp, sample), torch_logits(model, sample)
-            report["max_abs_diff"] = float(np.abs(got - want).max())
+            report["max_abs_diff"] = max_abs_diff(got, want)
             report["top1_agreement"] = float((got.argmax(1) == want.argmax(1)).mean())
             if report["top1_agreement"] < INT8_MIN_AGREEMENT:
-                raise ExportError(f"{path}: INT8 model agrees with PyTorch on only "
+                raise ExportError(f"INT8 model agrees with PyTorch on only "
                                   f"{100 * report['top1_agreement']:.0f}% of sample predictions")
+        else:
+            report["max_abs_diff"] = parity(final_tmp, model_out, sample)
+            if not report["max_abs_diff"] <= PARITY_TOLERANCE:
+                raise ExportError(f"{variant} file differs from PyTorch by {report['max_abs_diff']:.3g}")
         os.replace(final_tmp, path)
-    except ExportError as exc:  # name the user's file, not our temporary one
-        raise ExportError(str(exc).replace(str(dense_tmp), str(path))) from None
+    except ExportError as exc:  # name the user's file, not our temporary ones
+        raise ExportError(f"{path}: {exc}") from None
     except Exception as exc:
-        raise ExportError(f"{path}: {variant} export failed: {_reason(exc)}") from exc
+        reason = _reason(exc).replace(str(final_tmp), path.name).replace(str(dense_tmp), path.name)
+        raise ExportError(f"{path}: {variant} export failed: {reason}") from exc
     finally:
         dense_tmp.unlink(missing_ok=True)
         final_tmp.unlink(missing_ok=True)
@@ -267,18 +376,8 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
         report["accuracy_onnx"] = float((onnx_logits(path, x).argmax(1) == y).mean())
     import onnxruntime
 
-    h, w, c = spec.input_shape
-    classes = sorted({c_ for cls in meta.get("task_classes", []) for c_ in cls})
     sidecar = {
-        **report, "path": path.name, "task": meta.get("task"), "classes": classes,
-        "task_classes": meta.get("task_classes"),
-        "class_names": [spec.class_names[i] for i in classes] if spec.class_names else None,
-        "model": spec.model, "num_classes": spec.num_classes,
-        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": [-1, c, h, w],
-                  "stored_shape": [h, w, c], "stored_dtype": spec.dtype,
-                  "normalization_in_graph": spec.normalization},
-        "output": {"name": "logits", "shape": [-1, spec.num_classes]},
-        "pattern": meta.get("pattern"), "providers": meta.get("providers", ["CPUExecutionProvider"]),
+        **report, **info, "path": path.name,
         "layer_sparsity": layer_sparsity(model_out), "structure": structure,
         "versions": {"esacl_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,

@@ -4,6 +4,8 @@
 ``weights_only=True``): for a pruned weight ``W``, ``W::values`` (its live entries in order)
 and ``W::mask`` (its mask, 1 bit per weight, ``numpy.packbits`` order); every other entry of
 the model's state dict as it is. ``task_N.json`` says how to rebuild the model.
+``RUN_DIR/profile.yaml`` is a copy of the device profile the run learned with, the default
+for its export.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device.profiles import Profile, load_profile, profile_names, to_yaml
 from ..errors import CheckpointError, SnapshotError
 from ..files import atomic_write, read_json, read_tensors, write_json, write_npz
 from ..models import build_model
 
 SCHEMA = 1
+PROFILE_FILE = "profile.yaml"
 
 
 @dataclass
@@ -165,3 +169,18 @@ def load_snapshot(run_dir: str | Path, task: int) -> tuple[nn.Module, dict]:
 
 def dense_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def write_run_profile(run_dir: str | Path, profile: Profile) -> None:
+    """Keep a copy of the device profile in the run folder."""
+    text = to_yaml(profile).encode("utf-8")
+    atomic_write(Path(run_dir) / PROFILE_FILE, lambda f: f.write(text))
+
+
+def run_profile(run_dir: str | Path, meta: dict) -> Profile:
+    """The profile a run learned with: its copy in the run, else the shipped profile the snapshot
+    names (runs written before the copy was kept), else ``cpu``."""
+    copy = Path(run_dir) / PROFILE_FILE
+    if copy.is_file():
+        return load_profile(copy)
+    return load_profile(meta.get("profile") if meta.get("profile") in profile_names() else "cpu")

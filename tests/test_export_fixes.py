@@ -1,0 +1,275 @@
+"""Export and deployment: the opset asked for is the file's, the run's own profile is the default,
+diverged weights and mismatched streams are refused, the file runs without its sidecar, and
+``eval`` measures any snapshot on any stream."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from esacl_edge.cli import main
+from esacl_edge.data.build import make_stream
+from esacl_edge.deploy.export import parity
+from esacl_edge.deploy.snapshot import load_snapshot
+from esacl_edge.device.profiles import load_profile, to_yaml
+from esacl_edge.errors import ExportError
+from esacl_edge.runner import learn
+
+RUNNER = Path(__file__).resolve().parent.parent / "export" / "run_onnx.py"
+PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory, tiny_stream):
+    """A run of the tiny stream learned with a custom YAML profile: opset 17, CUDA provider first."""
+    root = tmp_path_factory.mktemp("exportfix")
+    profile = root / "mydev.yaml"
+    profile.write_text(to_yaml(load_profile("cpu").replace(name="mydev", batch_size=16, passes_per_chunk=1,
+                                                           buffer_bytes=4480, opset=17, providers=tuple(PROVIDERS))))
+    learn(tiny_stream.root, profile=profile, run_dir=root / "run", sparsity=0.8, progress=False)
+    return {"root": root, "run": root / "run", "stream": tiny_stream.root}
+
+
+def _opset(path):
+    return {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""]
+
+
+def _export(case, out, *args):
+    return main(["export", "--task", "4", str(out), "--run", str(case["run"]), *map(str, args)])
+
+
+def _one_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esacl-edge: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("variant", ["sparse", "dense"])
+@pytest.mark.parametrize("opset", range(13, 19))
+def test_the_file_has_the_opset_asked_for(case, tmp_path, capfd, opset, variant):
+    out = tmp_path / "m.onnx"
+    assert _export(case, out, "--opset", opset, "--variant", variant) == 0
+    captured = capfd.readouterr()
+    assert captured.err == ""  # no exporter or version-converter traceback
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert _opset(out) == side["opset"] == opset and f"opset {opset})" in captured.out
+    assert side["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["structured", "int8"])
+def test_structured_and_int8_honour_the_jetson_nano_opset(case, tmp_path, capfd, variant):
+    out = tmp_path / "m.onnx"
+    assert _export(case, out, "--profile", "jetson_nano", "--variant", variant) == 0
+    assert capfd.readouterr().err == ""
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert _opset(out) == side["opset"] == load_profile("jetson_nano").opset == 13
+    assert side["providers"] == list(load_profile("jetson_nano").providers)
+    assert {o.domain for o in onnx.load(str(out)).opset_import} <= {"", "com.microsoft"}
+
+
+def test_an_opset_the_variant_cannot_have_is_one_error(case, tmp_path, capsys):
+    for args in (("--opset", 30), ("--opset", 12, "--variant", "int8")):
+        assert _export(case, tmp_path / "m.onnx", *args) == 2
+        assert "choose an opset from" in _one_error(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_defaults_to_the_profile_the_run_learned_with(case, tmp_path):
+    assert load_profile(case["run"] / "profile.yaml").providers == tuple(PROVIDERS)
+    assert _export(case, tmp_path / "m.onnx") == 0
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert side["opset"] == _opset(tmp_path / "m.onnx") == 17 and side["providers"] == PROVIDERS
+    assert _export(case, tmp_path / "c.onnx", "--profile", "cpu") == 0  # --profile still wins
+    assert json.loads((tmp_path / "c.onnx.json").read_text())["providers"] == ["CPUExecutionProvider"]
+
+
+def test_a_run_without_its_profile_copy_falls_back_to_the_named_profile(case, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(case["run"], run)
+    (run / "profile.yaml").unlink()
+    meta = json.loads((run / "snapshots" / "task_4.json").read_text())
+    (run / "snapshots" / "task_4.json").write_text(json.dumps({**meta, "profile": "jetson_nano"}))
+    assert main(["export", "--task", "4", str(tmp_path / "m.onnx"), "--run", str(run)]) == 0
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["opset"] == _opset(tmp_path / "m.onnx") == 13
+
+
+def _diverged_run(case, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(case["run"], run)
+    pt = run / "snapshots" / "task_4.pt"
+    tensors = torch.load(pt, weights_only=True)
+    torch.save({k: torch.full_like(t, float("nan")) if t.is_floating_point() else t for k, t in tensors.items()}, pt)
+    return run
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_nan_weights_fail_the_parity_check(case, tmp_path, capsys, opset):
+    run = _diverged_run(case, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export", "--task", "4", str(out / "m.onnx"), "--run", str(run), "--opset", str(opset)]) == 2
+    err = _one_error(capsys)
+    assert err.startswith(f"esacl-edge: error: {out / 'm.onnx'}: ") and "NaN" in err
+    assert not list(out.iterdir())  # nothing left behind
+
+
+def test_parity_of_non_finite_outputs_is_an_error(case, tmp_path):
+    from esacl_edge.deploy.export import max_abs_diff
+
+    model, meta = load_snapshot(case["run"], 0)
+    main(["export", "--task", "0", str(tmp_path / "m.onnx"), "--run", str(case["run"])])
+    x = np.zeros((2, *meta["spec"].input_shape), np.float32)
+    assert parity(tmp_path / "m.onnx", model, x) <= 1e-4
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("inf"))
+    with pytest.raises(ExportError, match="NaN or infinite"):
+        parity(tmp_path / "m.onnx", model, x)
+    with pytest.raises(ExportError, match="onnxruntime outputs NaN"):
+        max_abs_diff(np.array([[np.nan, 0.0]]), np.zeros((1, 2)))
+
+
+@pytest.fixture(scope="module")
+def other_streams(tmp_path_factory):
+    root = tmp_path_factory.mktemp("others")
+    return {"fewer tasks": make_stream("digits", root / "two", tasks=2, chunk_size=24, per_class=5,
+                                       test_per_class=3).root,
+            "input shape": make_stream("digits", root / "big", tasks=5, chunk_size=24, per_class=5,
+                                       test_per_class=3, image_size="16").root}
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+@pytest.mark.parametrize("mismatch,words", [("fewer tasks", "has 2 tasks"), ("input shape", "(16, 16, 1)")])
+def test_a_stream_that_does_not_fit_is_one_error(case, other_streams, tmp_path, capsys, command, mismatch, words):
+    stream = other_streams[mismatch]
+    args = ["export", "--task", "4", str(tmp_path / "m.onnx")] if command == "export" else ["eval"]
+    assert main([*args, "--run", str(case["run"]), "--stream", str(stream)]) == 2
+    err = _one_error(capsys)
+    assert err.startswith(f"esacl-edge: error: {stream}: ") and words in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_into_an_existing_folder_is_one_error_without_temp_names(case, tmp_path, capsys):
+    target = tmp_path / "adir"
+    target.mkdir()
+    assert main(["export", "--task", "0", str(target), "--run", str(case["run"])]) == 2
+    err = _one_error(capsys)
+    assert err.startswith(f"esacl-edge: error: {target}: is a folder") and ".final" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"] and not list(target.iterdir())
+
+
+def test_missing_run_and_task_are_one_error(case, tmp_path, capsys):
+    for run, words in ((tmp_path / "nope", "run directory not found"), (case["run"], "no snapshot for task 9")):
+        assert main(["export", "--task", "9", str(tmp_path / "m.onnx"), "--run", str(run)]) == 2
+        assert words in _one_error(capsys)
+        assert main(["eval", "--task", "9", "--run", str(run)]) == 2
+        assert words in _one_error(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ the device runner
+
+def _device(tmp_path, *args):
+    """export/run_onnx.py in a Python where torch cannot be imported."""
+    fake = tmp_path / "notorch" / "torch"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text("raise ImportError('no torch on this device')\n")
+    env = {"PYTHONPATH": str(fake.parent), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("option,value", [("--batch", 0), ("--batch", -5), ("--repeat", 0), ("--random", 0)])
+def test_device_runner_refuses_counts_below_one(case, tmp_path, option, value):
+    main(["export", "--task", "0", str(tmp_path / "m.onnx"), "--run", str(case["run"])])
+    args = ["--random", "4"] if option != "--random" else []
+    done = _device(tmp_path, tmp_path / "m.onnx", *args, option, value)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"argument {option}: must be an integer >= 1" in done.stderr
+
+
+def test_the_model_file_runs_without_its_sidecar(case, tiny_stream, tmp_path):
+    from esacl_edge.data.stream import load_test
+
+    assert main(["export", "--task", "4", str(tmp_path / "m.onnx"), "--run", str(case["run"])]) == 0
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    (tmp_path / "m.onnx.json").unlink()
+    parts = [load_test(tiny_stream, t) for t in range(5)]
+    np.savez(tmp_path / "d.npz", x=np.concatenate([x for x, _ in parts]), y=np.concatenate([y for _, y in parts]))
+    done = _device(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "d.npz", "--json", tmp_path / "s.json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["accuracy"] == pytest.approx(side["accuracy_onnx"])
+    spec = importlib.util.spec_from_file_location("run_onnx", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    info = runner.load_info(tmp_path / "m.onnx")
+    assert info["providers"] == PROVIDERS and info["classes"] == side["classes"] == list(range(10))
+    assert info["input"] == side["input"] and info["class_names"] == side["class_names"]
+
+
+def test_device_runner_warns_about_labels_the_model_never_learned(case, tiny_stream, tmp_path):
+    from PIL import Image
+
+    from esacl_edge.data.stream import load_test
+
+    assert main(["export", "--task", "1", str(tmp_path / "m.onnx"), "--run", str(case["run"])]) == 0
+    learned = json.loads((tmp_path / "m.onnx.json").read_text())["classes"]
+    (x0, y0), (x2, y2) = load_test(tiny_stream, 0), load_test(tiny_stream, 2)
+    np.savez(tmp_path / "known.npz", x=x0, y=y0)
+    np.savez(tmp_path / "all.npz", x=np.concatenate([x0, x2]), y=np.concatenate([y0, y2]))
+    done = _device(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "known.npz")
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    unknown = sorted(set(y2.tolist()) - set(learned))
+    assert unknown
+    done = _device(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "all.npz")
+    assert done.returncode == 0 and done.stderr.count("\n") == 1
+    assert f"warning: labels include classes {unknown} that the model never learned" in done.stderr
+    folder = tmp_path / "imgs" / str(unknown[0])
+    folder.mkdir(parents=True)
+    Image.fromarray(x2[0, :, :, 0]).save(folder / "a.png")
+    done = _device(tmp_path, tmp_path / "m.onnx", "--images", tmp_path / "imgs")
+    assert done.returncode == 0 and f"classes [{unknown[0]}] that the model never learned" in done.stderr
+
+
+# ------------------------------------------------------------------ eval
+
+def test_eval_of_the_last_snapshot_matches_what_learn_measured(case, tmp_path, capsys):
+    assert main(["eval", "--run", str(case["run"]), "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((case["run"] / "results.json").read_text())
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["task"] == 4 and [r["task"] for r in report["tasks"]] == list(range(5))
+    assert [r["class_il"] for r in report["tasks"]] == pytest.approx(results["acc_matrix_class_il"][-1])
+    assert [r["task_il"] for r in report["tasks"]] == pytest.approx(results["acc_matrix_task_il"][-1])
+    assert report["mean_class_il"] == pytest.approx(results["final_acc_class_il"])
+    assert report["mean_task_il"] == pytest.approx(results["final_acc_task_il"])
+    assert all(f"T{t} " in out for t in range(5)) and f"{100 * report['mean_class_il']:.2f}" in out
+
+
+def test_eval_of_an_earlier_task_on_another_copy_of_the_stream(case, tmp_path, capsys):
+    stream = tmp_path / "moved"
+    shutil.copytree(case["stream"], stream)
+    assert main(["eval", "--run", str(case["run"]), "--task", "1", "--stream", str(stream),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    results = json.loads((case["run"] / "results.json").read_text())
+    assert report["stream"] == str(stream) and len(report["tasks"]) == 2
+    assert [r["class_il"] for r in report["tasks"]] == pytest.approx(results["acc_matrix_class_il"][1])
+    assert [r["task_il"] for r in report["tasks"]] == pytest.approx(results["acc_matrix_task_il"][1])
+
+
+def test_eval_errors_are_one_line(case, tmp_path, capsys):
+    assert main(["eval", "--run", str(case["run"]), "--stream", str(tmp_path / "none")]) == 2
+    assert "manifest not found" in _one_error(capsys)
+    assert main(["eval", "--run", str(case["run"]), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in _one_error(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--run", str(empty)]) == 2
+    assert "no task snapshots" in _one_error(capsys)
