@@ -117,22 +117,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_profiles(args: argparse.Namespace) -> None:
     """``profiles``: list, show or check device profiles."""
+    from .data.stream import classes_problem, shape_problem
     from .device.budget import plan
     from .device.profiles import load_profile, profile_names
     from .learn.methods import get_method
+    from .models import check_input
 
     if args.action == "list":
         reports.print_profiles((name, load_profile(name)) for name in profile_names())
         return
     if not args.name:
         raise EsaclError(f"profiles {args.action} needs a profile name or YAML path")
-    p = load_profile(args.name)
-    if args.action == "show":
-        reports.print_profile(p)
     try:
         h, w, c = (int(v) for v in args.input_shape.split(","))
     except ValueError:
         raise EsaclError(f"--input-shape must be H,W,C, got {args.input_shape!r}") from None
+    if problem := shape_problem((h, w, c)):
+        raise EsaclError(f"--input-shape {problem}")
+    if problem := classes_problem(args.num_classes):
+        raise EsaclError(f"--num-classes {problem}")
+    check_input(args.model, (h, w, c), args.num_classes)
+    p = load_profile(args.name)
+    if args.action == "show":
+        reports.print_profile(p)
     pl = plan(p, args.model, (h, w, c), args.num_classes, get_method(args.method), args.dtype)
     reports.print_plan(p, pl, args.num_classes, args.method, args.dtype)
 
@@ -171,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a data set as a class-incremental chunk stream (uint8 images, one folder per task).",
         epilog="data sets (--dataset):\n"
         "  digits              scikit-learn's bundled 8x8 digits\n"
-        "  npz:PATH            uint8 NHWC arrays x_train, y_train, x_test, y_test (class_names optional)\n"
+        "  npz:PATH            uint8 arrays x_train, y_train, x_test, y_test (class_names optional), images\n"
+        "                      NHWC or NHW (one channel); channels-first NCHW is refused\n"
         "  cifar10, cifar100   torchvision layout: ROOT/cifar-10-batches-py or ROOT/cifar-100-python.\n"
         "                      The official batches are Python pickles, which can run code when loaded:\n"
         "                      they are read only from the --root you name, never from anywhere else.\n"
