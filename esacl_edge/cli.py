@@ -93,22 +93,21 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """``bench``: methods x seeds on one stream, made first from ``--dataset`` if asked."""
-    from .bench import bench, format_table
-    from .data.build import make_stream
+    from .bench import bench, bench_stream, format_table, plan_runs
     from .device.profiles import load_profile
 
     out = Path(args.out)
-    stream = args.stream
-    if stream is None:
-        if args.dataset is None:
-            raise EsaclError("bench needs --stream DIR or --dataset (digits or npz:PATH)")
-        stream = out / "stream"
-        if not (stream / "manifest.json").exists():
-            make_stream(args.dataset, stream, tasks=args.tasks, chunk_size=args.chunk_size, seed=0,
-                        per_class=args.per_class, test_per_class=args.test_per_class)
+    if args.stream is None and args.dataset is None:
+        raise EsaclError("bench needs --stream DIR or --dataset NAME (a make-stream data set)")
+    plan_runs(args.methods.split(","), args.sparsity, args.seeds, args.buffer_bytes)
+    if args.passes is not None and args.passes < 1:
+        raise EsaclError(f"--passes must be >= 1, got {args.passes}")
     profile = load_profile(args.profile)
     if args.passes is not None:
         profile = profile.replace(passes_per_chunk=args.passes)
+    stream = args.stream or bench_stream(out / "stream", args.dataset, root=args.root, tasks=args.tasks,
+                                         chunk_size=args.chunk_size, per_class=args.per_class,
+                                         test_per_class=args.test_per_class)
     report = bench(stream, args.methods.split(","), profile, out, sparsity=args.sparsity, seeds=args.seeds,
                    buffer_bytes=args.buffer_bytes, model=args.model, anytime=args.anytime)
     print(format_table(report["summary"]))
@@ -242,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare methods on one stream over several seeds; table + bench.json")
     src = b.add_mutually_exclusive_group()
     src.add_argument("--stream", help="existing chunk stream folder")
-    src.add_argument("--dataset", help="make a stream first: digits or npz:PATH")
+    src.add_argument("--dataset", help="make a stream first (OUT/stream) from a make-stream data set: digits, "
+                     "npz:PATH, folder:PATH, cifar10, ... (reused only when made with the same options)")
+    b.add_argument("--root", help="with --dataset: folder holding it (cifar10, cifar100, mnist, fashion-mnist, "
+                   "tiny-imagenet)")
     b.add_argument("--tasks", type=int, default=5, help="with --dataset (default: %(default)s)")
     b.add_argument("--chunk-size", type=int, default=64, help="with --dataset (default: %(default)s)")
     b.add_argument("--per-class", type=int, help="with --dataset: training samples per class")

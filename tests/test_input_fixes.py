@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from esacl_edge import models
+from esacl_edge.bench import bench, format_table, summarize
 from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
 from esacl_edge.data.images import parse_image_size
@@ -14,6 +15,7 @@ from esacl_edge.data.stream import load_chunk, read_manifest
 from esacl_edge.device.profiles import load_profile, to_yaml
 from esacl_edge.errors import EsaclError, ProfileError, StreamError
 
+from . import formats
 from .conftest import write_chunk
 
 
@@ -211,3 +213,99 @@ def test_profile_that_is_not_utf8_is_one_line(tmp_path, small_stream, capsys):
     assert main(["learn", "--stream", str(small_stream.root), "--run", str(run), "--profile", str(path)]) == 2
     assert f"{path}: not UTF-8 text" in one_error_line(capsys)
     assert not run.exists()
+
+
+# ------------------------------------------------------------------------------- bench
+@pytest.mark.parametrize("args,expected", [
+    (["--seeds", "0"], "--seeds must be an integer >= 1 (seeds 0..N-1), got 0"),
+    (["--methods", "finetune,esacl@1.5"], "--methods: 'esacl@1.5': sparsity after '@' must be in [0, 1), got 1.5"),
+    (["--methods", "esacl", "--sparsity", "-0.1"], "--sparsity must be in [0, 1), got -0.1"),
+    (["--passes", "0"], "--passes must be >= 1, got 0"),
+    (["--buffer-bytes", "-1"], "--buffer-bytes must be >= 0, got -1"),
+])
+def test_bench_checks_everything_before_making_anything(tmp_path, capsys, args, expected):
+    out = tmp_path / "bench"
+    assert main(["bench", "--dataset", "digits", "--out", str(out), *args]) == 2
+    assert one_error_line(capsys) == f"esacl-edge: error: {expected}"
+    assert not out.exists()
+
+
+def test_bench_api_refuses_no_seeds(small_stream, fast_profile, tmp_path):
+    with pytest.raises(EsaclError, match="--seeds must be an integer >= 1"):
+        bench(small_stream.root, ["finetune"], fast_profile, tmp_path / "out", seeds=0)
+    with pytest.raises(StreamError, match="manifest not found"):
+        bench(tmp_path / "nowhere", ["finetune"], fast_profile, tmp_path / "out", seeds=1)
+    with pytest.raises(EsaclError, match="model resnet18_reduced: input 8x8 is too small"):
+        bench(small_stream.root, ["finetune"], fast_profile, tmp_path / "out", seeds=1, model="resnet18_reduced")
+    assert not (tmp_path / "out").exists()
+    from esacl_edge.bench import plan_runs
+
+    assert plan_runs(["esacl@0.5", "derpp"], 0.9, 1) == [("esacl@0.5", "esacl", 0.5), ("derpp", "derpp", 0.0)]
+
+
+def test_a_failed_run_is_reported_with_one_error_prefix(small_stream, fast_profile, tmp_path):
+    tight = fast_profile.replace(training_peak_bytes=1000)  # no batch fits: learn stops before training
+    with pytest.raises(EsaclError) as err:
+        bench(small_stream.root, ["finetune"], tight, tmp_path / "out", seeds=1, plots=False)
+    assert str(err.value).startswith("run finetune seed 0 failed: profile cpu: budgets.training_peak_bytes")
+    assert "esacl-edge: error" not in str(err.value)
+
+
+def _run(label, seed, acc):
+    from esacl_edge.bench import METRICS
+    return {"label": label, "seed": seed, **{k: 1.0 for k in METRICS}, "final_acc_class_il": acc}
+
+
+def test_table_shows_no_std_for_a_single_seed():
+    one = format_table(summarize([_run("esacl@0.9", 0, 0.5), _run("finetune", 0, 0.25)], ["esacl@0.9", "finetune"]))
+    assert "±" not in one and "50.0" in one and "25.0" in one
+    two = format_table(summarize([_run("esacl@0.9", 0, 0.5), _run("esacl@0.9", 1, 0.7)], ["esacl@0.9"]))
+    assert "±14.1" in two
+    assert len(one.splitlines()[2]) == len(two.splitlines()[2])  # the columns stay aligned
+
+
+def test_bench_refuses_a_stream_made_with_other_options(tmp_path, capsys):
+    out = tmp_path / "bench"
+    make_stream("digits", out / "stream", tasks=2, per_class=5, test_per_class=3)  # by hand: no record
+    argv = ["bench", "--dataset", "digits", "--tasks", "2", "--per-class", "5", "--test-per-class", "3",
+            "--out", str(out)]
+    assert main(argv) == 2
+    err = one_error_line(capsys)
+    assert f"{out / 'stream'}: holds a stream without stream-options.json" in err
+    assert sorted(p.name for p in out.iterdir()) == ["stream"]
+
+
+def test_bench_stream_is_reused_only_with_the_same_options(tmp_path, monkeypatch):
+    from esacl_edge.bench import bench_stream
+
+    stream = tmp_path / "bench" / "stream"
+    opts = {"tasks": 2, "chunk_size": 10, "per_class": 5, "test_per_class": 3}
+    monkeypatch.chdir(tmp_path)
+    np.savez("d.npz", x_train=images(16, 8, 8, 1), y_train=np.arange(16) % 4, x_test=images(8, 8, 8, 1),
+             y_test=np.arange(8) % 4)
+    assert bench_stream(stream, "npz:d.npz", **opts) == stream
+    record = json.loads((tmp_path / "bench" / "stream-options.json").read_text())
+    assert record == {"dataset": f"npz:{tmp_path / 'd.npz'}", "root": None, "seed": 0, **opts}
+    before = (stream / "manifest.json").read_bytes()
+    monkeypatch.chdir(tmp_path / "bench")
+    assert bench_stream(stream, f"npz:{tmp_path / 'd.npz'}", **opts) == stream  # the same file, named otherwise
+    assert (stream / "manifest.json").read_bytes() == before
+    with pytest.raises(EsaclError, match=rf"{stream}: was made with other options \(--tasks: made with 2, "
+                                         rf"asked 4; --per-class: made with 5, asked 4\); choose another --out"):
+        bench_stream(stream, f"npz:{tmp_path / 'd.npz'}", **{**opts, "tasks": 4, "per_class": 4})
+
+
+def test_bench_passes_root_to_make_stream(tmp_path, capsys):
+    from esacl_edge.bench import bench_stream
+
+    root = tmp_path / "cifar"
+    x = images(20, 32, 32, 3)
+    y = np.arange(20) % 10
+    formats.write_cifar(root, x, y, x, y, [f"c{i}" for i in range(10)])
+    m = read_manifest(bench_stream(tmp_path / "b" / "stream", "cifar10", root=root, tasks=2, chunk_size=10,
+                                   per_class=None, test_per_class=None))
+    assert m.name == "cifar10" and m.input_shape == (32, 32, 3)
+    out = tmp_path / "b2"
+    assert main(["bench", "--dataset", "cifar10", "--root", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "cifar-10-batches-py not found under" in one_error_line(capsys)
+    assert not out.exists()
