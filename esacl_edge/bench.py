@@ -17,10 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .data.build import make_stream
+from .data.stream import read_manifest
 from .device.profiles import Profile, to_yaml
 from .errors import EsaclError
-from .files import atomic_write, write_json
+from .files import atomic_write, read_json, write_json
 from .learn.methods import get_method
+from .models import check_input
 
 
 def parse_method(spec: str, default_sparsity: float) -> tuple[str, str, float]:
@@ -33,7 +36,54 @@ def parse_method(spec: str, default_sparsity: float) -> tuple[str, str, float]:
         raise EsaclError(f"--methods: {spec!r}: sparsity after '@' must be a number") from None
     if not method.sparse:
         return name, name, 0.0
+    if not 0.0 <= sparsity < 1.0:
+        where = f"--methods: {spec!r}: sparsity after '@'" if sp else "--sparsity"
+        raise EsaclError(f"{where} must be in [0, 1), got {sparsity:g}")
     return f"{name}@{sparsity:g}", name, sparsity
+
+
+def plan_runs(methods: list[str], sparsity: float, seeds: int,
+              buffer_bytes: int | None = None) -> list[tuple[str, str, float]]:
+    """Check a bench's settings before anything is made; (label, method, sparsity) per entry."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise EsaclError(f"--seeds must be an integer >= 1 (seeds 0..N-1), got {seeds!r}")
+    if buffer_bytes is not None and buffer_bytes < 0:
+        raise EsaclError(f"--buffer-bytes must be >= 0, got {buffer_bytes}")
+    specs = [parse_method(m, sparsity) for m in methods]
+    labels = [label for label, _, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise EsaclError(f"--methods lists the same run twice: {', '.join(labels)}")
+    return specs
+
+
+def _dataset_key(dataset: str) -> str:
+    """``dataset`` with the path of ``npz:``/``folder:`` made absolute, to compare across working folders."""
+    kind, sep, path = dataset.partition(":")
+    return f"{kind}:{Path(path).resolve()}" if sep and kind in ("npz", "folder") else dataset
+
+
+def bench_stream(stream: str | Path, dataset: str, *, root: str | Path | None = None, **options) -> Path:
+    """Make ``stream`` from ``dataset`` (seed 0, make-stream ``options``), recording the options beside it
+    in ``STREAM-options.json``; a stream already there is reused only if it was made with the same ones."""
+    stream = Path(stream)
+    record = stream.parent / f"{stream.name}-options.json"
+    wanted = {"dataset": _dataset_key(dataset), "root": str(Path(root).resolve()) if root is not None else None,
+              "seed": 0, **options}
+    if not (stream / "manifest.json").exists():
+        make_stream(dataset, stream, seed=0, root=root, **options)
+        write_json(record, wanted)
+        return stream
+    if not record.is_file():
+        raise EsaclError(f"{stream}: holds a stream without {record.name}, the record of the options it was made "
+                         f"with; pass --stream {stream} to use it, or choose another --out")
+    made = read_json(record, EsaclError)
+    made = made if isinstance(made, dict) else {}
+    if made != wanted:
+        diff = "; ".join(f"--{k.replace('_', '-')}: made with {made.get(k, 'unknown')}, asked {v}"
+                         for k, v in wanted.items() if made.get(k, "unknown") != v)
+        raise EsaclError(f"{stream}: was made with other options ({diff}); choose another --out, remove {stream}, "
+                         f"or pass --stream {stream} to use it as it is")
+    return stream
 
 
 def machine() -> dict:
@@ -83,7 +133,8 @@ def format_table(rows: list[dict]) -> str:
             + f"{'FLOPs x':>9}{'time x':>8}{'CIL - 1st (per seed)':>34}")
     lines = [head, "-" * len(head)]
     for row in rows:
-        cells = "".join(f"{row[k]['mean'] * s:>10.{d}f} ±{row[k]['std'] * s:<6.{d}f}" for k, _, s, d in COLUMNS)
+        cells = "".join(f"{row[k]['mean'] * s:>10.{d}f}" + (f" ±{row[k]['std'] * s:<6.{d}f}" if row["seeds"] > 1
+                                                          else " " * 8) for k, _, s, d in COLUMNS)
         paired = " ".join(f"{100 * d:+.1f}" for d in row["class_il_minus_first"]["per_seed"])
         lines.append(f"{row['label']:<20}{cells}{row['flops_ratio_to_first']:>9.3f}{row['time_ratio_to_first']:>8.2f}"
                      f"{paired:>34}")
@@ -103,7 +154,7 @@ def _learn_in_subprocess(stream: Path, profile_path: Path, run_dir: Path, name: 
         cmd += ["--anytime"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("esacl-edge: error: ")
         raise EsaclError(f"run {name} seed {seed} failed: {last}")
     return json.loads((run_dir / "results.json").read_text())
 
@@ -112,11 +163,12 @@ def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | P
           seeds: int = 3, buffer_bytes: int | None = None, model: str | None = None, anytime: bool = False,
           plots: bool = True) -> dict:
     """Run every method for every seed (seed-major, so methods share machine conditions)."""
-    specs = [parse_method(m, sparsity) for m in methods]
+    specs = plan_runs(methods, sparsity, seeds, buffer_bytes)
     labels = [label for label, _, _ in specs]
-    if len(set(labels)) != len(labels):
-        raise EsaclError(f"--methods lists the same run twice: {', '.join(labels)}")
     out, stream = Path(out), Path(stream)
+    manifest = read_manifest(stream)
+    if model is not None:
+        check_input(model, manifest.input_shape, manifest.num_classes)
     profile_path = out / "profile.yaml"
     text = to_yaml(profile)
     atomic_write(profile_path, lambda f: f.write(text.encode()))

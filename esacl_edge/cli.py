@@ -114,22 +114,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """``bench``: methods x seeds on one stream, made first from ``--dataset`` if asked."""
-    from .bench import bench, format_table
-    from .data.build import make_stream
+    from .bench import bench, bench_stream, format_table, plan_runs
     from .device.profiles import load_profile
 
     out = Path(args.out)
-    stream = args.stream
-    if stream is None:
-        if args.dataset is None:
-            raise EsaclError("bench needs --stream DIR or --dataset (digits or npz:PATH)")
-        stream = out / "stream"
-        if not (stream / "manifest.json").exists():
-            make_stream(args.dataset, stream, tasks=args.tasks, chunk_size=args.chunk_size, seed=0,
-                        per_class=args.per_class, test_per_class=args.test_per_class)
+    if args.stream is None and args.dataset is None:
+        raise EsaclError("bench needs --stream DIR or --dataset NAME (a make-stream data set)")
+    plan_runs(args.methods.split(","), args.sparsity, args.seeds, args.buffer_bytes)
+    if args.passes is not None and args.passes < 1:
+        raise EsaclError(f"--passes must be >= 1, got {args.passes}")
     profile = load_profile(args.profile)
     if args.passes is not None:
         profile = profile.replace(passes_per_chunk=args.passes)
+    stream = args.stream or bench_stream(out / "stream", args.dataset, root=args.root, tasks=args.tasks,
+                                         chunk_size=args.chunk_size, per_class=args.per_class,
+                                         test_per_class=args.test_per_class)
     report = bench(stream, args.methods.split(","), profile, out, sparsity=args.sparsity, seeds=args.seeds,
                    buffer_bytes=args.buffer_bytes, model=args.model, anytime=args.anytime)
     print(format_table(report["summary"]))
@@ -138,22 +137,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_profiles(args: argparse.Namespace) -> None:
     """``profiles``: list, show or check device profiles."""
+    from .data.stream import classes_problem, shape_problem
     from .device.budget import plan
     from .device.profiles import load_profile, profile_names
     from .learn.methods import get_method
+    from .models import check_input
 
     if args.action == "list":
         reports.print_profiles((name, load_profile(name)) for name in profile_names())
         return
     if not args.name:
         raise EsaclError(f"profiles {args.action} needs a profile name or YAML path")
-    p = load_profile(args.name)
-    if args.action == "show":
-        reports.print_profile(p)
     try:
         h, w, c = (int(v) for v in args.input_shape.split(","))
     except ValueError:
         raise EsaclError(f"--input-shape must be H,W,C, got {args.input_shape!r}") from None
+    if problem := shape_problem((h, w, c)):
+        raise EsaclError(f"--input-shape {problem}")
+    if problem := classes_problem(args.num_classes):
+        raise EsaclError(f"--num-classes {problem}")
+    check_input(args.model, (h, w, c), args.num_classes)
+    p = load_profile(args.name)
+    if args.action == "show":
+        reports.print_profile(p)
     pl = plan(p, args.model, (h, w, c), args.num_classes, get_method(args.method), args.dtype)
     reports.print_plan(p, pl, args.num_classes, args.method, args.dtype)
 
@@ -223,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a data set as a class-incremental chunk stream (uint8 images, one folder per task).",
         epilog="data sets (--dataset):\n"
         "  digits              scikit-learn's bundled 8x8 digits\n"
-        "  npz:PATH            uint8 NHWC arrays x_train, y_train, x_test, y_test (class_names optional)\n"
+        "  npz:PATH            uint8 arrays x_train, y_train, x_test, y_test (class_names optional), images\n"
+        "                      NHWC or NHW (one channel); channels-first NCHW is refused\n"
         "  cifar10, cifar100   torchvision layout: ROOT/cifar-10-batches-py or ROOT/cifar-100-python.\n"
         "                      The official batches are Python pickles, which can run code when loaded:\n"
         "                      they are read only from the --root you name, never from anywhere else.\n"
@@ -296,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_HelpFormatter, epilog=methods_and_models)
     src = b.add_mutually_exclusive_group()
     src.add_argument("--stream", help="existing chunk stream folder")
-    src.add_argument("--dataset", help="make a stream first: digits or npz:PATH")
+    src.add_argument("--dataset", help="make a stream first (OUT/stream) from a make-stream data set: digits, "
+                     "npz:PATH, folder:PATH, cifar10, ... (reused only when made with the same options)")
+    b.add_argument("--root", help="with --dataset: folder holding it (cifar10, cifar100, mnist, fashion-mnist, "
+                   "tiny-imagenet)")
     b.add_argument("--tasks", type=int, default=5, help="with --dataset (default: %(default)s)")
     b.add_argument("--chunk-size", type=int, default=64, help="with --dataset (default: %(default)s)")
     b.add_argument("--per-class", type=int, help="with --dataset: training samples per class")

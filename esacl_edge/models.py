@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.stream import classes_problem, shape_problem
 from .errors import EsaclError
 from .names import MODEL_NAMES
+
+# Smallest H and W per backbone: two 2x2 poolings; three stride-2 stages that must leave more than
+# 1x1 for BatchNorm to train on a single sample.
+MIN_SIDE = {"small_cnn": 4, "resnet18_reduced": 9}
 
 
 class Normalize(nn.Module):
@@ -96,21 +101,35 @@ class ReducedResNet18(nn.Module):
         return self.classifier(out)
 
 
+def check_input(name: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Refuse a backbone name, input shape (H, W, C) or class count that cannot make a model."""
+    if name not in MODEL_NAMES:
+        raise EsaclError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if problem := shape_problem(tuple(input_shape)):
+        raise EsaclError(f"model {name}: input shape {problem}")
+    if problem := classes_problem(num_classes):
+        raise EsaclError(f"model {name}: number of classes {problem}")
+    h, w, _ = input_shape
+    low = MIN_SIDE[name]
+    if min(h, w) < low:
+        fits_small = min(h, w) >= MIN_SIDE["small_cnn"]
+        hint = "choose small_cnn (--model small_cnn)" if fits_small else "resize the images (make-stream --image-size)"
+        raise EsaclError(f"model {name}: input {h}x{w} is too small (needs at least {low}x{low}); {hint}")
+
+
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
                 normalization: dict | None = None) -> nn.Sequential:
     """Build backbone ``name`` for ``input_shape`` = (H, W, C) as the stream stores it.
 
     The result is ``Sequential(Normalize, backbone)`` and takes float32 NCHW input.
     """
+    check_input(name, input_shape, num_classes)
     h, w, c = input_shape
-    if name == "small_cnn":
-        if h < 4 or w < 4:
-            raise EsaclError(f"model small_cnn: input {h}x{w} is too small (needs at least 4x4)")
-        net: nn.Module = SmallCNN(c, h, w, num_classes)
-    elif name == "resnet18_reduced":
-        net = ReducedResNet18(c, num_classes)
-    else:
-        raise EsaclError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    try:
+        net: nn.Module = SmallCNN(c, h, w, num_classes) if name == "small_cnn" else ReducedResNet18(c, num_classes)
+    except (RuntimeError, MemoryError) as exc:  # the weights do not fit in memory
+        raise EsaclError(f"model {name}: cannot allocate its weights for input {h}x{w}x{c} and {num_classes} "
+                         f"classes ({type(exc).__name__}); use smaller images (make-stream --image-size)") from None
     norm = normalization or {}
     return nn.Sequential(Normalize(c, norm.get("scale", 1.0), norm.get("mean"), norm.get("std")), net)
 

@@ -30,13 +30,14 @@ from .sources import (
     load_npz_source,
     pick_per_class,
 )
-from .stream import Manifest, read_manifest
+from .stream import Manifest, classes_problem, read_manifest, shape_problem
 from .write import write_stream
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 NEEDS_ROOT = DOWNLOADABLE + ("tiny-imagenet",)
 NAMES = ("digits", "npz:PATH", "folder:PATH") + NEEDS_ROOT
+MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding and scikit-learn's random_state take 0..2**32-1
 
 
 def read_source(dataset: str, opts: ReadOptions = ReadOptions()) -> Source:
@@ -109,6 +110,24 @@ def _normalization(x: np.ndarray, scale: float) -> dict:
             "std": np.maximum(std * scale, 1e-6).round(6).tolist()}
 
 
+def check_seed(seed: int) -> None:
+    """Refuse a seed that numpy and scikit-learn cannot take."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise StreamError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def check_source(dataset: str, src: Source) -> None:
+    """Refuse images and label spaces that no stream can hold, before anything is written."""
+    shape = src.x_train.shape[1:]
+    if problem := shape_problem(shape):
+        raise StreamError(f"{dataset}: images of shape {shape}: {problem}; --image-size resizes them")
+    if src.x_test.shape[1:] != shape:
+        raise StreamError(f"{dataset}: test images are {src.x_test.shape[1:]} but training images are {shape}; "
+                          "both must have one (H, W, C), or pass --image-size")
+    if problem := classes_problem(src.num_classes):
+        raise StreamError(f"{dataset}: the number of classes (highest label + 1) {problem}")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -135,6 +154,7 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
     temporary folder beside ``out`` and renamed at the end, so a failure leaves no partial ``out``.
     """
     out = Path(out)
+    check_seed(seed)
     _fresh_output(out)
     if chunk_size < 1:
         raise StreamError(f"chunk size must be >= 1, got {chunk_size}")
@@ -148,6 +168,7 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
                        channels=channels, test_fraction=test_fraction, per_class=per_class,
                        test_per_class=test_per_class, seed=seed)
     src = read_source(dataset, opts)
+    check_source(dataset, src)
     order = resolve_class_order(class_order, src.num_classes, seed)
     if classes_per_task is not None:
         if classes_per_task < 1 or src.num_classes % classes_per_task:

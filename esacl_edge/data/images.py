@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import StreamError
 from .sources import ReadOptions, Source, pick_per_class
+from .stream import MAX_SIDE
 
 
 # ---------------------------------------------------------------------------------------- geometry
@@ -20,8 +21,8 @@ def parse_image_size(text: str) -> tuple[int, int]:
     """``"32"`` -> (32, 32); ``"48x64"`` -> (48, 64) as (height, width)."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text or "")
     size = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else None
-    if size is None or not all(1 <= s <= 4096 for s in size):
-        raise StreamError(f"--image-size must be N or HxW with sizes 1..4096, got {text!r}")
+    if size is None or not all(1 <= s <= MAX_SIDE for s in size):
+        raise StreamError(f"--image-size must be N or HxW with sizes 1..{MAX_SIDE}, got {text!r}")
     return size
 
 
@@ -44,6 +45,9 @@ def _to_channels(x: np.ndarray, channels: int | None) -> np.ndarray:
     """Grey <-> RGB; RGB to grey with the ITU-R 601 luma weights (as PIL's ``convert("L")``)."""
     if channels is None or x.shape[3] == channels:
         return x
+    if x.shape[3] not in (1, 3):
+        raise StreamError(f"--channels {channels}: the images have {x.shape[3]} channels; only greyscale and RGB "
+                          "are converted")
     if channels == 3:
         return np.repeat(x, 3, axis=3)
     luma = x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)

@@ -77,8 +77,16 @@ def load_digits_source(seed: int = 0, test_fraction: float = 0.2) -> Source:
     return Source("digits", x_tr, y_tr, x_te, y_te, 10, 1.0 / 16.0, [str(i) for i in range(10)])
 
 
+def _channels_first(shape: tuple[int, ...]) -> bool:
+    """(N, C, H, W) with a usual channel count in front and an image side last, as PyTorch stores images."""
+    return len(shape) == 4 and shape[1] in (1, 3, 4) and shape[3] > 4
+
+
 def load_npz_source(path: str | Path) -> Source:
-    """A file with uint8 NHWC arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``)."""
+    """A file with uint8 arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``).
+
+    Images are NHWC, or NHW for one channel; channels-first (NCHW) arrays are refused, not guessed.
+    """
     path = Path(path)
     if not path.is_file():
         raise StreamError(f"{path}: dataset file not found")
@@ -86,8 +94,14 @@ def load_npz_source(path: str | Path) -> Source:
     names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8 or x.ndim != 4:
-            raise StreamError(f"{path}: x_{split} must be uint8 NHWC, got {x.dtype} with shape {x.shape}")
+        if _channels_first(x.shape):
+            raise StreamError(f"{path}: x_{split} has shape {x.shape}, channels first (NCHW); store it as NHWC "
+                              f"(N, H, W, C), e.g. x_{split}.transpose(0, 2, 3, 1)")
+        if x.dtype != np.uint8 or x.ndim not in (3, 4):
+            raise StreamError(f"{path}: x_{split} must be uint8 NHWC (or NHW for one channel), got {x.dtype} "
+                              f"with shape {x.shape}")
+        if x.ndim == 3:
+            arrays[f"x_{split}"] = x[..., None]
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
             raise StreamError(f"{path}: y_{split} must be 1-D integer labels, one per image")
     y_all = np.concatenate([arrays["y_train"], arrays["y_test"]])

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,31 @@ from ..files import read_json
 FORMAT = "esacl-stream"
 VERSION = 1
 DTYPES = ("uint8", "float32")
+# Sanity limits of a sample and a label space: beyond them a backbone cannot be built on an edge device.
+MAX_SIDE = 1024
+MAX_CHANNELS = 16
+MAX_CLASSES = 100_000
+
+
+def shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why ``shape`` cannot be one sample's (H, W, C), or None when it can."""
+    if len(shape) != 3 or not all(type(v) is int or isinstance(v, np.integer) for v in shape):
+        return f"must be [H, W, C], three integers, got {list(shape)}"
+    h, w, c = (int(v) for v in shape)
+    if min(h, w, c) < 1:
+        return f"must be [H, W, C] with positive sizes, got {[h, w, c]}"
+    if max(h, w) > MAX_SIDE or c > MAX_CHANNELS:
+        return f"{h}x{w}x{c} is out of range: at most {MAX_SIDE} pixels a side and {MAX_CHANNELS} channels"
+    return None
+
+
+def classes_problem(num_classes) -> str | None:
+    """Why ``num_classes`` cannot be a stream's number of classes, or None when it can."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or not 2 <= num_classes <= MAX_CLASSES:
+        got = int(num_classes) if isinstance(num_classes, np.integer) else num_classes
+        return f"must be an integer from 2 to {MAX_CLASSES:,}, got {got!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,13 @@ class Manifest:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+
+def _finite(value, positive: bool = False) -> bool:
+    """A JSON number (not a bool) that is finite, and > 0 if ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300:
+        return False
+    return math.isfinite(value) and (value > 0 or not positive)
 
 
 def _int_list(value, where: str, what: str) -> list[int]:
@@ -115,14 +148,14 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
     if raw.get("version") != VERSION:
         raise StreamError(f"{where}: unsupported version {raw.get('version')!r} (this esacl-edge reads {VERSION})")
     shape = _int_list(raw.get("input_shape"), where, "input_shape")
-    if len(shape) != 3 or min(shape) < 1:
-        raise StreamError(f"{where}: input_shape must be [H, W, C] with positive sizes, got {shape}")
+    if problem := shape_problem(tuple(shape)):
+        raise StreamError(f"{where}: input_shape {problem}")
     dtype = raw.get("dtype")
     if dtype not in DTYPES:
         raise StreamError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     num_classes = raw.get("num_classes")
-    if type(num_classes) is not int or num_classes < 2:
-        raise StreamError(f"{where}: num_classes must be an integer >= 2, got {num_classes!r}")
+    if problem := classes_problem(num_classes):
+        raise StreamError(f"{where}: num_classes {problem}")
     names = raw.get("class_names")
     if names is not None and (not isinstance(names, list) or len(names) != num_classes):
         raise StreamError(f"{where}: class_names must be null or a list of {num_classes} names")
@@ -130,8 +163,13 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
     if not isinstance(norm, dict) or set(norm) - {"scale", "mean", "std"}:
         raise StreamError(f"{where}: normalization must be a mapping with scale, mean, std")
     for key in ("mean", "std"):
-        if key in norm and (not isinstance(norm[key], list) or len(norm[key]) != shape[2]):
-            raise StreamError(f"{where}: normalization.{key} must list one number per channel ({shape[2]})")
+        if key in norm and (not isinstance(norm[key], list) or len(norm[key]) != shape[2]
+                            or not all(_finite(v, positive=key == "std") for v in norm[key])):
+            what = "positive number" if key == "std" else "number"
+            raise StreamError(f"{where}: normalization.{key} must list one finite {what} per channel ({shape[2]}), "
+                              f"got {norm[key]!r}")
+    if "scale" in norm and not _finite(norm["scale"], positive=True):
+        raise StreamError(f"{where}: normalization.scale must be a positive number, got {norm['scale']!r}")
     tasks_raw = raw.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise StreamError(f"{where}: tasks must be a non-empty list")
@@ -211,8 +249,13 @@ def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...],
     if x.dtype != np.dtype(manifest.dtype):
         raise StreamError(f"{where}: x has dtype {x.dtype}, the manifest says {manifest.dtype}")
     if x.ndim != 4 or tuple(x.shape[1:]) != manifest.input_shape:
-        raise StreamError(f"{where}: x has shape {tuple(x.shape)}, expected (N, "
-                          f"{', '.join(map(str, manifest.input_shape))})")
+        h, w, c = manifest.input_shape
+        hint = ""
+        if x.ndim == 4 and tuple(x.shape[1:]) == (c, h, w) and c != h:
+            hint = " (x is channels-first, NCHW: store it as NHWC, x.transpose(0, 2, 3, 1))"
+        elif x.ndim == 3 and tuple(x.shape[1:]) == (h, w) and c == 1:
+            hint = " (x has no channel axis: store x[..., None])"
+        raise StreamError(f"{where}: x has shape {tuple(x.shape)}, expected (N, {h}, {w}, {c}){hint}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise StreamError(f"{where}: y must be a 1-D integer array, got {y.dtype} with shape {tuple(y.shape)}")
     if len(x) != len(y):

@@ -190,7 +190,14 @@ def load_profile(name_or_path: str | Path) -> Profile:
     if text_path.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise ProfileError(f"{path}: profile file not found")
-        where, text = str(path), path.read_text(encoding="utf-8")
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                               "save the profile as UTF-8") from None
+        except OSError as exc:
+            raise ProfileError(f"{path}: cannot read the profile: {exc.strerror}") from None
     else:
         res = _folder() / f"{text_path}.yaml"
         if not res.is_file():
