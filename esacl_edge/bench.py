@@ -102,8 +102,10 @@ COLUMNS = [("final_acc_class_il", "Class-IL %", 100, 1), ("final_acc_task_il", "
 
 
 def _stats(vals: list[float]) -> dict:
+    """Mean and std of the values that exist (a diverged run has none); NaN when none does."""
     a = np.array(vals, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+    a = a[~np.isnan(a)]
+    return {"mean": float(a.mean()) if len(a) else float("nan"), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
 def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
@@ -113,7 +115,7 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
     by_seed = {(r["label"], r["seed"]): r for r in runs}
     for label in labels:
         mine = [r for r in runs if r["label"] == label]
-        row: dict = {"label": label, "seeds": len(mine)}
+        row: dict = {"label": label, "seeds": len(mine), "diverged": sum(bool(r.get("diverged")) for r in mine)}
         for key in METRICS:
             row[key] = _stats([r[key] if r.get(key) is not None else np.nan for r in mine])
         rows.append(row)
@@ -121,7 +123,8 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
     for row in rows:
         row["flops_ratio_to_first"] = row["train_flops"]["mean"] / max(ref["train_flops"]["mean"], 1e-30)
         row["time_ratio_to_first"] = row["train_seconds"]["mean"] / max(ref["train_seconds"]["mean"], 1e-30)
-        seeds = sorted(s for label, s in by_seed if label == row["label"] and (ref["label"], s) in by_seed)
+        seeds = sorted(s for label, s in by_seed if label == row["label"] and (ref["label"], s) in by_seed
+                       and not by_seed[(label, s)].get("diverged") and not by_seed[(ref["label"], s)].get("diverged"))
         diffs = [by_seed[(row["label"], s)]["final_acc_class_il"] - by_seed[(ref["label"], s)]["final_acc_class_il"]
                  for s in seeds]
         row["class_il_minus_first"] = {**_stats(diffs), "per_seed": diffs}
@@ -136,7 +139,8 @@ def format_table(rows: list[dict]) -> str:
         cells = "".join(f"{row[k]['mean'] * s:>10.{d}f}" + (f" ±{row[k]['std'] * s:<6.{d}f}" if row["seeds"] > 1
                                                           else " " * 8) for k, _, s, d in COLUMNS)
         paired = " ".join(f"{100 * d:+.1f}" for d in row["class_il_minus_first"]["per_seed"])
-        lines.append(f"{row['label']:<20}{cells}{row['flops_ratio_to_first']:>9.3f}{row['time_ratio_to_first']:>8.2f}"
+        label = row["label"] + (f" ({row['diverged']} diverged)" if row.get("diverged") else "")
+        lines.append(f"{label:<20}{cells}{row['flops_ratio_to_first']:>9.3f}{row['time_ratio_to_first']:>8.2f}"
                      f"{paired:>34}")
     return "\n".join(lines)
 
@@ -155,6 +159,8 @@ def _learn_in_subprocess(stream: Path, profile_path: Path, run_dir: Path, name: 
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("esacl-edge: error: ")
+        if "training diverged" in last:  # a result of the method, not a failure of the bench
+            return {"seed": seed, "method": name, "diverged": last}
         raise EsaclError(f"run {name} seed {seed} failed: {last}")
     return json.loads((run_dir / "results.json").read_text())
 

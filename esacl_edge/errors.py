@@ -26,4 +26,10 @@ class CheckpointError(EsaclError):
 
 
 class DivergenceError(EsaclError):
-    """Training diverged (a non-finite or exploding loss, or non-finite weights): the model is unusable."""
+    """Training diverged (a non-finite or exploding loss, or non-finite weights): the model is unusable.
+
+    ``reason`` says what happened without the advice for API users, for callers that give their own."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message

@@ -71,18 +71,24 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
     plt = _pyplot()
     out = Path(out)
     labels = [row["label"] for row in report["summary"]]
-    runs = report["runs"]
+    runs = [r for r in report["runs"] if not r.get("diverged")]  # a diverged run has no results to draw
     paths = []
 
     # Accuracy matrices (Class-IL), mean over seeds, one panel per method, one colour bar.
     fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 1, 3.2), squeeze=False,
                              layout="constrained")
+    image = None
     for ax, label in zip(axes[0], labels):
         mats = [_square(r["acc_matrix_class_il"]) for r in runs if r["label"] == label]
+        if not mats:
+            ax.set_title(f"{label}: every run diverged", fontsize=9)
+            ax.axis("off")
+            continue
         with warnings.catch_warnings():  # the upper triangle is all-NaN by design
             warnings.simplefilter("ignore", RuntimeWarning)
             image = _heatmap(ax, np.nanmean(np.stack(mats), axis=0), label)
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
     fig.suptitle(f"Class-IL accuracy (%), mean over {report.get('seeds', 1)} seeds: row = after task i, "
                  "column = task j", fontsize=10)
     paths.append(_save(plt, fig, out / "acc_matrix_class_il.png"))

@@ -228,9 +228,10 @@ class _Job:
         try:
             chunk, info = self.timed(read_and_learn)
         except DivergenceError as exc:
-            raise DivergenceError(f"{self.manifest.path(task.chunks[i])}: {exc} ({self.run_dir / 'state'} holds "
-                                  "it; the same command with --lr lower, or --overwrite after fixing the stream)"
-                                  ) from None
+            kept = (f"{self.run_dir / 'state'} keeps the state from before this chunk" if self.record.consumed
+                    else "nothing was saved")
+            raise DivergenceError(f"{self.manifest.path(task.chunks[i])}: {exc.reason}; {kept}: fix the cause, then "
+                                  "run with --overwrite") from None
         self.record.samples_learned += len(chunk.y)
         self.record.consumed.append({"task": t, "chunk": task.chunks[i], "sha256": chunk.sha256})
         self.consumed[task.chunks[i]] = self.record.consumed[-1]

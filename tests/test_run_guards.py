@@ -54,9 +54,8 @@ def one_error(capsys) -> str:
 
 
 # ---------------------------------------------------------------- divergence
-def test_a_diverging_stream_stops_with_one_error_and_keeps_the_state_before_it(tmp_path, capsys, profile):
-    """Float32 pixels x 1e4 with no normalization: the loss explodes; the run must not end 'complete'."""
-    root = tmp_path / "loud"
+def loud_stream(root):
+    """Float32 pixels x 1e4 with no normalization: training on it explodes."""
     make_stream("digits", root, tasks=2, chunk_size=20, seed=0, per_class=20, test_per_class=5)
     m = json.loads((root / "manifest.json").read_text())
     for task in m["tasks"]:
@@ -65,12 +64,27 @@ def test_a_diverging_stream_stops_with_one_error_and_keeps_the_state_before_it(t
                 write_chunk(root / rel, d["x"].astype(np.float32) * 1e4, d["y"])
     m.update(dtype="float32", normalization={})
     (root / "manifest.json").write_text(json.dumps(m))
+    return root
+
+
+def test_a_diverging_stream_stops_with_one_error_and_keeps_the_state_before_it(tmp_path, capsys, profile):
+    root = loud_stream(tmp_path / "loud")
     run = tmp_path / "run"
     assert learn(root, run, profile, "--lr", 0.5) == 2
     err = one_error(capsys)
     assert "training diverged" in err and "task0/chunk0000.npz" in err, err
     assert not (run / "results.json").exists()
     assert not (run / "state").exists()  # the first chunk diverged: there was no state before it
+    assert "nothing was saved" in err
+
+
+def test_bench_reports_a_diverged_run_and_goes_on(tmp_path, capsys):
+    root = loud_stream(tmp_path / "loud")
+    assert main(["bench", "--stream", str(root), "--methods", "finetune", "--seeds", "1", "--passes", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "finetune (1 diverged)" in capsys.readouterr().out
+    run = json.loads((tmp_path / "b" / "bench.json").read_text())["runs"][0]
+    assert "training diverged" in run["diverged"] and "final_acc_class_il" not in run
 
 
 def test_observe_stops_on_a_non_finite_loss_and_refuses_bad_inputs(digits_norm):

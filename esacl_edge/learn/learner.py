@@ -146,9 +146,9 @@ class StreamingLearner:
         if finite and not bad_loss:
             return
         what = f"the loss reached {loss:.3g}" if bad_loss else "the weights became NaN or Inf"
-        raise DivergenceError(f"training diverged on this chunk of task {self.progress.task}: {what}. Check the "
-                              "inputs' scale (a stream's normalization) or lower the learning rate; the model is "
-                              "unusable now: continue from the state saved before this chunk")
+        reason = (f"training diverged on this chunk of task {self.progress.task}: {what} (check the inputs' scale, "
+                  "i.e. the stream's normalization, or lower the learning rate)")
+        raise DivergenceError(f"{reason}; the model is unusable now: restore a saved state (load_state)", reason)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision as the profile asks on this device (a no-op in fp32)."""
