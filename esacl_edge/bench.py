@@ -124,7 +124,8 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
         row["flops_ratio_to_first"] = row["train_flops"]["mean"] / max(ref["train_flops"]["mean"], 1e-30)
         row["time_ratio_to_first"] = row["train_seconds"]["mean"] / max(ref["train_seconds"]["mean"], 1e-30)
         seeds = sorted(s for label, s in by_seed if label == row["label"] and (ref["label"], s) in by_seed
-                       and not by_seed[(label, s)].get("diverged") and not by_seed[(ref["label"], s)].get("diverged"))
+                       and by_seed[(label, s)].get("final_acc_class_il") is not None
+                       and by_seed[(ref["label"], s)].get("final_acc_class_il") is not None)
         diffs = [by_seed[(row["label"], s)]["final_acc_class_il"] - by_seed[(ref["label"], s)]["final_acc_class_il"]
                  for s in seeds]
         row["class_il_minus_first"] = {**_stats(diffs), "per_seed": diffs}

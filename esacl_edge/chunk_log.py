@@ -1,10 +1,11 @@
 """``RUN/metrics.jsonl``: one JSON line per learned chunk, for following a run as it learns.
 
 Each line: ``chunk`` (its number in the run, from 0), ``task``, ``file``, ``samples``, ``loss`` (mean
-training loss of the chunk's last pass), ``density`` (live prunable weights after the chunk),
-``seconds`` (its training time), ``samples_per_second``, and with ``--anytime`` ``anytime_acc_class_il``.
-A line is appended once the chunk's state is saved; on resume, lines for chunks the saved state does
-not hold (a crash between the two) are dropped first, so each learned chunk has exactly one line.
+training loss over the chunk's steps; null when nothing was trained), ``density`` (live prunable
+weights after the chunk), ``seconds`` (its training time, reading included), ``samples_per_second``,
+and with ``--anytime`` ``anytime_acc_class_il``. A line is appended just before the chunk's state is
+saved; on resume, lines for chunks the saved state does not hold (a crash between the two) are
+dropped first, so each learned chunk has exactly one line.
 """
 
 from __future__ import annotations

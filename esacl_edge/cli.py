@@ -71,6 +71,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .runner import learn
 
     profile = load_profile(args.profile)
+    for option, value in (("--passes", args.passes), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise EsaclError(f"{option} must be >= 1, got {value}")
     overrides = {"device": args.device, "passes_per_chunk": args.passes, "batch_size": args.batch_size}
     profile = profile.replace(**{k: v for k, v in overrides.items() if v is not None})
     apply_threads(profile)
@@ -182,17 +185,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     reports.print_export(export_task(run, last, out / f"model_task{last}.onnx"))
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 class _HelpFormatter(argparse.HelpFormatter):
     """Wraps descriptions as usual, but prints a text with line breaks (a list of names) as written."""
 
@@ -291,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --follow: end (finishing the open task) after this many seconds without a new chunk")
     l.add_argument("--anytime", action="store_true", help="also evaluate after every chunk (anytime accuracy)")
     l.add_argument("--device", choices=("cpu", "cuda"), help="train on this device instead of the profile's")
-    l.add_argument("--passes", type=_positive_int, help="passes over each chunk instead of the profile's")
-    l.add_argument("--batch-size", type=_positive_int, help="minibatch size instead of the profile's (the memory "
+    l.add_argument("--passes", type=int, help="passes over each chunk instead of the profile's")
+    l.add_argument("--batch-size", type=int, help="minibatch size instead of the profile's (the memory "
                    "budget may lower it)")
     l.add_argument("--lr", type=float, help="SGD learning rate instead of the method's")
     l.add_argument("--pattern", choices=("2:4",), help="N:M structured sparsity for TensorRT sparse tensor cores")

@@ -16,7 +16,15 @@ import torch
 
 
 def umask() -> int:
-    """The process umask (read by setting it and putting it back)."""
+    """The process umask: from ``/proc/self/status`` where there is one (reading it changes nothing),
+    else by setting it and putting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -29,7 +29,8 @@ def forgetting(matrix: Matrix) -> float | None:
     t = len(matrix)
     if t < 2:
         return 0.0
-    return _mean([max(matrix[i][j] for i in range(j, t - 1)) - matrix[-1][j] for j in _tested(matrix) if j < t - 1])
+    best = {j: [matrix[i][j] for i in range(j, t - 1) if matrix[i][j] is not None] for j in _tested(matrix) if j < t - 1}
+    return _mean([max(seen) - matrix[-1][j] for j, seen in best.items() if seen])
 
 
 def backward_transfer(matrix: Matrix) -> float | None:
@@ -37,7 +38,7 @@ def backward_transfer(matrix: Matrix) -> float | None:
     t = len(matrix)
     if t < 2:
         return 0.0
-    return _mean([matrix[-1][j] - matrix[j][j] for j in _tested(matrix) if j < t - 1])
+    return _mean([matrix[-1][j] - matrix[j][j] for j in _tested(matrix) if j < t - 1 and matrix[j][j] is not None])
 
 
 def learning_accuracy(matrix: Matrix) -> float | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import shutil
 import signal
 import sys
@@ -141,11 +144,18 @@ class _Job:
             raise EsaclError(f"{self.run_dir}: cannot write {what} ({exc.strerror or exc})") from None
 
     def save(self, line: dict | None = None) -> None:
-        """Save the learner's state; then append a learned chunk's ``line`` to the chunk log."""
+        """Append a learned chunk's ``line`` to the chunk log, then save the learner's state (a line whose
+        state a crash lost is dropped on resume: see ``chunk_log.trim``)."""
         self._touch()
-        self.learner.save_state(self.run_dir, asdict(self.record))
+        size = self.log.stat().st_size if self.log.exists() else 0
         if line is not None:
             self.write("the chunk log", chunk_log.append, self.log, line)
+        try:
+            self.learner.save_state(self.run_dir, asdict(self.record))
+        except BaseException:
+            with contextlib.suppress(OSError):  # leave the log as the last saved state knows it
+                os.truncate(self.log, size)
+            raise
 
     def write_plots(self, results: dict) -> None:
         """The run's accuracy-matrix and sparsity plots (a plotting failure only warns: the results stand)."""
@@ -213,38 +223,61 @@ class _Job:
         self.record.train_seconds += time.perf_counter() - start - self.untimed
         return out
 
-    def learn_chunk(self, t: int, i: int) -> dict:
-        learner, task = self.learner, self.manifest.tasks[t]
+    def read_chunk(self, t: int, i: int) -> Chunk | None:
+        """Read and check chunk ``i`` of task ``t`` (timed). Under --follow, a chunk that does not read yet
+        (a producer may still be writing it under its final name) gives None for a few polls first."""
+        rel = self.manifest.tasks[t].chunks[i]
+        try:
+            return self.timed(load_chunk, self.manifest, t, i)
+        except StreamError as exc:
+            waited = self.unreadable.get(rel, 0)
+            if not self.follow or waited >= CHUNK_RETRIES:
+                raise
+            self.unreadable[rel] = waited + 1
+            warnings.warn(f"{exc}; waiting for it to be complete ({waited + 1} of {CHUNK_RETRIES})",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+    def diverged(self, exc: DivergenceError, where: Path) -> DivergenceError:
+        """The learner's divergence as the job reports it: where, and what is kept."""
+        kept = (f"{self.run_dir / 'state'} keeps the state from before it" if self.record.consumed
+                else "nothing was saved")
+        return DivergenceError(f"{where}: {exc.reason}; {kept}: fix the cause, then run with --overwrite")
+
+    def learn_chunk(self, chunk: Chunk, read_seconds: float) -> dict:
+        """Learn a chunk that was read; returns its line of the chunk log."""
+        learner, task = self.learner, self.manifest.tasks[chunk.task]
         known = not self.follow or task.complete
-
-        def read_and_learn() -> tuple:  # train time includes reading and validating the chunk
-            chunk = load_chunk(self.manifest, t, i)
-            # The learner's task driver ends the open task on a new task's chunk, and a task of known
-            # length after its last chunk; each end calls task_ended.
-            return chunk, learner.observe(chunk.x, chunk.y, t, len(task.chunks) if known else None,
-                                          list(task.classes))
-
+        rel = task.chunks[chunk.index]
+        # The learner's task driver ends the open task on a new task's chunk, and a task of known
+        # length after its last chunk; each end calls task_ended.
         before = self.record.train_seconds
         try:
-            chunk, info = self.timed(read_and_learn)
+            info = self.timed(learner.observe, chunk.x, chunk.y, chunk.task, len(task.chunks) if known else None,
+                              list(task.classes))
         except DivergenceError as exc:
-            kept = (f"{self.run_dir / 'state'} keeps the state from before this chunk" if self.record.consumed
-                    else "nothing was saved")
-            raise DivergenceError(f"{self.manifest.path(task.chunks[i])}: {exc.reason}; {kept}: fix the cause, then "
-                                  "run with --overwrite") from None
+            raise self.diverged(exc, chunk.path) from None
         self.record.samples_learned += len(chunk.y)
-        self.record.consumed.append({"task": t, "chunk": task.chunks[i], "sha256": chunk.sha256})
-        self.consumed[task.chunks[i]] = self.record.consumed[-1]
-        seconds = self.record.train_seconds - before
-        line = {"chunk": len(self.record.consumed) - 1, "task": t, "file": task.chunks[i], "samples": len(chunk.y),
-                "loss": info["loss"], "density": info["density"], "seconds": seconds,
-                "samples_per_second": len(chunk.y) / seconds if seconds > 0 else None}
+        self.record.consumed.append({"task": chunk.task, "chunk": rel, "sha256": chunk.sha256})
+        self.consumed[rel] = self.record.consumed[-1]
+        seconds = self.record.train_seconds - before + read_seconds
+        line = {"chunk": len(self.record.consumed) - 1, "task": chunk.task, "file": rel, "samples": len(chunk.y),
+                "loss": info["loss"] if math.isfinite(info["loss"]) else None, "density": info["density"],
+                "seconds": seconds, "samples_per_second": len(chunk.y) / seconds if seconds > 0 else None}
         if self.anytime:
-            seen = [learner.evaluate(*self.test(self.manifest, j), task=j)["class_il"] for j in range(t + 1)
-                    if self.manifest.tasks[j].test]
+            seen = [learner.evaluate(*self.test(self.manifest, j), task=j)["class_il"]
+                    for j in range(chunk.task + 1) if self.manifest.tasks[j].test]
             self.record.anytime_c.append(sum(seen) / len(seen) if seen else None)
             line["anytime_acc_class_il"] = self.record.anytime_c[-1]
         return line
+
+    def end_task(self) -> None:
+        """End the open task (timed) and save."""
+        try:
+            self.timed(self.learner.end_task)
+        except DivergenceError as exc:
+            raise self.diverged(exc, self.stream_dir / "manifest.json") from None
+        self.save()
 
     def task_over(self, manifest: Manifest) -> bool:
         """Whether the open task can get no more chunks."""
@@ -254,21 +287,15 @@ class _Job:
     def learn_pending(self, bar: tqdm, stop: _StopSignals) -> bool:
         """Learn the chunks that are there, saving after each; False when one did not read yet (--follow)."""
         for t, i in self.pending(self.manifest):
-            rel = self.manifest.tasks[t].chunks[i]
-            try:
-                line = self.learn_chunk(t, i)
-            except StreamError as exc:
-                # A producer may still be writing the chunk under its final name: wait a few polls.
-                waited = self.unreadable.get(rel, 0)
-                if not self.follow or waited >= CHUNK_RETRIES:
-                    raise
-                self.unreadable[rel] = waited + 1
-                warnings.warn(f"{exc}; waiting for it to be complete ({waited + 1} of {CHUNK_RETRIES})",
-                              RuntimeWarning, stacklevel=2)
+            before = self.record.train_seconds
+            chunk = self.read_chunk(t, i)
+            if chunk is None:
                 return False
+            line = self.learn_chunk(chunk, self.record.train_seconds - before)
             self.save(line)
             bar.update(1)
-            bar.set_postfix(task=t, loss=f"{line['loss']:.3f}", density=fixed(self.learner.density, 3))
+            bar.set_postfix(task=t, loss="n/a" if line["loss"] is None else f"{line['loss']:.3f}",
+                            density=fixed(self.learner.density, 3))
             if stop.signal is not None:
                 break
         return True
@@ -281,11 +308,10 @@ class _Job:
             if stop.signal is not None:
                 break
             if complete and self.task_over(self.manifest):
-                self.timed(self.learner.end_task)
-                self.save()
+                self.end_task()
             if not self.follow:
                 break
-            if len(self.record.consumed) > consumed:
+            if len(self.record.consumed) > consumed or not complete:  # waiting for a chunk is not idle
                 idle_since, consumed = time.monotonic(), len(self.record.consumed)
             elif max_idle is not None and time.monotonic() - idle_since >= max_idle:
                 self.follow = False  # the stream has ended: close the open task
@@ -367,7 +393,8 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         if diff := _settings_differ(record.settings, settings):
             raise EsaclError(f"{run_dir}: holds a run with other settings ({diff}); resume with the same "
                              "settings, or pass --overwrite or another --run")
-        record.settings["stream"] = settings["stream"]
+        # A run saved before a setting was recorded adopts this job's, and later resumes must repeat it.
+        record.settings = {**settings, **record.settings, "stream": settings["stream"]}
 
     with run_lock(run_dir):
         if overwrite or not learner.load_state(run_dir, same_job):

@@ -4,6 +4,7 @@ log, overrides of the profile, and bad learner input through the API."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def test_an_unwritable_run_folder_is_one_error(stream, tmp_path, capsys, profile
 
 
 def test_files_follow_the_umask(tmp_path, profile):
-    old = os.umask(0o022)
+    old = os.umask(0o027)
     try:
         s = make_stream("digits", tmp_path / "stream", tasks=2, chunk_size=40, seed=0, per_class=20,
                         test_per_class=5)
@@ -164,7 +165,7 @@ def test_files_follow_the_umask(tmp_path, profile):
              if p.is_file()]
     assert len(files) > 10
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
-    assert set(modes.values()) == {0o644}, {n: oct(m) for n, m in modes.items() if m != 0o644}
+    assert set(modes.values()) == {0o640}, {n: oct(m) for n, m in modes.items() if m != 0o640}
 
 
 # ---------------------------------------------------------------- the stream
@@ -236,9 +237,8 @@ def test_overrides_are_applied_recorded_and_pinned_on_resume(stream, tmp_path, c
     capsys.readouterr()
     assert learn(stream.root, run, profile, "--passes", 2, "--batch-size", 4, "--lr", 0.1) == 2
     assert "lr 0.05 -> 0.1" in one_error(capsys)
-    with pytest.raises(SystemExit, match="2"):
-        learn(stream.root, run, profile, "--passes", 0)
-    assert "--passes: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    assert learn(stream.root, run, profile, "--passes", 0) == 2
+    assert "--passes must be >= 1, got 0" in one_error(capsys)
 
 
 def test_the_chunk_log_has_one_line_per_chunk_across_a_resume(stream, tmp_path, profile):
@@ -266,3 +266,77 @@ def test_a_buffer_too_small_for_one_sample_is_reported(capsys):
     with pytest.warns(RuntimeWarning, match="holds no sample .one takes 112 bytes.: esacl runs without replay"):
         StreamingLearner("small_cnn", "cpu", num_classes=10, input_shape=(8, 8, 1), input_dtype="uint8",
                          buffer_bytes=100)
+
+
+def test_follow_does_not_mistake_a_bad_test_split_for_a_chunk_being_written(stream, tmp_path, capsys, profile):
+    (stream.root / "test/task2.npz").write_bytes(b"not a test split")
+    edit_manifest(stream.root, lambda m: m["tasks"][2].update(complete=True))
+    assert learn(stream.root, tmp_path / "run", profile, "--follow", "--poll", 0.05, "--max-idle", 1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("waiting for it to be complete" in line for line in err), err
+    assert err[-1].startswith("esacl-edge: error: ") and "test/task2.npz" in err[-1], err
+
+
+def test_training_at_a_task_end_is_checked_for_divergence(monkeypatch, digits_norm):
+    from esacl_edge.learn.joint import Joint
+
+    end_task = Joint.end_task
+
+    def exploding(self, learner):
+        end_task(self, learner)
+        next(learner.model.parameters()).data.fill_(float("nan"))
+
+    monkeypatch.setattr(Joint, "end_task", exploding)
+    learner = StreamingLearner("small_cnn", load_profile("cpu").replace(passes_per_chunk=1, batch_size=8),
+                               num_classes=4, input_shape=(8, 8, 1), input_dtype="float32",
+                               normalization=digits_norm, method="joint")
+    learner.observe(np.ones((8, 8, 8, 1), np.float32), np.arange(8) % 2, 0)
+    with pytest.raises(DivergenceError, match="at the end of task 0: the weights became NaN"):
+        learner.end_task()
+    assert 0 not in learner.snapshots
+
+
+def test_metrics_leave_out_tasks_measured_only_later():
+    from esacl_edge.metrics import backward_transfer, forgetting
+
+    matrix = [[0.5], [0.4, None], [0.3, 0.6, 0.7]]  # task 1's test split arrived after task 1 ended
+    assert forgetting(matrix) == pytest.approx(0.2)
+    assert backward_transfer(matrix) == pytest.approx(-0.2)
+
+
+def test_bench_summary_pairs_only_seeds_with_a_result():
+    from esacl_edge.bench import summarize
+
+    runs = [{"label": "a", "seed": 0, "final_acc_class_il": 0.5}, {"label": "b", "seed": 0, "final_acc_class_il": None},
+            {"label": "a", "seed": 1, "final_acc_class_il": 0.4}, {"label": "b", "seed": 1, "final_acc_class_il": 0.6}]
+    rows = summarize(runs, ["a", "b"])
+    assert rows[1]["class_il_minus_first"]["per_seed"] == [pytest.approx(0.2)]
+    assert rows[1]["final_acc_class_il"]["mean"] == pytest.approx(0.6)
+
+
+def test_a_run_saved_without_the_new_settings_adopts_them_then_pins_them(stream, tmp_path, capsys, profile):
+    run = tmp_path / "run"
+    full = json.loads((stream.root / "manifest.json").read_text())
+    edit_manifest(stream.root, lambda m: m.update(tasks=m["tasks"][:1]))
+    assert learn(stream.root, run, profile) == 0
+    latest = run / "state" / json.loads((run / "state" / "LATEST").read_text())["checkpoint"] / "state.json"
+    saved = json.loads(latest.read_text())
+    for key in ("device", "passes", "batch_size", "lr"):  # as a run saved by esacl-edge 0.3
+        del saved["extra"]["settings"][key]
+    latest.write_text(json.dumps(saved))
+    edit_manifest(stream.root, lambda m: m.update(tasks=full["tasks"][:2]))
+    assert learn(stream.root, run, profile, "--lr", 0.05) == 0
+    assert json.loads((run / "results.json").read_text())["settings"]["lr"] == 0.05
+    (stream.root / "manifest.json").write_text(json.dumps(full))
+    capsys.readouterr()
+    assert learn(stream.root, run, profile) == 2
+    assert "lr 0.05 -> None" in one_error(capsys)
+
+
+def test_eval_lists_a_task_without_a_test_split(stream, tmp_path, capsys, profile):
+    edit_manifest(stream.root, lambda m: m["tasks"][1].pop("test"))
+    assert learn(stream.root, tmp_path / "run", profile) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"T1\s+no test split", out), out

@@ -7,7 +7,6 @@ the normalisation and writes the stream (:mod:`esacl_edge.data.write`) atomicall
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StreamError
+from ..files import umask
 from .images import (
     load_folder_source,
     load_tiny_imagenet_source,
@@ -128,12 +128,6 @@ def check_source(dataset: str, src: Source) -> None:
         raise StreamError(f"{dataset}: the number of classes (highest label + 1) {problem}")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _fresh_output(out: Path) -> None:
     if (out / "manifest.json").exists():
         raise StreamError(f"{out}: already holds a stream (manifest.json); choose another --out")
@@ -193,7 +187,7 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
         _fresh_output(out)
         if out.exists():
             out.rmdir()
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the stream gets the usual mode
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the stream gets the usual mode
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

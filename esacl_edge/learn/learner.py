@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -138,15 +137,16 @@ class StreamingLearner:
             raise EsaclError("inputs contain NaN or Inf")
         return x
 
-    def _check_diverged(self, loss: float, trained: bool) -> None:
-        """Stop on a non-finite or exploding loss, or non-finite weights: nothing learned after that is usable."""
+    def _check_diverged(self, loss: float | None, where: str) -> None:
+        """Stop on a non-finite or exploding loss (None: no loss to judge), or non-finite weights: nothing
+        learned after that is usable."""
         state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         finite = bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
-        bad_loss = (trained and not math.isfinite(loss)) or loss > DIVERGED_LOSS
+        bad_loss = loss is not None and not loss <= DIVERGED_LOSS
         if finite and not bad_loss:
             return
         what = f"the loss reached {loss:.3g}" if bad_loss else "the weights became NaN or Inf"
-        reason = (f"training diverged on this chunk of task {self.progress.task}: {what} (check the inputs' scale, "
+        reason = (f"training diverged {where} of task {self.progress.task}: {what} (check the inputs' scale, "
                   "i.e. the stream's normalization, or lower the learning rate)")
         raise DivergenceError(f"{reason}; the model is unusable now: restore a saved state (load_state)", reason)
 
@@ -197,6 +197,7 @@ class StreamingLearner:
             raise EsaclError("end_task() called before any task was observed")
         for part in self.method.parts:
             part.end_task(self)
+        self._check_diverged(None, "at the end")  # parts may train there (joint)
         self.snapshots[task] = pack(self.model, self.masks)
         if self.buffer.size:
             # Own generator: drawing calibration samples must not change the training run.
@@ -222,7 +223,7 @@ class StreamingLearner:
             self.task_classes[task] = sorted(set(self.task_classes[task]) | set(np.unique(y_np).tolist()))
         trained = self.samples_trained
         loss = train_chunk(self, x_np, y_np, task)
-        self._check_diverged(loss, self.samples_trained > trained)
+        self._check_diverged(loss if self.samples_trained > trained else None, "on this chunk")
         info = {"loss": loss, "density": self.density}
         if self.progress.chunks_done == self.progress.n_chunks:
             self.end_task()
