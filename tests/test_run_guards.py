@@ -8,6 +8,7 @@ import re
 import stat
 import subprocess
 import sys
+import warnings
 import numpy as np
 import pytest
 
@@ -266,6 +267,10 @@ def test_a_buffer_too_small_for_one_sample_is_reported(capsys):
     with pytest.warns(RuntimeWarning, match="holds no sample .one takes 112 bytes.: esacl runs without replay"):
         StreamingLearner("small_cnn", "cpu", num_classes=10, input_shape=(8, 8, 1), input_dtype="uint8",
                          buffer_bytes=100)
+    with warnings.catch_warnings():  # no buffer asked for: nothing to report
+        warnings.simplefilter("error")
+        StreamingLearner("small_cnn", "cpu", num_classes=10, input_shape=(8, 8, 1), input_dtype="uint8",
+                         buffer_bytes=0)
 
 
 def test_follow_does_not_mistake_a_bad_test_split_for_a_chunk_being_written(stream, tmp_path, capsys, profile):

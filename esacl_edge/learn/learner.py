@@ -95,11 +95,11 @@ class StreamingLearner:
             self.rngs.torch.set_state(torch.get_rng_state())
         self.optimizer = self.method.optimizer.build(self.model.parameters())
         self.buffer = rb.new_buffer(self.plan.buffer_bytes, tuple(input_shape), input_dtype, num_classes)
+        requested = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
         per_sample = buffer_bytes_per_sample(tuple(input_shape), input_dtype, num_classes)
-        if self.method.keeps_buffer and self.buffer.capacity == 0 and (buffer_bytes or profile.buffer_bytes):
-            warnings.warn(f"a replay buffer of {buffer_bytes or profile.buffer_bytes:,} bytes holds no sample (one "
-                          f"takes {per_sample:,} bytes): {self.method.name} runs without replay", RuntimeWarning,
-                          stacklevel=2)
+        if self.method.keeps_buffer and 0 < requested < per_sample:
+            warnings.warn(f"a replay buffer of {requested:,} bytes holds no sample (one takes {per_sample:,} bytes): "
+                          f"{self.method.name} runs without replay", RuntimeWarning, stacklevel=2)
         self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape))
         self.progress = TaskProgress()
         self.task_classes: dict[int, list[int]] = {}
