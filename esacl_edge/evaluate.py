@@ -11,7 +11,7 @@ from torch import nn
 from .data.stream import load_test, read_manifest
 from .deploy.snapshot import ModelSpec, available_tasks, load_snapshot
 from .errors import SnapshotError, StreamError
-from .learn.forward import infer_logits
+from .learn.forward import accuracies, infer_logits
 from .metrics import final_accuracy
 
 
@@ -38,11 +38,7 @@ def stream_tests(stream: str | Path, task: int, spec: ModelSpec
 def task_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]) -> dict[str, float]:
     """Class-IL (all classes compete) and Task-IL (only ``classes`` compete) accuracy, as the learner measures it."""
     logits = infer_logits(model, torch.as_tensor(x).to(torch.float32).permute(0, 3, 1, 2).contiguous())
-    yt = torch.as_tensor(y)
-    masked = torch.full_like(logits, float("-inf"))
-    masked[:, list(classes)] = logits[:, list(classes)]
-    return {"class_il": (logits.argmax(1) == yt).float().mean().item(),
-            "task_il": (masked.argmax(1) == yt).float().mean().item()}
+    return accuracies(logits, torch.as_tensor(y), classes)
 
 
 def evaluate_snapshot(run: str | Path, task: int | None = None, stream: str | Path | None = None) -> dict:

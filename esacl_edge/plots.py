@@ -11,6 +11,7 @@ import numpy as np
 from .reports import percent
 
 MATRIX_TITLES = {"acc_matrix_class_il": "Class-IL accuracy (%)", "acc_matrix_task_il": "Task-IL accuracy (%)"}
+RUN_PLOTS = (*(f"{key}.png" for key in MATRIX_TITLES), "layer_sparsity.png")  # what write_run_plots may write
 
 
 def _pyplot():

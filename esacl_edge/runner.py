@@ -33,11 +33,11 @@ from .errors import DivergenceError, EsaclError, StreamError
 from .files import write_json
 from .learn.learner import StreamingLearner
 from .learn.methods import Method, get_method, with_lr
+from .plots import RUN_PLOTS
 from .reports import fixed
 from .results import build_results
 from .runlock import run_lock
 
-PLOTS = ("acc_matrix_class_il.png", "acc_matrix_task_il.png", "layer_sparsity.png")  # plots.write_run_plots
 CHUNK_RETRIES = 3  # --follow: polls a chunk that does not read yet (still being written) gets before failing
 
 
@@ -127,7 +127,7 @@ class _Job:
                 for name in ("snapshots", "state"):
                     if (self.run_dir / name).exists():
                         shutil.rmtree(self.run_dir / name)
-                for name in ("results.json", chunk_log.FILE_NAME, *PLOTS):
+                for name in ("results.json", chunk_log.FILE_NAME, *RUN_PLOTS):
                     (self.run_dir / name).unlink(missing_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             chunk_log.trim(self.log, self.resumed_at)

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,7 +13,8 @@ from esacl_edge.errors import ExportError
 from esacl_edge.models import prunable_parameters
 from esacl_edge.runner import feed
 
-RUNNER = Path(__file__).resolve().parent.parent / "export" / "run_onnx.py"
+from .conftest import run_without_torch
+
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +107,11 @@ def test_sidecar_describes_the_artifact(learned, tiny_stream, tmp_path):
     assert set(side["layer_sparsity"]) == set(prunable_parameters(learned.model))
 
 
-def _run_without_torch(tmp_path, *args):
-    fake = tmp_path / "notorch" / "torch"
-    fake.mkdir(parents=True, exist_ok=True)
-    (fake / "__init__.py").write_text("raise ImportError('no torch on this device')\n")
-    env = {"PYTHONPATH": str(fake.parent), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True, env=env)
-
-
 def test_device_runner_needs_no_torch(learned, test_data, tmp_path):
     report = learned.export_onnx(4, tmp_path / "m.onnx", test=test_data)
     x, y = test_data
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    done = _run_without_torch(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "d.npz", "--json", tmp_path / "s.json")
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "d.npz", "--json", tmp_path / "s.json")
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["accuracy"] == pytest.approx(report["accuracy_onnx"])
@@ -138,7 +128,7 @@ def test_device_runner_reads_image_folders(learned, test_data, tmp_path):
         folder = tmp_path / "imgs" / str(int(y[i]))
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(x[i, :, :, 0]).save(folder / f"{i}.png")
-    done = _run_without_torch(tmp_path, tmp_path / "m.onnx", "--images", tmp_path / "imgs", "--json",
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--images", tmp_path / "imgs", "--json",
                               tmp_path / "s.json")
     assert done.returncode == 0, done.stderr
     want = (_logits(tmp_path / "m.onnx", x[:8]).argmax(1) == y[:8]).mean()
@@ -151,7 +141,7 @@ def test_device_runner_errors_are_one_line(tmp_path, learned):
     proto = onnx.load(str(tmp_path / "m.onnx"))
     del proto.metadata_props[:]  # neither the sidecar nor the metadata in the file
     onnx.save(proto, str(tmp_path / "m.onnx"))
-    done = _run_without_torch(tmp_path, tmp_path / "m.onnx", "--random", "4")
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--random", "4")
     assert done.returncode == 2 and "sidecar not found" in done.stderr and done.stderr.count("\n") == 1
 
 

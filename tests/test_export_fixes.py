@@ -5,9 +5,6 @@ diverged weights and mismatched streams are refused, the file runs without its s
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,7 +19,8 @@ from esacl_edge.device.profiles import load_profile, to_yaml
 from esacl_edge.errors import ExportError
 from esacl_edge.runner import learn
 
-RUNNER = Path(__file__).resolve().parent.parent / "export" / "run_onnx.py"
+from .conftest import RUNNER, run_without_torch
+
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -176,20 +174,11 @@ def test_missing_run_and_task_are_one_error(case, tmp_path, capsys):
 
 # ------------------------------------------------------------------ the device runner
 
-def _device(tmp_path, *args):
-    """export/run_onnx.py in a Python where torch cannot be imported."""
-    fake = tmp_path / "notorch" / "torch"
-    fake.mkdir(parents=True, exist_ok=True)
-    (fake / "__init__.py").write_text("raise ImportError('no torch on this device')\n")
-    env = {"PYTHONPATH": str(fake.parent), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True, env=env)
-
-
 @pytest.mark.parametrize("option,value", [("--batch", 0), ("--batch", -5), ("--repeat", 0), ("--random", 0)])
 def test_device_runner_refuses_counts_below_one(case, tmp_path, option, value):
     main(["export", "--task", "0", str(tmp_path / "m.onnx"), "--run", str(case["run"])])
     args = ["--random", "4"] if option != "--random" else []
-    done = _device(tmp_path, tmp_path / "m.onnx", *args, option, value)
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", *args, option, value)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"argument {option}: must be an integer >= 1" in done.stderr
 
@@ -202,7 +191,7 @@ def test_the_model_file_runs_without_its_sidecar(case, tiny_stream, tmp_path):
     (tmp_path / "m.onnx.json").unlink()
     parts = [load_test(tiny_stream, t) for t in range(5)]
     np.savez(tmp_path / "d.npz", x=np.concatenate([x for x, _ in parts]), y=np.concatenate([y for _, y in parts]))
-    done = _device(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "d.npz", "--json", tmp_path / "s.json")
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "d.npz", "--json", tmp_path / "s.json")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "s.json").read_text())["accuracy"] == pytest.approx(side["accuracy_onnx"])
     spec = importlib.util.spec_from_file_location("run_onnx", RUNNER)
@@ -223,17 +212,17 @@ def test_device_runner_warns_about_labels_the_model_never_learned(case, tiny_str
     (x0, y0), (x2, y2) = load_test(tiny_stream, 0), load_test(tiny_stream, 2)
     np.savez(tmp_path / "known.npz", x=x0, y=y0)
     np.savez(tmp_path / "all.npz", x=np.concatenate([x0, x2]), y=np.concatenate([y0, y2]))
-    done = _device(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "known.npz")
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "known.npz")
     assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
     unknown = sorted(set(y2.tolist()) - set(learned))
     assert unknown
-    done = _device(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "all.npz")
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "all.npz")
     assert done.returncode == 0 and done.stderr.count("\n") == 1
     assert f"warning: labels include classes {unknown} that the model never learned" in done.stderr
     folder = tmp_path / "imgs" / str(unknown[0])
     folder.mkdir(parents=True)
     Image.fromarray(x2[0, :, :, 0]).save(folder / "a.png")
-    done = _device(tmp_path, tmp_path / "m.onnx", "--images", tmp_path / "imgs")
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--images", tmp_path / "imgs")
     assert done.returncode == 0 and f"classes [{unknown[0]}] that the model never learned" in done.stderr
 
 

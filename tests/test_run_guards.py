@@ -17,6 +17,7 @@ from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
 from esacl_edge.device.profiles import load_profile, to_yaml
 from esacl_edge.errors import DivergenceError, EsaclError
+from esacl_edge.plots import RUN_PLOTS
 from esacl_edge.runlock import LOCK_NAME, run_lock
 
 from .conftest import write_chunk
@@ -259,7 +260,7 @@ def test_the_chunk_log_has_one_line_per_chunk_across_a_resume(stream, tmp_path, 
     assert all(line["samples"] == 20 and line["samples_per_second"] > 0 and 0 <= line["anytime_acc_class_il"] <= 1
                and np.isfinite(line["loss"]) for line in lines)
     assert lines[-1]["density"] == pytest.approx(0.1, abs=0.01)
-    for name in runner.PLOTS:  # learn draws the run's plots too
+    for name in RUN_PLOTS:  # learn draws the run's plots too
         assert (run / name).read_bytes().startswith(b"\x89PNG"), name
 
 

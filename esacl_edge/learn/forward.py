@@ -46,3 +46,16 @@ def infer_logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.T
         return torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
     finally:
         model.train(was_training)
+
+
+def task_logits(logits: torch.Tensor, classes: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """``logits`` where only ``classes`` compete (the others -inf): Task-IL prediction."""
+    masked = torch.full_like(logits, float("-inf"))
+    masked[:, list(classes)] = logits[:, list(classes)]
+    return masked
+
+
+def accuracies(logits: torch.Tensor, y: torch.Tensor, classes: list[int] | tuple[int, ...]) -> dict[str, float]:
+    """Class-IL (all classes compete) and Task-IL (only the task's ``classes`` compete) accuracy."""
+    return {"class_il": (logits.argmax(1) == y).float().mean().item(),
+            "task_il": (task_logits(logits, classes).argmax(1) == y).float().mean().item()}

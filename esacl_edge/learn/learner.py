@@ -27,7 +27,7 @@ from ..models import layer_sparsity, prunable_parameters
 from . import buffer as rb
 from . import persistence, sdp
 from .cost import CostMeter, layer_forward_flops
-from .forward import infer_logits
+from .forward import accuracies, infer_logits, task_logits
 from .methods import Method, get_method
 from .state import Generators, TaskProgress
 from .step import train_chunk
@@ -250,24 +250,21 @@ class StreamingLearner:
         """Predicted classes; with ``task``, only that task's classes compete (Task-IL)."""
         logits = self.logits(x)
         if task is not None:
-            logits = self._restrict(logits, task)
+            logits = task_logits(logits, self._classes(task))
         return logits.argmax(1).cpu().numpy()
 
-    def _restrict(self, logits: torch.Tensor, task: int) -> torch.Tensor:
+    def _classes(self, task: int) -> list[int]:
+        """The classes of an observed ``task``."""
         classes = self.task_classes.get(task)
         if not classes:
             raise EsaclError(f"task {task} has not been observed")
-        masked = torch.full_like(logits, float("-inf"))
-        masked[:, classes] = logits[:, classes]
-        return masked
+        return classes
 
     def evaluate(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, task: int,
                  model: nn.Module | None = None) -> dict[str, float]:
         """Class-IL (all classes compete) and Task-IL (the task's classes compete) accuracy."""
         yt = torch.as_tensor(self._labels(y, len(x)), device=self.device)
-        logits = self.logits(x, model)
-        return {"class_il": (logits.argmax(1) == yt).float().mean().item(),
-                "task_il": (self._restrict(logits, task).argmax(1) == yt).float().mean().item()}
+        return accuracies(self.logits(x, model), yt, self._classes(task))
 
     # ------------------------------------------------------------------ snapshots and export
     def snapshot_model(self, task: int) -> nn.Module:
