@@ -11,7 +11,9 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
              "reservoir buffer",
     "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
     "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
-    "esacl-magnitude": "ablation: EsaCL pruning by weight magnitude instead of the directional score",
+    "esacl-directional": "ablation: EsaCL pruning by SDP's directional score |-E[theta g] + theta^2 E[g^2] / 2| "
+                         "instead of magnitude (the default before 0.5)",
+    "esacl-magnitude": "EsaCL pruning by weight magnitude: the same as esacl since 0.5",
     "esacl-reservoir": "EsaCL with a reservoir buffer: the same as esacl since 0.3",
     "esacl-idsbuffer": "ablation: EsaCL with the class-balanced IDS buffer instead of reservoir",
     "finetune": "dense baseline: plain fine-tuning, no replay",

@@ -149,15 +149,16 @@ def test_regrow_revives_pruned_weights_at_zero_without_changing_outputs():
     assert torch.allclose(model(x), out_before)
 
 
-def test_no_retraining_needed_and_the_directional_score_beats_a_random_one(monkeypatch):
+@pytest.mark.parametrize("method", ["esacl", "esacl-directional"])
+def test_no_retraining_needed_and_the_pruning_score_beats_a_random_one(monkeypatch, method):
     """SDP prunes where the loss is flat, with no fine-tuning phase to hide a drop.
 
     At every pruning event of a 5-task Split-Digits run (90% sparsity), a copy of the model is
     pruned to the same density with a random score instead. Held-out accuracy on the current
     task right after each task's last event stays within 3 points of the accuracy before it,
-    and on the events that remove a substantial share of the live weights the directional score
-    keeps far more accuracy than a random one: a random score (or any score blind to what the
-    network learned) fails this.
+    and on the events that remove a substantial share of the live weights EsaCL's score (the
+    magnitude since 0.5; the directional score before) keeps far more accuracy than a random
+    one: a random score (or any score blind to what the network learned) fails this.
     """
     import copy
 
@@ -165,7 +166,7 @@ def test_no_retraining_needed_and_the_directional_score_beats_a_random_one(monke
     from esacl_edge.data.stream import load_test
 
     stream = make_stream("digits", Path(tempfile.mkdtemp()) / "s", tasks=5, chunk_size=64, seed=0)
-    learner = StreamingLearner("small_cnn", "cpu", 10, (8, 8, 1), sparsity=0.9, input_dtype="uint8",
+    learner = StreamingLearner("small_cnn", "cpu", 10, (8, 8, 1), method=method, sparsity=0.9, input_dtype="uint8",
                                normalization=stream.normalization, buffer_bytes=22400)
     tests = [load_test(stream, t) for t in range(5)]
     events: list[dict] = []

@@ -75,10 +75,14 @@ class Method:
 
 
 def esacl(name: str = "esacl", **changes) -> Method:
-    """EsaCL = IDS step selection + SAM(ρ) on every other step + DER++ + SDP pruning + a reservoir buffer
-    (the IDS buffer lost to reservoir at equal bytes: docs/method.md)."""
+    """EsaCL = IDS step selection + SAM(ρ) on every other step + DER++ + SDP pruning + a reservoir buffer.
+
+    SDP ranks weights by magnitude within each layer's budget since 0.5 (the directional score lost on
+    colour photographs), and the buffer is reservoir since 0.3 (the IDS buffer lost at equal bytes):
+    docs/method.md.
+    """
     return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0), optimizer=Sam(rho=0.05),
-                  buffer=ReservoirBuffer(), pruning=Pruning(score="directional")).replace(**changes)
+                  buffer=ReservoirBuffer(), pruning=Pruning(score="magnitude")).replace(**changes)
 
 
 def sparcl(name: str = "sparcl", **changes) -> Method:
@@ -96,7 +100,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     # Ablations: each switches off one part of EsaCL.
     "esacl-noids": lambda: esacl("esacl-noids", select=AllSamples()),
     "esacl-nosam": lambda: esacl("esacl-nosam", optimizer=Sgd()),
-    "esacl-magnitude": lambda: esacl("esacl-magnitude", pruning=Pruning(score="magnitude")),
+    "esacl-directional": lambda: esacl("esacl-directional", pruning=Pruning(score="directional")),
+    "esacl-magnitude": lambda: esacl("esacl-magnitude", pruning=Pruning(score="magnitude")),  # esacl since 0.5
     "esacl-reservoir": lambda: esacl("esacl-reservoir", buffer=ReservoirBuffer()),  # the default since 0.3
     "esacl-idsbuffer": lambda: esacl("esacl-idsbuffer", buffer=IdsBuffer(spread=0.25)),
     # Dense baselines: plain SGD steps on whole minibatches.

@@ -56,12 +56,19 @@ class Pruning(Part):
         if self.allocation not in sdp.ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(sdp.ALLOCATIONS)}")
 
+    @property
+    def keeps_statistics(self) -> bool:
+        """The running averages a and f are kept only for the scores that read them."""
+        return self.score != "magnitude"
+
     def bind(self, learner: StreamingLearner) -> None:
-        self.state = sdp.init_state(learner.model, self.stat_decay)
+        self.state = sdp.init_state(learner.model, self.stat_decay, statistics=self.keeps_statistics)
         self._refresh()
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
-        return {"masks_and_pruning_stats": n_prunable * (1 + 3 * FLOAT_BYTES)}
+        # A bool mask, the regrowth evidence (float |grad|) and, where kept, the statistics a and f.
+        floats = 3 if self.keeps_statistics else 1
+        return {"masks_and_pruning_stats": n_prunable * (1 + floats * FLOAT_BYTES)}
 
     def masks_changed(self, learner: StreamingLearner) -> None:
         self._refresh()
@@ -97,7 +104,7 @@ class Pruning(Part):
             sdp.record_grad_abs(learner.model, self.state)
             learner.cost.dense_weight_grads(batch.n_train)
         sdp.mask_grads(learner.model, self.state, self.float_masks)
-        if self.score != "magnitude" and (self.grads_every_step or self._pruning_ahead(learner)):
+        if self.keeps_statistics and (self.grads_every_step or self._pruning_ahead(learner)):
             sdp.accumulate(learner.model, self.state)
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
@@ -147,7 +154,7 @@ class Pruning(Part):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.state
-        for name in ("masks", "a", "f"):
+        for name in ("masks", "a", "f") if self.keeps_statistics else ("masks",):
             if set(state[name]) != set(s.masks):
                 raise ValueError(f"pruning {name} do not match this model's prunable layers")
             getattr(s, name).update({k: v.to(s.masks[k].device) for k, v in state[name].items()})

@@ -40,11 +40,13 @@ class SdpState:
     decay: float = 0.9
 
 
-def init_state(model: nn.Module, decay: float = 0.9) -> SdpState:
+def init_state(model: nn.Module, decay: float = 0.9, statistics: bool = True) -> SdpState:
+    """All-live masks; the running statistics only where the score reads them (``statistics``)."""
     params = prunable_parameters(model)
+    stats = params if statistics else {}
     return SdpState(masks={n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()},
-                    a={n: torch.zeros_like(p) for n, p in params.items()},
-                    f={n: torch.zeros_like(p) for n, p in params.items()}, decay=decay)
+                    a={n: torch.zeros_like(p) for n, p in stats.items()},
+                    f={n: torch.zeros_like(p) for n, p in stats.items()}, decay=decay)
 
 
 def size(state: SdpState) -> int:
@@ -225,8 +227,9 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
         n_removed += int(r.sum())
         m &= ~r
         params[name][r] = 0
-        state.a[name][r] = 0
-        state.f[name][r] = 0
+        if name in state.a:
+            state.a[name][r] = 0
+            state.f[name][r] = 0
         _zero_optimizer_state(optimizer, params[name], r)
     return n_removed
 
