@@ -115,21 +115,24 @@ def test_a_pruned_model_is_charged_at_its_layer_densities(tiny_stream, fast_prof
     assert learner.density < fw / learner.cost.dense_forward_flops < 1
 
 
-def test_uniform_allocation_prunes_every_layer_but_the_stem_alike(tiny_stream, fast_profile):
+def test_uniform_allocation_prunes_every_layer_but_the_stem_and_the_classifier_alike(tiny_stream, fast_profile):
     learner = _learner(tiny_stream, fast_profile, sparsity=0.8, buffer_bytes=0)
     chunks = list(iter_chunks(tiny_stream))
     for c in chunks[:2]:
         learner.observe(c.x, c.y, 0, n_chunks=2)
     total = sum(m.numel() for m in learner.masks.values())
     assert learner.density == pytest.approx(0.2, abs=1 / total)
-    (stem, d_stem), *rest = _density(learner.masks).items()
+    (stem, d_stem), *rest, (head, d_head) = _density(learner.masks).items()
     assert stem == "1.conv1.weight" and d_stem == 1.0  # the first layer stays dense
-    d_rest = (0.2 * total - learner.masks[stem].numel()) / (total - learner.masks[stem].numel())
+    assert head == "1.classifier.weight" and d_head == 1.0  # and the classifier
+    dense = learner.masks[stem].numel() + learner.masks[head].numel()
+    d_rest = (0.2 * total - dense) / (total - dense)
     for name, d in rest:
         assert d == pytest.approx(d_rest, abs=1 / learner.masks[name].numel()), name
-    # So the FLOPs of a forward fall with the weights, up to the stem's share.
+    # So the FLOPs of a forward fall with the weights, up to the stem's and the classifier's shares.
     f = learner.cost.layer_flops
-    want = (f[stem] + d_rest * (learner.cost.dense_forward_flops - f[stem])) / learner.cost.dense_forward_flops
+    dense_flops = f[stem] + f[head]
+    want = (dense_flops + d_rest * (learner.cost.dense_forward_flops - dense_flops)) / learner.cost.dense_forward_flops
     flop_density = _weighted(learner, _density(learner.masks)) / learner.cost.dense_forward_flops
     assert flop_density == pytest.approx(want, rel=1e-2)
 

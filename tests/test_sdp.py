@@ -218,13 +218,21 @@ def test_layer_budgets_sum_to_the_target_and_follow_the_allocation():
     for allocation in ("uniform", "erk"):
         b = sdp.layer_budgets(masks, 0.1, allocation)
         assert sum(b.values()) == round(0.1 * total)
-        assert b["stem"] == sizes["stem"]  # the first layer stays dense
+        assert b["stem"] == sizes["stem"] and b["head"] == sizes["head"]  # the first and last layers stay dense
         assert all(0 < b[n] <= sizes[n] for n in masks)
     uniform = sdp.layer_budgets(masks, 0.1, "uniform")
-    shares = [uniform[n] / sizes[n] for n in ("conv", "big", "head")]
-    assert max(shares) - min(shares) < 2 / sizes["head"]
+    assert uniform["conv"] / sizes["conv"] == pytest.approx(uniform["big"] / sizes["big"], abs=1 / sizes["conv"])
+    assert uniform["big"] / sizes["big"] < 0.1  # the other layers pay for the dense ones
     erk = sdp.layer_budgets(masks, 0.1, "erk")
-    assert erk["head"] / sizes["head"] > erk["conv"] / sizes["conv"] > erk["big"] / sizes["big"]
+    assert erk["conv"] / sizes["conv"] > erk["big"] / sizes["big"]
+    # Without dense_classifier the head is ranked like the rest; it is also pruned where keeping
+    # both ends dense would not fit the budget.
+    sparse_head = sdp.layer_budgets(masks, 0.1, "uniform", dense_classifier=False)
+    assert sum(sparse_head.values()) == round(0.1 * total)
+    shares = [sparse_head[n] / sizes[n] for n in ("conv", "big", "head")]
+    assert max(shares) - min(shares) < 2 / sizes["head"]
+    tight = sdp.layer_budgets(masks, 0.015, "uniform")
+    assert tight["stem"] == sizes["stem"] and tight["head"] < sizes["head"]
     with pytest.raises(ValueError, match="allocation"):
         sdp.layer_budgets(masks, 0.1, "random")
 
@@ -255,3 +263,34 @@ def test_sparcl_mask_updates_wait_for_the_first_pruning(tiny_stream, fast_profil
         learner.observe(chunks[i % 2].x, chunks[i % 2].y, 0)
     assert learner.density == 1.0
     assert all(int((p == 0).sum()) == 0 for p in prunable_parameters(learner.model).values())
+
+
+def test_esacl_prunes_the_smallest_weights_of_each_layer_and_keeps_no_statistics(fast_profile):
+    """EsaCL's score since 0.5 is the magnitude, ranked within each layer's budget (the stem and the
+    classifier stay dense); it keeps no running statistics, and its training-memory estimate drops them (8 B/weight)."""
+    learner = StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), sparsity=0.9, input_dtype="uint8")
+    x, y = _chunk()
+    learner.begin_task(0, n_chunks=4)
+    learner.observe(x, y, 0)
+    pruning = learner.method.pruning
+    assert pruning.state.a == {} and pruning.state.f == {}
+    params = prunable_parameters(learner.model)
+    before = {n: p.detach().abs().clone() for n, p in params.items()}
+    pruning.prune(learner, 0.3)
+    budgets = sdp.layer_budgets(pruning.state.masks, 0.3, "uniform")
+    names = list(pruning.state.masks)
+    for name, m in pruning.state.masks.items():
+        assert int(m.sum()) == budgets[name]
+        if name in (names[0], names[-1]):
+            assert bool(m.all())  # the stem and the classifier
+            continue
+        kept, dropped = before[name][m], before[name][~m]
+        assert dropped.max() <= kept.min(), name  # the smallest of each layer went
+        assert bool((params[name][~m] == 0).all())
+    n_prunable = sum(p.numel() for p in params.values())
+    magnitude = learner.method.memory_terms(1, n_prunable)["masks_and_pruning_stats"]
+    directional = StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), method="esacl-directional",
+                                   sparsity=0.9, input_dtype="uint8")
+    assert set(directional.method.pruning.state.a) == set(params)
+    assert magnitude == n_prunable * 5
+    assert directional.method.memory_terms(1, n_prunable)["masks_and_pruning_stats"] == n_prunable * 13

@@ -5,12 +5,13 @@
   while a pruning is still ahead (once at the target, nothing is collected);
 * after the first ``regrow_steps`` steps of every task but the first: regrow at zero;
 * after each chunk: prune to the schedule's density (no fine-tuning afterwards). The first
-  task trains dense for its first ``warmup`` share of chunks, so the directional statistics
-  come from a network that has learned something, then follows a cubic schedule to the
+  task trains dense for its first ``warmup`` share of chunks, so the first ranking is of a
+  network that has learned something, then follows a cubic schedule to the
   target at its end; a later task prunes its regrown weights by ``prune_until`` of its chunks;
 * at the end of a task: prune to the target.
 
-Each layer keeps its share of live weights (``allocation``, see ``sdp.layer_budgets``).
+Each layer keeps its share of live weights (``allocation``, see ``sdp.layer_budgets``); the first
+and the last (the classifier) stay dense.
 
 The arithmetic (scores, prune/regrow, the schedule) is in ``sdp.py``.
 """
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Pruning(Part):
-    score: str = "directional"       # "directional" (SDP), "magnitude" or "sparcl"
+    score: str = "directional"       # "directional", "magnitude" (EsaCL's since 0.5) or "sparcl"
     allocation: str = "uniform"      # live weights per layer: "uniform", "erk" or "global" (one ranking)
+    dense_classifier: bool = True    # per-layer budgets keep the last layer dense, like the first
     importance_lambda: float = 0.5   # SparCL importance |w| + lambda |grad|
     warmup: float = 0.5              # share of the first task's chunks trained dense
     prune_until: float = 0.6         # a later task's schedule ends after this fraction of its chunks
@@ -141,7 +143,8 @@ class Pruning(Part):
         """Prune the lowest-scoring live weights down to ``target_density``; returns how many were removed."""
         score = sdp.scores(learner.model, self.state, self.score, self.importance_lambda)
         removed = sdp.prune_to(learner.model, self.state, target_density, score, learner.optimizer,
-                               pattern=learner.pattern, allocation=self.allocation)
+                               pattern=learner.pattern, allocation=self.allocation,
+                               dense_classifier=self.dense_classifier)
         if removed:
             learner.masks_changed()
         return removed

@@ -5,10 +5,11 @@ masked SAM ascent itself is in ``optim.py``):
 
 * :func:`mask_grads`: the descent gradient is applied to live weights only, so pruned
   weights (zero, with zero momentum) stay exactly zero.
-* :func:`accumulate`: running averages a = E[theta * g~] and f = E[g~^2] of the gradient the
-  update applies (at the perturbed point on SAM steps).
-* :func:`scores`: removing weight i moves theta by -theta_i e_i; the second-order loss change is
-  Delta_i = -a_i + 0.5 * theta_i^2 * f_i, and the score is |Delta_i| (lowest pruned first).
+* :func:`scores`: lowest pruned first. EsaCL's since 0.5 is |theta_i|; the directional score
+  is |Delta_i|, where removing weight i moves theta by -theta_i e_i and the second-order loss
+  change is Delta_i = -a_i + 0.5 * theta_i^2 * f_i;
+* :func:`accumulate`: the directional score's running averages a = E[theta * g~] and
+  f = E[g~^2] of the gradient the update applies (at the perturbed point on SAM steps).
 * :func:`layer_budgets`: how many live weights each layer keeps at a given density (the
   allocation); :func:`prune_to` ranks within those budgets, or globally without them.
 * :func:`prune_to`, :func:`regrow`, :func:`cubic_density`: when and how much.
@@ -100,7 +101,8 @@ def record_grad_abs(model: nn.Module, state: SdpState) -> None:
 def scores(model: nn.Module, state: SdpState, kind: str = "directional", lam: float = 0.5) -> dict[str, torch.Tensor]:
     """Pruning scores per prunable weight; lower means safer to remove.
 
-    ``directional`` is SDP's |Delta|; ``magnitude`` is |theta|; ``sparcl`` is SparCL's
+    ``directional`` is |Delta| (EsaCL's before 0.5); ``magnitude`` is |theta| (EsaCL's since 0.5: under
+    SAM the loss is flat, so within a layer the cost of removing theta_i grows with theta_i^2); ``sparcl`` is SparCL's
     importance |theta| + lam * |grad| (|grad| as the root of the running mean of g^2).
     """
     params = prunable_parameters(model)
@@ -114,15 +116,18 @@ def scores(model: nn.Module, state: SdpState, kind: str = "directional", lam: fl
     return {n: (-state.a[n] / bias + 0.5 * p * p * state.f[n] / bias).abs() for n, p in params.items()}
 
 
-def layer_budgets(masks: dict[str, torch.Tensor], density: float, allocation: str = "uniform") -> dict[str, int] | None:
+def layer_budgets(masks: dict[str, torch.Tensor], density: float, allocation: str = "uniform",
+                  dense_classifier: bool = True) -> dict[str, int] | None:
     """Live weights each layer keeps at overall ``density`` (None for ``global``: one ranking decides).
 
     ``uniform``: every layer at ``density``, so the FLOP density equals the weight density
     (a global ranking keeps the FLOP-heavy early convolutions far denser). ``erk``:
     Erdős–Rényi-kernel, density proportional to (sum of a layer's dimensions) / (its size),
     which favours small layers. The first layer stays dense (its few weights see every input
-    pixel: 540 weights of 1.1M, 1% of the FLOPs, in the reduced ResNet-18); layers that would
-    exceed 1 are kept dense too, and the rest scaled up.
+    pixel: 540 weights of 1.1M, 1% of the FLOPs, in the reduced ResNet-18), and so does the last,
+    the classifier, with ``dense_classifier`` (every class keeps all its features: 16,000 weights
+    and 0.03% of the FLOPs at 100 classes; left out where the two would exceed the budget);
+    layers that would exceed 1 are kept dense too, and the rest scaled up.
     """
     if allocation == "global":
         return None
@@ -130,7 +135,10 @@ def layer_budgets(masks: dict[str, torch.Tensor], density: float, allocation: st
         raise ValueError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     sizes = {n: m.numel() for n, m in masks.items()}
     weight = {n: (sum(m.shape) / m.numel() if allocation == "erk" else 1.0) for n, m in masks.items()}
-    want, dense = density * sum(sizes.values()), set(list(masks)[:1])  # the first layer (the stem) stays dense
+    names = list(masks)
+    want, dense = density * sum(sizes.values()), set(names[:1])  # the first layer (the stem) stays dense
+    if dense_classifier and sizes[names[0]] + sizes[names[-1]] < want:
+        dense.add(names[-1])
     while True:  # scale the free layers to the remaining budget; cap at 1 and repeat
         free = [n for n in sizes if n not in dense]
         scale = (want - sum(sizes[n] for n in dense)) / max(sum(weight[n] * sizes[n] for n in free), 1e-12)
@@ -182,12 +190,12 @@ def pattern_excess(score: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> t
 @torch.no_grad()
 def prune_to(model: nn.Module, state: SdpState, target_density: float, score: dict[str, torch.Tensor],
              optimizer: torch.optim.Optimizer | None = None, min_live_per_layer: int = 1,
-             pattern: tuple[int, int] | None = None, allocation: str = "global") -> int:
+             pattern: tuple[int, int] | None = None, allocation: str = "global", dense_classifier: bool = True) -> int:
     """Prune the lowest-scoring live weights until ``round(target_density * d)`` prunable weights
     are live. Returns how many were removed.
 
     With ``allocation="global"`` one ranking over all layers decides; otherwise each layer is
-    ranked within its budget from :func:`layer_budgets` (a layer already under its budget, after
+    ranked within its budget from :func:`layer_budgets` (``dense_classifier`` passed on; a layer already under its budget, after
     a regrowth, loses nothing). Every layer keeps at least ``min_live_per_layer`` weights so no
     layer is cut off. With ``pattern`` (N, M), weights that break N-live-in-M go first, even
     past the target.
@@ -195,7 +203,7 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
     """
     params = prunable_parameters(model)
     keep = max(int(round(target_density * size(state))), min_live_per_layer * len(params))
-    budgets = layer_budgets(state.masks, keep / size(state), allocation)
+    budgets = layer_budgets(state.masks, keep / size(state), allocation, dense_classifier)
     remove, forced = {}, 0
     for name, m in state.masks.items():
         s = score[name].flatten().clone().float()
