@@ -1,8 +1,9 @@
 """The pruning part: SDP's masks, statistics and schedule (and the same machinery for SparCL).
 
 * after the backward pass: record |grad| where regrowth will need it (a dense-gradient read,
-  charged dense), mask the gradients to live weights, and update the running statistics
-  while a pruning is still ahead (once at the target, nothing is collected);
+  charged dense), mask the gradients to live weights, and, for the scores that read them
+  (directional, SparCL's), update the running statistics while a pruning is still ahead
+  (once at the target, nothing is collected); the magnitude score keeps none;
 * after the first ``regrow_steps`` steps of every task but the first: regrow at zero;
 * after each chunk: prune to the schedule's density (no fine-tuning afterwards). The first
   task trains dense for its first ``warmup`` share of chunks, so the first ranking is of a
