@@ -64,6 +64,13 @@ def cmd_make_stream(args: argparse.Namespace) -> None:
           f"{m.num_classes} classes" + (f", blurry boundaries of {args.blurry} chunks" if args.blurry else ""))
 
 
+def _at_least_one(**options: int | None) -> None:
+    """One error for a count option given below 1 (``batch_size`` is ``--batch-size``)."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise EsaclError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def cmd_learn(args: argparse.Namespace) -> int:
     """``learn``: learn or resume a stream; the exit status says whether a signal stopped it."""
     from .device.profiles import load_profile
@@ -71,9 +78,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .runner import learn
 
     profile = load_profile(args.profile)
-    for option, value in (("--passes", args.passes), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise EsaclError(f"{option} must be >= 1, got {value}")
+    _at_least_one(passes=args.passes, batch_size=args.batch_size)
     overrides = {"device": args.device, "passes_per_chunk": args.passes, "batch_size": args.batch_size}
     profile = profile.replace(**{k: v for k, v in overrides.items() if v is not None})
     apply_threads(profile)
@@ -124,8 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.stream is None and args.dataset is None:
         raise EsaclError("bench needs --stream DIR or --dataset NAME (a make-stream data set)")
     plan_runs(args.methods.split(","), args.sparsity, args.seeds, args.buffer_bytes)
-    if args.passes is not None and args.passes < 1:
-        raise EsaclError(f"--passes must be >= 1, got {args.passes}")
+    _at_least_one(passes=args.passes)
     profile = load_profile(args.profile)
     if args.passes is not None:
         profile = profile.replace(passes_per_chunk=args.passes)
