@@ -79,7 +79,10 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile)
     _at_least_one(passes=args.passes, batch_size=args.batch_size)
-    overrides = {"device": args.device, "passes_per_chunk": args.passes, "batch_size": args.batch_size}
+    # The profile's precision is for its device: --device elsewhere trains in fp32 unless --precision says otherwise.
+    moved = args.device is not None and args.device != profile.device
+    overrides = {"device": args.device, "passes_per_chunk": args.passes, "batch_size": args.batch_size,
+                 "precision": args.precision or ("fp32" if moved else None)}
     profile = profile.replace(**{k: v for k, v in overrides.items() if v is not None})
     apply_threads(profile)
     r = learn(args.stream, profile=profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
@@ -287,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --follow: end (finishing the open task) after this many seconds without a new chunk")
     l.add_argument("--anytime", action="store_true", help="also evaluate after every chunk (anytime accuracy)")
     l.add_argument("--device", choices=("cpu", "cuda"), help="train on this device instead of the profile's")
+    l.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+                   help="training precision instead of the profile's: fp16 and bf16 are mixed precision (autocast; "
+                        "fp16 with loss scaling); with --device, fp32 unless given")
     l.add_argument("--passes", type=int, help="passes over each chunk instead of the profile's")
     l.add_argument("--batch-size", type=int, help="minibatch size instead of the profile's (the memory "
                    "budget may lower it)")

@@ -48,8 +48,11 @@ def print_results(r: dict) -> None:
     print(f"model size       {r['model_bytes_dense']:,} bytes dense, {r['model_bytes_sparse']:,} bytes sparse "
           f"({r['model_bytes_dense'] / r['model_bytes_sparse']:.1f}x smaller)")
     print(f"replay buffer    {r['buffer_size']} of {r['buffer_capacity']} samples, {r['buffer_bytes']:,} bytes")
-    print(f"train time       {r['train_seconds']:.1f} s on {r['device']} ({r['method']}, profile {r['profile']}, "
-          f"seed {r['seed']})")
+    print(f"train time       {r['train_seconds']:.1f} s on {r['device']} in {r.get('precision', 'fp32')} "
+          f"({r['method']}, profile {r['profile']}, seed {r['seed']})")
+    if r.get("overflow_skipped_steps") or r.get("unperturbed_sam_steps"):
+        print(f"fp16 overflows   {r['overflow_skipped_steps']} steps skipped, {r['unperturbed_sam_steps']} SAM steps "
+              "unperturbed (loss scaling backs off and recovers)")
 
 
 def print_export(report: dict) -> None:
@@ -93,7 +96,8 @@ def print_plan(p: Profile, pl: Plan, num_classes: int, method: str, dtype: str) 
     print(f"  target sparsity   {fixed(pl.target_sparsity, 4)}  ({pl.sparsity_from})")
     print(f"  model             {pl.model_bytes_dense:,} B dense -> {pl.model_bytes_stored:,} B stored"
           + (f" (budget {p.model_bytes:,} B)" if p.model_bytes else ""))
-    print(f"  replay buffer     {pl.buffer_capacity:,} samples = {pl.buffer_bytes:,} B (budget {p.buffer_bytes:,} B)")
+    print(f"  replay buffer     {pl.buffer_capacity:,} samples = {pl.buffer_bytes:,} B (budget {p.buffer_bytes:,} B)"
+          + ("; replayed from a copy in GPU memory" if pl.buffer_on_device else ""))
     print(f"  batch size        {pl.batch_size} (profile allows up to {p.batch_size})")
     print(f"  training peak     estimate {pl.memory_estimate_bytes:,} B of budget {pl.memory_budget_bytes:,} B:")
     for term, value in pl.memory_terms.items():

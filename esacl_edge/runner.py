@@ -381,6 +381,7 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
     settings = {"stream": str(stream_dir.resolve()), "stream_name": manifest.name, "method": learner.method.name,
                 "model": learner.spec.model, "seed": seed, "sparsity": sparsity, "buffer_bytes": buffer_bytes,
                 "pattern": pattern, "profile": prof.name, "anytime": anytime, "device": prof.device,
+                "precision": prof.precision,
                 "passes": prof.passes_per_chunk, "batch_size": prof.batch_size, "lr": lr}
     record = RunRecord(settings)
 

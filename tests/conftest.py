@@ -4,9 +4,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from esacl_edge.data.build import make_stream
 from esacl_edge.device.profiles import load_profile
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,7 @@ def test_cuda_fallback_is_one_plain_warning_line(tmp_path, small_stream, monkeyp
     fallback = [line for line in err if "CUDA" in line]
     assert len(fallback) == 1, err
     assert fallback[0].startswith("esacl-edge: warning: profile gpu: CUDA is not available, so this runs on the CPU, "
-                                  "where fp16 becomes fp32.")
+                                  "where bf16 becomes fp32.")
     assert not [line for line in err if "RuntimeWarning" in line or ".py:" in line or "warnings.warn" in line], err
     assert json.loads((tmp_path / "run" / "results.json").read_text())["device"] == "cpu"
 

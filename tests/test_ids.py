@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from esacl_edge.learn import ids
 def test_step_selection_keeps_top_scores_per_class_and_balances():
     y = torch.tensor([0] * 6 + [1] * 6)
     scores = torch.tensor([5, 1, 4, 0, 3, 2, 10, 11, 9, 8, 7, 6], dtype=torch.float32)
-    keep = ids.select_step(scores, y, 0.5)
+    keep = ids.select_step(scores, y, 0.5, 2)
     assert len(keep) == 6
     assert sorted(keep.tolist()) == [0, 2, 4, 6, 7, 8]  # top 3 of class 0 and top 3 of class 1
 
@@ -20,7 +22,7 @@ def test_step_selection_keeps_top_scores_per_class_and_balances():
 def test_step_selection_gives_slack_of_rare_classes_to_others():
     y = torch.tensor([0] * 9 + [1])
     scores = torch.arange(10, dtype=torch.float32)
-    keep = ids.select_step(scores, y, 0.5)
+    keep = ids.select_step(scores, y, 0.5, 2)
     assert len(keep) == 5
     assert 9 in keep.tolist()  # the single class-1 sample is kept
     assert sorted(keep.tolist()) == [5, 6, 7, 8, 9]
@@ -28,7 +30,31 @@ def test_step_selection_gives_slack_of_rare_classes_to_others():
 
 def test_step_selection_keep_all():
     y = torch.tensor([0, 1, 1])
-    assert sorted(ids.select_step(torch.zeros(3), y, 1.0).tolist()) == [0, 1, 2]
+    assert sorted(ids.select_step(torch.zeros(3), y, 1.0, 2).tolist()) == [0, 1, 2]
+
+
+def _per_class_reference(scores, y, keep_frac):
+    """The selection spelled out with host-side loops: balanced quotas, then each class's top scores."""
+    keep = max(1, math.ceil(keep_frac * len(y)))
+    classes, counts = np.unique(y.numpy(), return_counts=True)
+    quotas = ids.balanced_quotas(dict(zip(classes.tolist(), counts.tolist())), keep)
+    picked = set()
+    for cls, q in quotas.items():
+        idx = np.flatnonzero(y.numpy() == cls)
+        picked |= set(idx[np.argsort(-scores.numpy()[idx])[:q]].tolist())
+    return picked
+
+
+def test_step_selection_matches_quotas_on_random_batches():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        n_classes, n = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(2, 70, (1,), generator=g))
+        p = torch.rand(n_classes, generator=g) ** 3   # skewed class sizes
+        y = torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
+        scores, frac = torch.rand(n, generator=g), float(torch.rand(1, generator=g))
+        keep = ids.select_step(scores, y, frac, n_classes)
+        assert len(keep) == len(set(keep.tolist())) == min(n, max(1, math.ceil(frac * n)))
+        assert set(keep.tolist()) == _per_class_reference(scores, y, frac)
 
 
 def test_margin_score_orders_by_confidence():

@@ -211,8 +211,9 @@ def test_device_uses_cuda_when_present():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert select_device(orin, cuda_available=lambda: True) == torch.device("cuda")
-    assert autocast_dtype(orin, torch.device("cuda")) == torch.float16
-    assert autocast_dtype(load_profile("cuda_desktop"), torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype(orin, torch.device("cuda"), bf16_supported=lambda: True) == torch.bfloat16
+    assert autocast_dtype(load_profile("cuda_desktop"), torch.device("cuda"), bf16_supported=lambda: True) \
+        == torch.bfloat16
     assert select_device(load_profile("cpu"), cuda_available=lambda: True) == torch.device("cpu")
 
 

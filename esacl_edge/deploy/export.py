@@ -248,16 +248,18 @@ def quantize_int8(dense_path: Path, out_path: Path, calibration_nhwc: np.ndarray
         prepared.unlink(missing_ok=True)
 
 
-def _session(path: str | Path):
+def _session(path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: they reach the user as our one-line error
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
-def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256) -> np.ndarray:
-    session = _session(path)
+def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256,
+                providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> np.ndarray:
+    """Logits of stored samples from the exported file on onnxruntime (the CPU provider by default)."""
+    session = _session(path, providers)
     x = _nchw(x_nhwc)
     return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 

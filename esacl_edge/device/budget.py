@@ -6,7 +6,8 @@
 * Buffer budget -> buffer capacity in samples for the stream's input shape and dtype.
 * Training-peak budget -> the largest batch (at most the profile's) whose estimated peak
   fits: runtime + weights + gradients + optimizer state + SAM perturbation + masks and
-  pruning statistics + EWC state + activations at the batch + the buffer.
+  pruning statistics + EWC state + activations at the batch + the buffer (and, on a GPU with
+  unified memory, the buffer's device copy where it fits).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Plan:
     batch_size: int
     memory_budget_bytes: int
     memory_terms: dict[str, int] = field(default_factory=dict)
+    buffer_on_device: bool = False   # replay gathers from a copy of the buffer in GPU memory
 
     @property
     def memory_estimate_bytes(self) -> int:
@@ -164,5 +166,13 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
             f"the budget to at least {need:,} B, or shrink {largest}"
             + (" (budgets.buffer_bytes)" if largest == "buffer" else ""))
     terms = {**fixed, "activations": int(batch * per_batch_sample)}
+    # On a GPU, replay gathers from a copy of the buffer in its memory. On a discrete GPU the buffer
+    # term is that copy (the host arrays are outside its budget); with unified memory the copy is a
+    # second one, kept only where the budget has room for it beside the rest.
+    on_device = profile.device == "cuda" and capacity > 0
+    if on_device and profile.unified_memory:
+        on_device = profile.training_peak_bytes - sum(terms.values()) >= buf_bytes
+        if on_device:
+            terms["buffer_device_copy"] = buf_bytes
     return Plan(model_name, tuple(input_shape), target, source, n_params * FLOAT_BYTES, stored, capacity, buf_bytes,
-                int(batch), profile.training_peak_bytes, terms)
+                int(batch), profile.training_peak_bytes, terms, on_device)

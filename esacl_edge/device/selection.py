@@ -50,8 +50,21 @@ def apply_threads(profile: Profile) -> None:
         torch.set_num_threads(profile.threads)
 
 
-def autocast_dtype(profile: Profile, device: torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype for training on ``device``, or None for full fp32."""
-    if device.type != "cuda" or profile.precision == "fp32":
+def autocast_dtype(profile: Profile, device: torch.device,
+                   bf16_supported: Callable[[], bool] | None = None) -> torch.dtype | None:
+    """The mixed-precision dtype for training on ``device``, or None for full fp32.
+
+    A profile's precision applies on the device it names: a CUDA profile that fell back to the CPU
+    trains in fp32. bf16 on a GPU without it (``torch.cuda.is_bf16_supported``, or
+    ``bf16_supported`` if given; compute capability below 8.0) becomes fp16, with loss scaling,
+    and one warning.
+    """
+    if profile.precision == "fp32" or device.type != profile.device:
         return None
-    return torch.float16 if profile.precision == "fp16" else torch.bfloat16
+    if profile.precision == "fp16":
+        return torch.float16
+    if device.type == "cuda" and not (bf16_supported or torch.cuda.is_bf16_supported)():
+        warnings.warn(f"profile {profile.name}: this GPU has no bf16 support, so it trains in fp16 with loss "
+                      "scaling instead", RuntimeWarning, stacklevel=2)
+        return torch.float16
+    return torch.bfloat16

@@ -8,7 +8,8 @@ and the two rules that decide what it keeps after each chunk (parts of a method)
 * :class:`ReservoirBuffer`: reservoir sampling, every sample seen kept with equal probability.
 
 Inputs are kept in the stream's storage dtype (uint8 images stay uint8), with labels, task
-ids, the logits at insertion (for DER++) and the insertion score (for IDS).
+ids, the logits at insertion (for DER++) and the insertion score (for IDS). On a GPU, a
+:class:`DeviceCopy` of what replay reads lets a replay batch be gathered there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..device.budget import buffer_bytes_per_sample, buffer_capacity
+from ..device.transfer import to_device
 from . import ids
 from .parts import Part
 
@@ -39,6 +41,12 @@ class ReplayBuffer:
     score: np.ndarray
     size: int = 0
     seen: int = 0  # samples offered so far (reservoir sampling needs it)
+    changed: list[np.ndarray] | None = field(default=None, repr=False)  # slots written since a DeviceCopy synced
+
+    def mark(self, slots: np.ndarray) -> None:
+        """Note written slots for a :class:`DeviceCopy` (only once one tracks this buffer)."""
+        if self.changed is not None:
+            self.changed.append(slots)
 
     @property
     def capacity(self) -> int:
@@ -58,6 +66,7 @@ class ReplayBuffer:
         for k in ARRAYS:
             getattr(self, k)[:n] = state[k]
         self.size, self.seen = n, int(state["seen"])
+        self.mark(np.arange(n))
 
 
 def new_buffer(budget_bytes: int, input_shape: tuple[int, int, int], dtype: str, num_classes: int) -> ReplayBuffer:
@@ -73,6 +82,7 @@ def new_buffer(budget_bytes: int, input_shape: tuple[int, int, int], dtype: str,
 def _write(buf: ReplayBuffer, slots: np.ndarray, x, y, task: int, logits, score, src: np.ndarray) -> None:
     buf.x[slots], buf.y[slots], buf.task[slots] = x[src], y[src], task
     buf.logits[slots], buf.score[slots] = logits[src], score[src]
+    buf.mark(slots)
 
 
 def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits: np.ndarray,
@@ -92,6 +102,7 @@ def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits
     for name in ARRAYS:
         arr = getattr(buf, name)
         arr[: len(old)] = arr[old]
+    buf.mark(np.flatnonzero(old != np.arange(len(old))))
     slots = np.arange(len(old), len(old) + len(new))
     _write(buf, slots, x, y, task, logits, score, new)
     buf.size = len(keep)
@@ -110,6 +121,46 @@ def offer_reservoir(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, 
         buf.seen += 1
         if slot >= 0:
             _write(buf, np.array([slot]), x, y, task, logits, score, np.array([i]))
+
+
+@dataclass
+class DeviceCopy:
+    """What replay reads of a buffer (inputs as stored, labels, logits), kept on the training device.
+
+    The rows the buffer wrote since the last :meth:`sync` are copied over once, at the next
+    draw, so a replay batch is a gather on the device rather than a host copy per step.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    def of(cls, buf: ReplayBuffer, device: torch.device) -> DeviceCopy:
+        """An empty copy of ``buf``'s shape on ``device``; everything buffered so far is copied at the first sync."""
+        buf.changed = [np.arange(buf.size)]
+        return cls(*(torch.zeros(a.shape, dtype=torch.from_numpy(a[:0]).dtype, device=device)
+                     for a in (buf.x, buf.y, buf.logits)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.logits))
+
+    def sync(self, buf: ReplayBuffer) -> None:
+        """Copy the rows ``buf`` wrote since the last sync."""
+        if not buf.changed:
+            return
+        rows = np.unique(np.concatenate(buf.changed))
+        buf.changed.clear()
+        if rows.size:
+            at = to_device(rows, self.x.device)
+            for t, a in ((self.x, buf.x), (self.y, buf.y), (self.logits, buf.logits)):
+                t[at] = to_device(a[rows], t.device)
+
+    def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``idx``: (inputs as stored, labels as int64, logits)."""
+        at = to_device(idx, self.x.device)
+        return self.x[at], self.y[at].long(), self.logits[at]
 
 
 def sample(buf: ReplayBuffer, n: int, rng: np.random.Generator) -> np.ndarray:

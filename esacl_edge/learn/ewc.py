@@ -17,6 +17,7 @@ from torch import nn
 
 from ..device.budget import FLOAT_BYTES
 from .parts import Part
+from .precision import gated
 
 if TYPE_CHECKING:
     from .learner import StreamingLearner
@@ -34,9 +35,9 @@ class EwcState:
 
 @torch.no_grad()
 def accumulate(model: nn.Module, state: EwcState, lam: float = 0.0,
-               masks: dict[str, torch.Tensor] | None = None) -> None:
+               masks: dict[str, torch.Tensor] | None = None, finite: torch.Tensor | None = None) -> None:
     """Add this step's squared data gradient: ``.grad`` minus the penalty's gradient ``lam·F·(θ − θ*)``,
-    zero where ``masks`` (pruning masks) say the weight is pruned."""
+    zero where ``masks`` (pruning masks) say the weight is pruned, or where the step overflowed (``finite``)."""
     masks = masks or {}
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -46,7 +47,7 @@ def accumulate(model: nn.Module, state: EwcState, lam: float = 0.0,
             g = g - lam * state.fisher[name] * (p - state.anchor[name])
         if name in masks:
             g = g * masks[name]
-        state.task_sq.setdefault(name, torch.zeros_like(p)).add_(g * g)
+        state.task_sq.setdefault(name, torch.zeros_like(p)).add_(gated([g * g], finite)[0])
     state.task_steps += 1
 
 
@@ -82,7 +83,7 @@ class EwcPenalty(Part):
         return self.lam * penalty(learner.model, self.state) if self.state.fisher else None
 
     def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
-        accumulate(learner.model, self.state, self.lam, learner.masks)
+        accumulate(learner.model, self.state, self.lam, learner.masks, learner.precision.grads_finite)
 
     def end_task(self, learner: StreamingLearner) -> None:
         consolidate(learner.model, self.state, self.gamma)

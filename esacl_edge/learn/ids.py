@@ -45,19 +45,27 @@ def balanced_quotas(counts: dict[int, int], total: int) -> dict[int, int]:
     return quotas
 
 
-def select_step(scores: torch.Tensor, y: torch.Tensor, keep_frac: float) -> torch.Tensor:
-    """Indices of the critical instances: top scores per class, ceil(keep_frac * n) in all."""
+def select_step(scores: torch.Tensor, y: torch.Tensor, keep_frac: float, num_classes: int) -> torch.Tensor:
+    """Indices of the critical instances: top scores per class, ceil(keep_frac * n) in all, split over
+    the batch's classes as :func:`balanced_quotas` splits them.
+
+    Device ops only (no host sync): samples are ranked within their class by score, then taken
+    round by round (every class's best, then every class's second...), a round's classes in
+    the order of their sizes, then labels, which is the order in which the quotas give the
+    rounding slack. ``num_classes`` bounds the labels.
+    """
     n = len(y)
     keep = max(1, math.ceil(keep_frac * n))
     if keep >= n:
         return torch.arange(n, device=y.device)
-    classes, counts = torch.unique(y, return_counts=True)
-    quotas = balanced_quotas(dict(zip(classes.tolist(), counts.tolist())), keep)
-    picked = []
-    for cls, q in quotas.items():
-        idx = torch.nonzero(y == cls).squeeze(1)
-        picked.append(idx[torch.argsort(scores[idx], descending=True)[:q]])
-    return torch.cat(picked)
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=y.device).scatter_add_(0, y, torch.ones_like(y))
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    by_class = by_score[torch.argsort(y[by_score], stable=True)]   # grouped by class, best first
+    first = torch.cumsum(counts, 0) - counts                         # where each class's group starts
+    rank = torch.empty_like(y)
+    rank[by_class] = torch.arange(n, device=y.device) - first[y[by_class]]
+    order = (rank * (n + 1) + counts[y]) * num_classes + y
+    return torch.topk(order, keep, largest=False).indices
 
 
 def select_for_buffer(scores: np.ndarray, y: np.ndarray, quotas: dict[int, int], spread: float,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..device.transfer import to_device
 from .parts import Part
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class Joint(Part):
         if not self.x:
             return
         x, y = np.concatenate(self.x), np.concatenate(self.y)
-        run_passes(learner, learner.to_device(x), torch.as_tensor(y, device=learner.device), filter_samples=False)
+        run_passes(learner, learner.to_device(x), to_device(y, learner.device), filter_samples=False)
 
     def state_dict(self) -> dict[str, Any]:
         if not self.x:

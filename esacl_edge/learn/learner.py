@@ -22,6 +22,7 @@ from ..deploy.snapshot import ModelSpec, pack
 from ..device.budget import buffer_bytes_per_sample, plan
 from ..device.profiles import Profile, load_profile
 from ..device.selection import autocast_dtype, select_device
+from ..device.transfer import to_device
 from ..errors import DivergenceError, EsaclError
 from ..models import layer_sparsity, prunable_parameters
 from . import buffer as rb
@@ -29,6 +30,7 @@ from . import persistence, sdp
 from .cost import CostMeter, layer_forward_flops
 from .forward import accuracies, infer_logits, task_logits
 from .methods import Method, get_method
+from .precision import MixedPrecision
 from .state import Generators, TaskProgress
 from .step import train_chunk
 
@@ -86,15 +88,17 @@ class StreamingLearner:
         self.seed = seed
         self.rngs = Generators.from_seed(seed)
         self.device = select_device(self.profile)
-        self.amp_dtype = autocast_dtype(self.profile, self.device)
+        self.precision = MixedPrecision(self.device, autocast_dtype(self.profile, self.device))
         self.spec = ModelSpec(model, tuple(input_shape), num_classes, dict(normalization or {}), input_dtype,
                               class_names)
         with torch.random.fork_rng(devices=[]):  # initialisation draws from the learner's torch generator
             torch.set_rng_state(self.rngs.torch.get_state())
             self.model = self.spec.build().to(self.device)
             self.rngs.torch.set_state(torch.get_rng_state())
-        self.optimizer = self.method.optimizer.build(self.model.parameters())
+        self.optimizer = self.method.optimizer.build(self.model.parameters(), fused=self.precision.scales_loss)
         self.buffer = rb.new_buffer(self.plan.buffer_bytes, tuple(input_shape), input_dtype, num_classes)
+        self.buffer_copy = (rb.DeviceCopy.of(self.buffer, self.device)
+                            if self.plan.buffer_on_device and self.device.type == "cuda" else None)
         requested = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
         per_sample = buffer_bytes_per_sample(tuple(input_shape), input_dtype, num_classes)
         if self.method.keeps_buffer and 0 < requested < per_sample:
@@ -114,10 +118,10 @@ class StreamingLearner:
 
     # ------------------------------------------------------------------ helpers for the parts
     def to_device(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Stored NHWC samples -> float32 NCHW on the training device."""
-        t = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
-        self._check_shape(tuple(t.shape))
-        return t.to(self.device, torch.float32).permute(0, 3, 1, 2).contiguous()
+        """Stored NHWC samples -> float32 NCHW on the training device (copied in the stored dtype, then
+        converted there)."""
+        self._check_shape(tuple(x.shape))
+        return to_device(x, self.device).to(torch.float32).permute(0, 3, 1, 2).contiguous()
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 4 or tuple(shape[1:]) != tuple(self.spec.input_shape):
@@ -152,9 +156,7 @@ class StreamingLearner:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision as the profile asks on this device (a no-op in fp32)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.precision.autocast()
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

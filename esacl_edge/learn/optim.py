@@ -6,7 +6,8 @@ Both build the torch SGD optimizer and compute the gradients the update applies:
 * :class:`Sam`: on every ``every``-th step, an ascent pass at θ on the selected samples only
   (the replay batch stays out of it; its forward leaves BatchNorm statistics alone), the
   perturbation ε = ρ·(g⊙m)/‖g⊙m‖ added to the live weights only (m: the pruning masks), the
-  full pass at θ+ε, then θ restored; the update applies the gradient from θ+ε at θ. The other
+  full pass at θ+ε, then θ restored; the update applies the gradient from θ+ε at θ (under fp16
+  loss scaling the ascent gradients are unscaled before the norm: ``precision.py``). The other
   steps are plain SGD steps, which halves SAM's extra cost at ``every=2`` (as RST does at random).
 """
 
@@ -39,8 +40,10 @@ class Sgd(Part):
     momentum: float = 0.0
     weight_decay: float = 0.0
 
-    def build(self, params: Iterable[nn.Parameter]) -> torch.optim.SGD:
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+    def build(self, params: Iterable[nn.Parameter], fused: bool = False) -> torch.optim.SGD:
+        """The torch optimizer; ``fused`` for loss scaling (the fused kernel skips an overflowed step on the device)."""
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               fused=fused or None)
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {"optimizer_state": n_params * FLOAT_BYTES if self.momentum > 0 else 0}
@@ -49,7 +52,7 @@ class Sgd(Part):
         """Fill ``.grad`` with the gradient of ``closure(batch)``'s loss; returns (loss, selected samples' logits)."""
         learner.optimizer.zero_grad(set_to_none=True)
         loss, out = closure(batch)
-        loss.backward()
+        learner.precision.backward(loss)
         learner.cost.train_pass(batch.n_train)
         return loss, out
 
@@ -67,8 +70,8 @@ class Sam(Part):
         if self.every < 1:
             raise ValueError(f"Sam every must be >= 1 (SAM on every every-th step), got {self.every}")
 
-    def build(self, params: Iterable[nn.Parameter]) -> torch.optim.SGD:
-        return self.base.build(params)
+    def build(self, params: Iterable[nn.Parameter], fused: bool = False) -> torch.optim.SGD:
+        return self.base.build(params, fused)
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {**self.base.memory_terms(n_params, n_prunable), "sam_perturbation": n_params * FLOAT_BYTES}
@@ -80,7 +83,8 @@ class Sam(Part):
         current = dataclasses.replace(batch, replay_x=None, replay_y=None, replay_logits=None)
         with norm_stats_untouched(learner.model):
             _, out = self.base.gradients(learner, current, closure)
-        eps = perturb(learner.model, learner.masks, self.rho)
+        finite = learner.precision.unscale_ascent([p.grad for p in learner.model.parameters() if p.grad is not None])
+        eps = perturb(learner.model, learner.masks, self.rho, finite)
         try:
             loss, _ = self.base.gradients(learner, batch, closure)
         finally:
@@ -95,12 +99,14 @@ class Sam(Part):
 
 
 @torch.no_grad()
-def perturb(model: nn.Module, masks: dict[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
-    """SAM ascent on live weights: add ε in place and return it (for :func:`restore`)."""
+def perturb(model: nn.Module, masks: dict[str, torch.Tensor], rho: float,
+            finite: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """SAM ascent on live weights: add ε in place and return it (for :func:`restore`); ε = 0 where
+    ``finite`` (the ascent gradients' overflow flag under fp16 loss scaling) is False."""
     grads = {name: p.grad * masks[name] if name in masks else p.grad
              for name, p in model.named_parameters() if p.grad is not None}
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
-    scale = rho / (norm + 1e-12)
+    scale = rho / (norm + 1e-12) if finite is None else finite * rho / (norm + 1e-12)
     params = dict(model.named_parameters())
     eps = {name: g * scale for name, g in grads.items()}
     torch._foreach_add_([params[n] for n in eps], list(eps.values()))

@@ -30,6 +30,7 @@ def state_dict(learner: StreamingLearner) -> dict[str, Any]:
             "progress": asdict(learner.progress), "task_classes": {str(t): c for t, c in learner.task_classes.items()},
             "samples_trained": learner.samples_trained, "snapshots": {str(t): h for t, h in learner.snapshot_files.items()},
             "rngs": learner.rngs.state_dict(), "cost": learner.cost.state_dict(), "buffer": learner.buffer.state_dict(),
+            "precision": learner.precision.state_dict(),
             "parts": {name: part.state_dict() for name, part in learner.method.named_parts()}}
 
 
@@ -50,6 +51,7 @@ def load_state_dict(learner: StreamingLearner, state: dict[str, Any], folder: Pa
     learner.buffer.load_state_dict(state["buffer"])
     learner.rngs.load_state_dict(state["rngs"])
     learner.cost.load_state_dict(state["cost"])
+    learner.precision.load_state_dict(state.get("precision", {}))  # absent in states saved before 0.6
     learner.progress = TaskProgress(**state["progress"])
     learner.task_classes = {int(t): list(c) for t, c in state["task_classes"].items()}
     learner.samples_trained = state["samples_trained"]

@@ -104,11 +104,11 @@ class Pruning(Part):
 
     def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
         if self.grads_every_step or self._in_regrow_window(learner):
-            sdp.record_grad_abs(learner.model, self.state)
+            sdp.record_grad_abs(learner.model, self.state, learner.precision.grads_finite)
             learner.cost.dense_weight_grads(batch.n_train)
         sdp.mask_grads(learner.model, self.state, self.float_masks)
         if self.keeps_statistics and (self.grads_every_step or self._pruning_ahead(learner)):
-            sdp.accumulate(learner.model, self.state)
+            sdp.accumulate(learner.model, self.state, learner.precision.grads_finite)
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
         if learner.snapshots and learner.progress.steps == self.regrow_steps:

@@ -1,7 +1,8 @@
 """Replay loss terms: DER++ (Buzzega et al., 2020) and ER, on a batch drawn from the buffer.
 
 A replay batch of ``ratio`` × the minibatch size is drawn once per step (the same batch in
-both SAM passes) and forwarded together with the selected samples. DER++ adds
+both SAM passes; on a GPU gathered from the buffer's device copy where the budget allows it)
+and forwarded together with the selected samples. DER++ adds
 α·MSE(logits, logits stored at insertion) + β·CE(labels); ER is DER++ with α = 0.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device.transfer import to_device
 from .buffer import sample
 from .parts import Part
 
@@ -35,9 +37,13 @@ class Replay(Part):
             return
         idx = sample(buf, round(self.ratio * minibatch_size), learner.rngs.replay)
         batch.replay_index = idx
-        batch.replay_x = learner.to_device(buf.x[idx])
-        batch.replay_y = torch.as_tensor(buf.y[idx].astype(np.int64), device=learner.device)
-        batch.replay_logits = torch.as_tensor(buf.logits[idx], device=learner.device)
+        if learner.buffer_copy is not None:  # gathered on the device
+            learner.buffer_copy.sync(buf)
+            x, y, logits = learner.buffer_copy.gather(idx)
+        else:
+            x, y, logits = buf.x[idx], to_device(buf.y[idx].astype(np.int64), learner.device), \
+                to_device(buf.logits[idx], learner.device)
+        batch.replay_x, batch.replay_y, batch.replay_logits = learner.to_device(x), y, logits
 
     def loss(self, learner: StreamingLearner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
         if batch.replay_y is None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models import prunable_parameters
+from .precision import gated
 
 SCORE_KINDS = ("directional", "magnitude", "sparcl")
 ALLOCATIONS = ("uniform", "erk", "global")
@@ -74,27 +75,30 @@ def mask_grads(model: nn.Module, state: SdpState, masks: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def accumulate(model: nn.Module, state: SdpState) -> None:
-    """Update the running averages of theta*g~ and g~^2 from the current (descent) gradients."""
+def accumulate(model: nn.Module, state: SdpState, finite: torch.Tensor | None = None) -> None:
+    """Update the running averages of theta*g~ and g~^2 from the current (descent) gradients; a step whose
+    gradients overflowed (``finite`` False, fp16 loss scaling) leaves them as they are."""
     d = state.decay
     named = [(n, p) for n, p in prunable_parameters(model).items() if p.grad is not None]
     if named:
         a, f = [state.a[n] for n, _ in named], [state.f[n] for n, _ in named]
-        params, grads = [p.detach() for _, p in named], [p.grad for _, p in named]
-        torch._foreach_mul_(a, d)
+        params, grads = [p.detach() for _, p in named], gated([p.grad for _, p in named], finite)
+        decay = d if finite is None else torch.where(finite, d, 1.0)
+        torch._foreach_mul_(a, decay)
         torch._foreach_addcmul_(a, params, grads, value=1 - d)
-        torch._foreach_mul_(f, d)
+        torch._foreach_mul_(f, decay)
         torch._foreach_addcmul_(f, grads, grads, value=1 - d)
     state.updates += 1
 
 
 @torch.no_grad()
-def record_grad_abs(model: nn.Module, state: SdpState) -> None:
-    """Sum |grad| of every prunable weight, pruned ones included (evidence for regrowth)."""
+def record_grad_abs(model: nn.Module, state: SdpState, finite: torch.Tensor | None = None) -> None:
+    """Sum |grad| of every prunable weight, pruned ones included (evidence for regrowth; an overflowed
+    step adds nothing)."""
     for name, p in prunable_parameters(model).items():
         if p.grad is not None:
             acc = state.grad_abs.setdefault(name, torch.zeros_like(p))
-            acc.add_(p.grad.abs())
+            acc.add_(gated([p.grad.abs()], finite)[0])
 
 
 @torch.no_grad()

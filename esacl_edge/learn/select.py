@@ -55,4 +55,4 @@ class IdsSelect(Part):
                 logits = learner.model(x).float()
             learner.cost.forward(len(y))
             scores = ids.sample_scores(logits, y, self.score)
-        return ids.select_step(scores, y, self.keep), logits, scores
+        return ids.select_step(scores, y, self.keep, learner.spec.num_classes), logits, scores

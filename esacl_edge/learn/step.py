@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device.transfer import to_device
 from . import ids
 from .forward import minibatches
 
@@ -96,10 +97,11 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, in
         logits, scores = logits.clone(), scores.clone()
         logits[keep], scores[keep] = out, ids.sample_scores(out, batch.y, method.select.score)
     batch.logits = logits
-    # 4. After the backward pass: parts read and mask the gradients; then the update.
+    # 4. After the backward pass (gradients unscaled under fp16): parts read and mask them; then the update.
+    learner.precision.unscale(learner.optimizer)
     for part in method.parts:
         part.after_backward(learner, batch)
-    learner.optimizer.step()
+    learner.precision.step(learner.optimizer)
     learner.progress.steps += 1
     learner.samples_trained += len(batch.y)
     for part in method.parts:
@@ -120,7 +122,7 @@ def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, re
         if filter_samples:
             for part in learner.method.parts:
                 active = part.active_samples(learner, p, active)
-        order = torch.as_tensor(learner.rngs.order.permutation(active.numpy()), device=learner.device)
+        order = to_device(learner.rngs.order.permutation(active.numpy()), learner.device)
         for idx in minibatches(order, learner.profile.batch_size):
             prior = (record.logits[idx], record.scores[idx]) if p > 0 and record is not None else None
             loss, logits, scores = train_step(learner, xt[idx], yt[idx], idx, prior)
@@ -135,7 +137,7 @@ def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: i
 
     Returns the mean step loss (NaN when nothing was trained), read from the device once.
     """
-    xt, yt = learner.to_device(x), torch.as_tensor(y, device=learner.device)
+    xt, yt = learner.to_device(x), to_device(y, learner.device)
     n = len(y)
     record = ChunkRecord(x, y, task, torch.zeros(n, learner.spec.num_classes, device=learner.device),
                          torch.zeros(n, device=learner.device))
