@@ -142,10 +142,6 @@ class DeviceCopy:
         return cls(*(torch.zeros(a.shape, dtype=torch.from_numpy(a[:0]).dtype, device=device)
                      for a in (buf.x, buf.y, buf.logits)))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.logits))
-
     def sync(self, buf: ReplayBuffer) -> None:
         """Copy the rows ``buf`` wrote since the last sync."""
         if not buf.changed:

@@ -52,7 +52,8 @@ def select_step(scores: torch.Tensor, y: torch.Tensor, keep_frac: float, num_cla
     Device ops only (no host sync): samples are ranked within their class by score, then taken
     round by round (every class's best, then every class's second...), a round's classes in
     the order of their sizes, then labels, which is the order in which the quotas give the
-    rounding slack. ``num_classes`` bounds the labels.
+    rounding slack. They are returned class by class in that order, best first, as the
+    per-class loop over the quotas returned them. ``num_classes`` bounds the labels.
     """
     n = len(y)
     keep = max(1, math.ceil(keep_frac * n))
@@ -64,8 +65,9 @@ def select_step(scores: torch.Tensor, y: torch.Tensor, keep_frac: float, num_cla
     first = torch.cumsum(counts, 0) - counts                         # where each class's group starts
     rank = torch.empty_like(y)
     rank[by_class] = torch.arange(n, device=y.device) - first[y[by_class]]
-    order = (rank * (n + 1) + counts[y]) * num_classes + y
-    return torch.topk(order, keep, largest=False).indices
+    group = counts[y] * num_classes + y                               # the class's place in a round
+    picked = torch.topk(rank * (n + 1) * num_classes + group, keep, largest=False).indices
+    return picked[torch.argsort(group[picked] * (n + 1) + rank[picked])]
 
 
 def select_for_buffer(scores: np.ndarray, y: np.ndarray, quotas: dict[int, int], spread: float,
