@@ -18,7 +18,7 @@ from esacl_edge.device.selection import autocast_dtype
 from esacl_edge.learn import buffer as rb
 from esacl_edge.learn.methods import get_method
 from esacl_edge.learn.precision import MixedPrecision
-from esacl_edge.learn.step import train_step
+from esacl_edge.learn.step import mean_loss, train_step
 from esacl_edge.models import prunable_parameters
 
 
@@ -125,6 +125,13 @@ def test_an_fp16_overflow_skips_the_step_and_corrupts_nothing(tiny_stream, fast_
     assert again.load_state(tmp_path)
     assert again.precision.counts()["overflow_skipped_steps"] == steps
     assert again.precision.scaler.get_scale() == 2.0 ** (127 - steps)
+
+
+def test_a_skipped_fp16_step_does_not_count_in_the_chunk_loss():
+    losses = [torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(3.0)]
+    assert mean_loss(losses, finite_only=True) == 2.0       # fp16: the overflowed step was skipped
+    assert mean_loss(losses) == float("inf")                 # fp32/bf16: a non-finite loss is divergence
+    assert np.isnan(mean_loss([torch.tensor(float("nan"))], finite_only=True)) and np.isnan(mean_loss([]))
 
 
 def test_an_ascent_overflow_leaves_the_sam_step_unperturbed():

@@ -135,7 +135,7 @@ def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, re
 def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: int) -> float:
     """Learn one chunk: its passes, then the parts' after-chunk work (buffer, pruning schedule…).
 
-    Returns the mean step loss (NaN when nothing was trained), read from the device once.
+    Returns the mean step loss (:func:`mean_loss`).
     """
     xt, yt = learner.to_device(x), to_device(y, learner.device)
     n = len(y)
@@ -147,4 +147,16 @@ def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: i
     learner.progress.chunks_done += 1
     for part in learner.method.parts:
         part.after_chunk(learner, record)
-    return float(torch.stack(losses).mean()) if losses else float("nan")
+    return mean_loss(losses, learner.precision.scales_loss)
+
+
+def mean_loss(losses: list[torch.Tensor], finite_only: bool = False) -> float:
+    """The mean step loss, read from the device once (NaN for no step). ``finite_only``: under fp16 loss
+    scaling a step whose forward overflowed was skipped, not trained on, so it does not count."""
+    if not losses:
+        return float("nan")
+    stacked = torch.stack(losses)
+    if not finite_only:
+        return float(stacked.mean())
+    finite = torch.isfinite(stacked)
+    return float(torch.where(finite, stacked, 0.0).sum() / finite.sum())
