@@ -6,7 +6,6 @@ what a method does lives in its parts (``methods.py``), run by the step in ``ste
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Callable
@@ -153,10 +152,6 @@ class StreamingLearner:
         reason = (f"training diverged {where} of task {self.progress.task}: {what} (check the inputs' scale, "
                   "i.e. the stream's normalization, or lower the learning rate)")
         raise DivergenceError(f"{reason}; the model is unusable now: restore a saved state (load_state)", reason)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed precision as the profile asks on this device (a no-op in fp32)."""
-        return self.precision.autocast()
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

@@ -25,16 +25,12 @@ from typing import Any
 
 import torch
 
-INIT_SCALE = 2.0 ** 16   # GradScaler's default; halves on overflow, doubles after 2000 finite steps
-
-
 @dataclass
 class MixedPrecision:
     """How one learner's steps run: ``dtype`` (None: fp32) on ``device``, with a loss scaler for fp16."""
 
     device: torch.device
     dtype: torch.dtype | None = None
-    init_scale: float = INIT_SCALE
     scaler: torch.amp.GradScaler | None = field(init=False, default=None)
     grads_finite: torch.Tensor | None = field(init=False, default=None)  # this step's update gradients (fp16)
     _counts: torch.Tensor | None = field(init=False, default=None)        # (skipped, unperturbed) on the device
@@ -42,7 +38,8 @@ class MixedPrecision:
 
     def __post_init__(self) -> None:
         if self.dtype == torch.float16:
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.init_scale)
+            # GradScaler's defaults: 2^16 at first, halved on an overflow, doubled after 2000 finite steps.
+            self.scaler = torch.amp.GradScaler(self.device.type)
             self._counts = torch.zeros(2, dtype=torch.int64, device=self.device)
 
     @property
@@ -85,8 +82,9 @@ class MixedPrecision:
         if self.scaler is None:
             return
         self.scaler.unscale_(optimizer)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.grads_finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        # The flag unscale_ just computed (one per device; this learner trains on one).
+        found_inf = sum(self.scaler._found_inf_per_device(optimizer).values())
+        self.grads_finite = found_inf == 0
         self._counts[0] += ~self.grads_finite
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:

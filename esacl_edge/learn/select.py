@@ -51,7 +51,7 @@ class IdsSelect(Part):
         if prior is not None and not self.rescore_every_pass:
             logits, scores = prior
         else:
-            with torch.no_grad(), norm_stats_untouched(learner.model), learner.autocast():
+            with torch.no_grad(), norm_stats_untouched(learner.model), learner.precision.autocast():
                 logits = learner.model(x).float()
             learner.cost.forward(len(y))
             scores = ids.sample_scores(logits, y, self.score)

@@ -64,7 +64,7 @@ class ChunkRecord:
 def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the selected samples + every part's term; returns (loss, their logits)."""
     x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
-    with learner.autocast():
+    with learner.precision.autocast():
         out = learner.model(x).float()
     loss = F.cross_entropy(out[: len(batch.y)], batch.y)
     for part in learner.method.parts:
