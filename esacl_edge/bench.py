@@ -147,16 +147,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _learn_in_subprocess(stream: Path, profile_path: Path, run_dir: Path, name: str, sparsity: float, seed: int,
-                         buffer_bytes: int | None, model: str | None, anytime: bool) -> dict:
+                         options: dict) -> dict:
     cmd = [sys.executable, "-m", "esacl_edge.cli", "learn", "--stream", str(stream), "--profile", str(profile_path),
            "--run", str(run_dir), "--method", name, "--sparsity", repr(sparsity), "--seed", str(seed),
            "--overwrite", "--quiet"]
-    if buffer_bytes is not None:
-        cmd += ["--buffer-bytes", str(buffer_bytes)]
-    if model:
-        cmd += ["--model", model]
-    if anytime:
-        cmd += ["--anytime"]
+    for key, value in options.items():
+        if value is True:
+            cmd.append(f"--{key.replace('_', '-')}")
+        elif value not in (None, False):
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("esacl-edge: error: ")
@@ -168,14 +167,18 @@ def _learn_in_subprocess(stream: Path, profile_path: Path, run_dir: Path, name: 
 
 def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | Path, sparsity: float = 0.9,
           seeds: int = 3, buffer_bytes: int | None = None, model: str | None = None, anytime: bool = False,
-          plots: bool = True) -> dict:
-    """Run every method for every seed (seed-major, so methods share machine conditions)."""
+          plots: bool = True, init: str | Path | None = None, freeze_until: str | None = None,
+          latent_replay: str | None = None, lr: float | None = None) -> dict:
+    """Run every method for every seed (seed-major, so methods share machine conditions); ``init``,
+    ``freeze_until``, ``latent_replay`` and ``lr`` as for ``learn``, the same for every method."""
     specs = plan_runs(methods, sparsity, seeds, buffer_bytes)
     labels = [label for label, _, _ in specs]
     out, stream = Path(out), Path(stream)
     manifest = read_manifest(stream)
     if model is not None:
         check_input(model, manifest.input_shape, manifest.num_classes)
+    options = {"buffer_bytes": buffer_bytes, "model": model, "anytime": anytime, "lr": lr,
+               "init": init and Path(init).resolve(), "freeze_until": freeze_until, "latent_replay": latent_replay}
     profile_path = out / "profile.yaml"
     text = to_yaml(profile)
     atomic_write(profile_path, lambda f: f.write(text.encode()))
@@ -185,13 +188,15 @@ def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | P
         for label, name, sp in specs:
             bar.set_postfix(method=label, seed=seed)
             run_dir = out / "runs" / f"{label.replace('@', '_')}_seed{seed}"
-            r = _learn_in_subprocess(stream, profile_path, run_dir, name, sp, seed, buffer_bytes, model, anytime)
+            r = _learn_in_subprocess(stream, profile_path, run_dir, name, sp, seed, options)
             r.pop("prune_events", None)
             runs.append({"label": label, **r})
             bar.update(1)
     bar.close()
     report = {"machine": machine(), "profile": profile.name, "stream": str(stream.resolve()),
-              "buffer_bytes": buffer_bytes, "sparsity": sparsity, "seeds": seeds,
+              "buffer_bytes": buffer_bytes, "sparsity": sparsity, "seeds": seeds, "model": model, "lr": lr,
+              "init": options["init"] and str(options["init"]), "freeze_until": freeze_until,
+              "latent_replay": latent_replay,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summarize(runs, labels), "runs": runs}
     write_json(out / "bench.json", report)
     if plots:

@@ -56,7 +56,7 @@ def cmd_make_stream(args: argparse.Namespace) -> None:
             raise EsaclError(f"--class-order must be 'random' or comma-separated class numbers, got {order!r}") from None
     m = make_stream(args.dataset, args.out, tasks=args.tasks, chunk_size=args.chunk_size, seed=args.seed,
                     per_class=args.per_class, test_per_class=args.test_per_class, class_order=order,
-                    classes_per_task=args.classes_per_task, blurry=args.blurry, root=args.root,
+                    classes_per_task=args.classes_per_task, blurry=args.blurry, root=args.root, classes=args.classes,
                     download=args.download, image_size=args.image_size, channels=args.channels,
                     test_fraction=args.test_fraction)
     chunks = sum(len(t.chunks) for t in m.tasks)
@@ -88,7 +88,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     r = learn(args.stream, profile=profile, run_dir=args.run, method=args.method, sparsity=args.sparsity,
               seed=args.seed, model=args.model, buffer_bytes=args.buffer_bytes, overwrite=args.overwrite,
               progress=not args.quiet, anytime=args.anytime, pattern=args.pattern, follow=args.follow,
-              poll_seconds=args.poll, max_idle=args.max_idle, lr=args.lr)
+              poll_seconds=args.poll, max_idle=args.max_idle, lr=args.lr, init=_init_file(args),
+              freeze_until=args.freeze_until, latent_replay=args.latent_replay)
     if r["resumed_at_chunk"]:
         print(f"resumed {args.run} after {r['resumed_at_chunk']} chunks learned earlier")
     reports.print_results(r)
@@ -98,6 +99,52 @@ def cmd_learn(args: argparse.Namespace) -> int:
               "the same command resumes", file=sys.stderr)
         return 128 + getattr(signal, r["stopped_by"])
     return 0
+
+
+def _init_file(args: argparse.Namespace) -> str | None:
+    """``--init FILE``, or with ``--download-weights`` torchvision's ImageNet weights of ``--model`` (fetched now)."""
+    if not args.download_weights:
+        return args.init
+    if args.init:
+        raise EsaclError("give --init FILE or --download-weights, not both")
+    if args.model is None:
+        raise EsaclError("--download-weights needs --model: the torchvision network whose ImageNet weights to fetch")
+    from .weights import download_weights
+
+    path = download_weights(args.model)
+    print(f"ImageNet weights of {args.model} in {path} (copy this file to a device without internet: --init FILE)")
+    return str(path)
+
+
+def _add_start_options(p: argparse.ArgumentParser, freeze: bool = True) -> None:
+    """The options that choose a starting point (and, with ``freeze``, a frozen prefix) for a backbone."""
+    p.add_argument("--init", metavar="FILE", help="start from this state dict (torchvision's ImageNet weights, a "
+                   "'pretrain' output, a snapshot); the classifier is re-initialised when its shape differs")
+    p.add_argument("--download-weights", action="store_true",
+                   help="fetch torchvision's ImageNet weights of --model into torch's cache and start from them "
+                   "(the only time anything is downloaded)")
+    if freeze:
+        p.add_argument("--freeze-until", metavar="LAYER", help="run the backbone up to this stage (e.g. layer3, "
+                       "features.8) in inference mode without gradients; it is neither trained nor pruned")
+        p.add_argument("--latent-replay", choices=("fp16", "uint8"),
+                       help="with --freeze-until: the replay buffer keeps the frozen prefix's output in this form "
+                       "instead of images")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """``pretrain``: train a backbone offline and write a weights file for ``--init``."""
+    from .device.profiles import load_profile
+    from .device.selection import apply_threads
+    from .pretrain import pretrain
+
+    profile = load_profile(args.profile)
+    apply_threads(profile)
+    r = pretrain(args.data, args.model, args.out, classes=args.classes, epochs=args.epochs, profile=profile,
+                 lr=args.lr, seed=args.seed, init=_init_file(args), per_class=args.per_class, progress=not args.quiet)
+    print(f"wrote {r['file']} ({r['bytes']:,} bytes) and {r['file']}.json: {r['model']} on {len(r['classes'])} classes, "
+          f"{r['train_samples']:,} samples x {r['epochs']} epochs in {r['train_seconds']:.0f} s; held-out accuracy "
+          f"{100 * r['heldout_acc']:.1f}% ({r['heldout_samples']:,} samples, {r['heldout']})")
+    print(f"start learning from it: esacl-edge learn --model {r['model']} --init {r['file']} ...")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -140,7 +187,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                          chunk_size=args.chunk_size, per_class=args.per_class,
                                          test_per_class=args.test_per_class)
     report = bench(stream, args.methods.split(","), profile, out, sparsity=args.sparsity, seeds=args.seeds,
-                   buffer_bytes=args.buffer_bytes, model=args.model, anytime=args.anytime)
+                   buffer_bytes=args.buffer_bytes, model=args.model, anytime=args.anytime, init=_init_file(args),
+                   freeze_until=args.freeze_until, latent_replay=args.latent_replay, lr=args.lr)
     print(format_table(report["summary"]))
     print(f"wrote {out / 'bench.json'} and {', '.join(Path(p).name for p in report.get('plots', []))}")
 
@@ -170,7 +218,8 @@ def cmd_profiles(args: argparse.Namespace) -> None:
     p = load_profile(args.name)
     if args.action == "show":
         reports.print_profile(p)
-    pl = plan(p, args.model, (h, w, c), args.num_classes, get_method(args.method), args.dtype)
+    pl = plan(p, args.model, (h, w, c), args.num_classes, get_method(args.method), args.dtype,
+              freeze_until=args.freeze_until, latent=args.latent_replay)
     reports.print_plan(p, pl, args.num_classes, args.method, args.dtype)
 
 
@@ -253,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     s.add_argument("--per-class", type=int, help="keep at most this many training samples per class")
     s.add_argument("--test-per-class", type=int, help="keep at most this many test samples per class")
+    s.add_argument("--classes", help="keep only these classes, e.g. 50-99 or 0,3,7 (labels keep their numbers; "
+                   "default: all)")
     s.add_argument("--class-order", help="'random' (drawn with --seed) or comma-separated classes, e.g. 3,1,0,2,... "
                    "(default: 0..K-1)")
     s.add_argument("--image-size", help="resize images to N or HxW pixels (needed for folders of mixed sizes)")
@@ -298,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "budget may lower it)")
     l.add_argument("--lr", type=float, help="SGD learning rate instead of the method's")
     l.add_argument("--pattern", choices=("2:4",), help="N:M structured sparsity for TensorRT sparse tensor cores")
+    _add_start_options(l)
     l.add_argument("--quiet", action="store_true", help="no progress bar")
     l.set_defaults(func=cmd_learn)
 
@@ -323,8 +375,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--buffer-bytes", type=int, help="replay buffer budget in bytes (default: the profile's)")
     b.add_argument("--model", choices=MODEL_NAMES, help="backbone, listed below (default: by input shape)")
     b.add_argument("--anytime", action="store_true", help="also measure accuracy after every chunk")
+    b.add_argument("--lr", type=float, help="SGD learning rate of every method instead of its own")
+    _add_start_options(b)
     b.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("pretrain", help="train a backbone offline on a labelled data set; write weights for --init",
+                       description="Train a backbone (dense SGD, cosine schedule, crops and flips for colour) on the "
+                       "chosen classes of a stream or an npz data set, report its held-out accuracy, and write its "
+                       "state dict for 'learn --init'.", formatter_class=_HelpFormatter,
+                       epilog=_listing({"models (--model):": MODEL_DESCRIPTIONS}))
+    t.add_argument("--data", required=True, help="stream folder (with manifest.json) or npz file (x_train, y_train, "
+                   "x_test, y_test: the make-stream npz format)")
+    t.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="MODEL", help="backbone, listed below")
+    t.add_argument("--out", required=True, help="weights file to write (and FILE.json beside it)")
+    t.add_argument("--classes", help="train on these classes only, e.g. 0-49 (default: all)")
+    t.add_argument("--per-class", type=int, help="at most this many training samples per class")
+    t.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
+    t.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle cosine schedule "
+                   "(default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--profile", default="cpu", help="device profile: device, precision, batch size and the "
+                   "training-memory budget (default: %(default)s)")
+    _add_start_options(t, freeze=False)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_pretrain)
 
     pr = sub.add_parser("profiles", help="list device profiles, show one, or check a model against its budgets")
     pr.add_argument("action", nargs="?", default="list", choices=("list", "show", "check"))
@@ -335,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default="uint8", choices=("uint8", "float32"), help="input storage (default: %(default)s)")
     pr.add_argument("--method", default="esacl", choices=METHOD_NAMES, metavar="METHOD",
                     help="a method of 'esacl-edge learn --help' (default: %(default)s)")
+    pr.add_argument("--freeze-until", metavar="LAYER", help="as for learn: the budgets of a frozen prefix")
+    pr.add_argument("--latent-replay", choices=("fp16", "uint8"), help="as for learn: a buffer of latents")
     pr.set_defaults(func=cmd_profiles)
 
     e = sub.add_parser("export", help="export the model of one task to ONNX and check it with onnxruntime",

@@ -1,10 +1,15 @@
-"""Backbones: a small CNN for 8x8 and 28x28 inputs and the reduced ResNet-18 for 32x32 colour.
+"""Backbones: a small CNN for 8x8 and 28x28 inputs, the reduced ResNet-18 for 32x32 colour, and
+torchvision's deployment networks (MobileNet V2/V3, ResNet-18, EfficientNet-B0).
 
-Every model starts with a fixed :class:`Normalize` layer, so a snapshot or an ONNX file takes
-inputs in the units the stream stores (for example raw 0..255 pixels as float32, NCHW).
+Every model is ``Sequential(Normalize, backbone)``: a fixed :class:`Normalize` layer first, so a
+snapshot or an ONNX file takes inputs in the units the stream stores (for example raw 0..255
+pixels as float32, NCHW). Every backbone is itself a Sequential of stages, so it can be cut at a
+stage (:func:`split_model`): a frozen prefix runs without gradients and the rest trains.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +17,12 @@ from torch import nn
 
 from .data.stream import classes_problem, shape_problem
 from .errors import EsaclError
-from .names import MODEL_NAMES
+from .names import MODEL_NAMES, TORCHVISION_MODELS
 
 # Smallest H and W per backbone: two 2x2 poolings; three stride-2 stages that must leave more than
 # 1x1 for BatchNorm to train on a single sample.
-MIN_SIDE = {"small_cnn": 4, "resnet18_reduced": 9}
+# torchvision's networks downsample 32x: 32x32 leaves a 1x1 map.
+MIN_SIDE = {"small_cnn": 4, "resnet18_reduced": 9, **dict.fromkeys(TORCHVISION_MODELS, 32)}
 
 
 class Normalize(nn.Module):
@@ -34,7 +40,7 @@ class Normalize(nn.Module):
         return (x * self.scale - self.mean) / self.std
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(nn.Sequential):
     """Two 3x3 conv blocks with max-pooling, then a 2-layer MLP head.
 
     Sized for 8x8 (digits) and 28x28 (MNIST family) inputs; any H, W >= 4 works.
@@ -42,18 +48,12 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
                  width_mult: int = 1) -> None:
-        super().__init__()
         c1, c2, hidden = 32 * width_mult, 64 * width_mult, 128 * width_mult
-        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.fc1 = nn.Linear(c2 * (height // 4) * (width // 4), hidden)
-        self.classifier = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(torch.flatten(x, 1)))
-        return self.classifier(x)
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(in_channels, c1, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(c1, c2, 3, padding=1), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2), flatten=nn.Flatten(),
+            fc1=nn.Linear(c2 * (height // 4) * (width // 4), hidden), relu3=nn.ReLU(),
+            classifier=nn.Linear(hidden, num_classes)))
 
 
 class BasicBlock(nn.Module):
@@ -77,28 +77,93 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ReducedResNet18(nn.Module):
+class ReducedResNet18(nn.Sequential):
     """ResNet-18 with width nf=20 (GEM, DER, SparCL): [2, 2, 2, 2] basic blocks, 3x3 stem."""
 
     def __init__(self, in_channels: int, num_classes: int, nf: int = 20) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, nf, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(nf)
-        layers, in_planes = [], nf
-        for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+        stages, in_planes = OrderedDict(conv1=nn.Conv2d(in_channels, nf, 3, stride=1, padding=1, bias=False),
+                                        bn1=nn.BatchNorm2d(nf), relu=nn.ReLU()), nf
+        for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2)), 1):
             blocks = []
             for s in (stride, 1):
                 blocks.append(BasicBlock(in_planes, nf * mult, s))
                 in_planes = nf * mult
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.classifier = nn.Linear(nf * 8, num_classes)
+            stages[f"layer{i}"] = nn.Sequential(*blocks)
+        stages.update(avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), classifier=nn.Linear(nf * 8, num_classes))
+        super().__init__(stages)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.classifier(out)
+
+def torchvision_backbone(name: str, num_classes: int) -> nn.Sequential:
+    """torchvision's ``name`` as a Sequential of its stages, with torchvision's state-dict keys.
+
+    The forward is the same as torchvision's (average pooling and flattening become stages), so its
+    ImageNet weights load as they are; dropout (and EfficientNet's stochastic depth) is left out, so that training randomness comes only
+    from the learner's seeded generators and DER++'s stored logits are those of the model.
+    """
+    from torchvision.models import get_model
+
+    net = get_model(name, weights=None, num_classes=num_classes)
+    for m in net.modules():
+        if type(m).__name__ == "StochasticDepth":  # EfficientNet's: random like dropout
+            m.p = 0.0
+        if isinstance(m, nn.BatchNorm2d):  # MobileNetV3's 0.01 suits ImageNet epochs, not a few steps per task
+            m.momentum = 0.1
+    stages = OrderedDict()
+    for child_name, child in net.named_children():
+        if child_name in ("fc", "classifier"):
+            stages.setdefault("avgpool", nn.AdaptiveAvgPool2d(1))  # mobilenet_v2 pools in its forward()
+            stages["flatten"] = nn.Flatten()
+            if isinstance(child, nn.Sequential):
+                for i, m in enumerate(child):
+                    if isinstance(m, nn.Dropout):
+                        child[i] = nn.Identity()
+        stages[child_name] = child
+    return nn.Sequential(stages)
+
+
+def stage_names(net: nn.Sequential) -> list[str]:
+    """The points a backbone can be cut at, in forward order: its stages, and the blocks of a stage that is a
+    Sequential (``layer3``, ``layer3.0``; ``features.6``)."""
+    names = []
+    for name, child in net.named_children():
+        if isinstance(child, nn.Sequential) and len(child) > 1:
+            names += [f"{name}.{i}" for i in range(len(child))]
+        names.append(name)
+    return names
+
+
+def _stages(net: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    """The backbone as a flat list of (name, module) run one after the other."""
+    out = []
+    for name, child in net.named_children():
+        if isinstance(child, nn.Sequential) and len(child) > 1:
+            out += [(f"{name}.{i}", m) for i, m in enumerate(child)]
+        else:
+            out.append((name, child))
+    return out
+
+
+def split_model(model: nn.Sequential, freeze_until: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """``Sequential(Normalize, backbone)`` cut after stage ``freeze_until``: (prefix, suffix), sharing the modules
+    of ``model``; ``suffix(prefix(x)) == model(x)``."""
+    norm, net = model[0], model[1]
+    stages = _stages(net)
+    names = [n for n, _ in stages]
+    last = freeze_until if freeze_until in names else f"{freeze_until}.{len(getattr(net, freeze_until)) - 1}"
+    cut = names.index(last) + 1
+    return nn.Sequential(norm, *(m for _, m in stages[:cut])), nn.Sequential(*(m for _, m in stages[cut:]))
+
+
+def check_freeze(name: str, net: nn.Sequential, freeze_until: str) -> None:
+    """Refuse a cut point the backbone lacks, or one that leaves no trainable weight layer."""
+    names = stage_names(net)
+    if freeze_until not in names:
+        raise EsaclError(f"model {name}: --freeze-until {freeze_until!r} is not one of its stages; choose one of "
+                         f"{', '.join(names)}")
+    suffix = split_model(nn.Sequential(nn.Identity(), net), freeze_until)[1]
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in suffix.modules()):
+        raise EsaclError(f"model {name}: --freeze-until {freeze_until} leaves no layer to train; cut before the "
+                         "classifier")
 
 
 def check_input(name: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
@@ -109,7 +174,10 @@ def check_input(name: str, input_shape: tuple[int, int, int], num_classes: int) 
         raise EsaclError(f"model {name}: input shape {problem}")
     if problem := classes_problem(num_classes):
         raise EsaclError(f"model {name}: number of classes {problem}")
-    h, w, _ = input_shape
+    h, w, c = input_shape
+    if name in TORCHVISION_MODELS and c != 3:
+        raise EsaclError(f"model {name}: takes 3-channel (RGB) images, the input has {c}; make-stream --channels 3 "
+                         "converts grey images")
     low = MIN_SIDE[name]
     if min(h, w) < low:
         fits_small = min(h, w) >= MIN_SIDE["small_cnn"]
@@ -118,27 +186,44 @@ def check_input(name: str, input_shape: tuple[int, int, int], num_classes: int) 
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
-                normalization: dict | None = None) -> nn.Sequential:
+                normalization: dict | None = None, freeze_until: str | None = None) -> nn.Sequential:
     """Build backbone ``name`` for ``input_shape`` = (H, W, C) as the stream stores it.
 
-    The result is ``Sequential(Normalize, backbone)`` and takes float32 NCHW input.
+    The result is ``Sequential(Normalize, backbone)`` and takes float32 NCHW input. With
+    ``freeze_until``, the parameters up to that stage (:func:`stage_names`) take no gradient.
     """
     check_input(name, input_shape, num_classes)
     h, w, c = input_shape
     try:
-        net: nn.Module = SmallCNN(c, h, w, num_classes) if name == "small_cnn" else ReducedResNet18(c, num_classes)
+        if name == "small_cnn":
+            net: nn.Sequential = SmallCNN(c, h, w, num_classes)
+        elif name == "resnet18_reduced":
+            net = ReducedResNet18(c, num_classes)
+        else:
+            net = torchvision_backbone(name, num_classes)
     except (RuntimeError, MemoryError) as exc:  # the weights do not fit in memory
         raise EsaclError(f"model {name}: cannot allocate its weights for input {h}x{w}x{c} and {num_classes} "
                          f"classes ({type(exc).__name__}); use smaller images (make-stream --image-size)") from None
     norm = normalization or {}
-    return nn.Sequential(Normalize(c, norm.get("scale", 1.0), norm.get("mean"), norm.get("std")), net)
+    model = nn.Sequential(Normalize(c, norm.get("scale", 1.0), norm.get("mean"), norm.get("std")), net)
+    if freeze_until is not None:
+        check_freeze(name, net, freeze_until)
+        model.requires_grad_(True)
+        split_model(model, freeze_until)[0].requires_grad_(False)
+    return model
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Module path of the last linear layer (the classifier a new label space replaces)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of every conv and linear layer, classifier included; biases and norms stay dense."""
+    """Weights of every trainable conv and linear layer, classifier included; biases, norms and a frozen
+    prefix stay dense."""
     out = {}
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and mod.weight.requires_grad:
             out[f"{mod_name}.weight" if mod_name else "weight"] = mod.weight
     return out
 

@@ -33,7 +33,16 @@ MODEL_DESCRIPTIONS: dict[str, str] = {
                  "except for colour inputs of 32x32 or more)",
     "resnet18_reduced": "reduced ResNet-18 (width 20, as in GEM, DER and SparCL) for 32x32 colour images (the "
                         "default for colour inputs of 32x32 or more)",
+    "mobilenet_v3_small": "torchvision MobileNetV3-Small (depthwise convolutions, squeeze-excitation, hardswish); "
+                          "RGB, at least 32x32",
+    "mobilenet_v3_large": "torchvision MobileNetV3-Large; RGB, at least 32x32",
+    "mobilenet_v2": "torchvision MobileNetV2; RGB, at least 32x32",
+    "resnet18": "torchvision ResNet-18 (ImageNet stem: 7x7 stride 2 and max-pooling); RGB, at least 32x32",
+    "efficientnet_b0": "torchvision EfficientNet-B0 (SiLU, squeeze-excitation); RGB, at least 32x32",
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_DESCRIPTIONS)
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_DESCRIPTIONS)
+# Built by torchvision (``torchvision.models.get_model``); their ImageNet weights load with ``--init``.
+TORCHVISION_MODELS: tuple[str, ...] = ("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2", "resnet18",
+                                       "efficientnet_b0")

@@ -48,6 +48,11 @@ def print_results(r: dict) -> None:
     print(f"model size       {r['model_bytes_dense']:,} bytes dense, {r['model_bytes_sparse']:,} bytes sparse "
           f"({r['model_bytes_dense'] / r['model_bytes_sparse']:.1f}x smaller)")
     print(f"replay buffer    {r['buffer_size']} of {r['buffer_capacity']} samples, {r['buffer_bytes']:,} bytes")
+    if r.get("init"):
+        print(f"started from     {r['init']['file']} (classifier {r['init']['classifier']})")
+    if r.get("freeze_until"):
+        kept = f"; buffer keeps {r['latent_replay']} latents" if r.get("latent_replay") else ""
+        print(f"frozen prefix    up to {r['freeze_until']}, {r['trainable_params']:,} parameters train{kept}")
     print(f"train time       {r['train_seconds']:.1f} s on {r['device']} in {r.get('precision', 'fp32')} "
           f"({r['method']}, profile {r['profile']}, seed {r['seed']})")
     if r.get("overflow_skipped_steps") or r.get("unperturbed_sam_steps"):
@@ -98,6 +103,10 @@ def print_plan(p: Profile, pl: Plan, num_classes: int, method: str, dtype: str) 
           + (f" (budget {p.model_bytes:,} B)" if p.model_bytes else ""))
     print(f"  replay buffer     {pl.buffer_capacity:,} samples = {pl.buffer_bytes:,} B (budget {p.buffer_bytes:,} B)"
           + ("; replayed from a copy in GPU memory" if pl.buffer_on_device else ""))
+    if pl.freeze_until:
+        layout = pl.buffer_layout
+        print(f"  frozen prefix     up to {pl.freeze_until}: {pl.trainable_params:,} parameters train"
+              + (f"; buffer of {layout.latent} latents {'x'.join(map(str, layout.shape))}" if layout.latent else ""))
     print(f"  batch size        {pl.batch_size} (profile allows up to {p.batch_size})")
     print(f"  training peak     estimate {pl.memory_estimate_bytes:,} B of budget {pl.memory_budget_bytes:,} B:")
     for term, value in pl.memory_terms.items():

@@ -61,6 +61,9 @@ def build_results(learner: StreamingLearner, rec: RunRecord, manifest: Manifest,
         "chunks_consumed": len(rec.consumed), "resumed_at_chunk": resumed_at,
         "consumed_chunks": rec.consumed, "reported_chunks": rec.reported,
         "pattern": rec.settings["pattern"], "prune_events": learner.prune_events, "esacl_edge_version": __version__,
+        "init": learner.init, "freeze_until": learner.spec.freeze_until, "latent_replay": learner.layout.latent,
+        "buffer_sample_bytes": learner.layout.bytes_per_sample(learner.spec.num_classes),
+        "trainable_params": learner.plan.trainable_params,
     }
     if rec.settings["anytime"]:
         results["anytime_acc_class_il"] = rec.anytime_c

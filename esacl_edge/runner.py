@@ -345,7 +345,8 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
           method: str | Method = "esacl", sparsity: float | None = None, seed: int = 0, model: str | None = None,
           buffer_bytes: int | None = None, overwrite: bool = False, progress: bool = True,
           anytime: bool = False, pattern: str | None = None, follow: bool = False, poll_seconds: float = 5.0,
-          max_idle: float | None = None, lr: float | None = None) -> dict:
+          max_idle: float | None = None, lr: float | None = None, init: str | Path | None = None,
+          freeze_until: str | None = None, latent_replay: str | None = None) -> dict:
     """Learn the stream chunk by chunk; write per-task snapshots and ``results.json`` to ``run_dir``.
 
     The learner's state is saved in ``run_dir/state`` after every chunk. On a run folder
@@ -353,7 +354,8 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
     SIGINT/SIGTERM stop it after the current chunk (``results["stopped_by"]``). With
     ``follow``, it waits for new chunks (polling every ``poll_seconds``) until stopped or
     until ``max_idle`` seconds pass without one. With ``anytime``, it also evaluates on every
-    task seen so far after every chunk. ``lr`` overrides the method's learning rate.
+    task seen so far after every chunk. ``lr`` overrides the method's learning rate. ``init``,
+    ``freeze_until`` and ``latent_replay`` are the :class:`StreamingLearner`'s.
 
     One chunk's numbers are appended to ``run_dir/metrics.jsonl`` as it is saved; the accuracy
     matrix and sparsity plots are written at the end. A second job on the same ``run_dir`` is
@@ -377,12 +379,14 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
                                manifest.input_shape, method=method, sparsity=sparsity, buffer_bytes=buffer_bytes,
                                input_dtype=manifest.dtype, normalization=manifest.normalization, seed=seed,
                                class_names=list(manifest.class_names) if manifest.class_names else None,
-                               pattern=pattern)
+                               pattern=pattern, init=init, freeze_until=freeze_until, latent_replay=latent_replay)
     settings = {"stream": str(stream_dir.resolve()), "stream_name": manifest.name, "method": learner.method.name,
                 "model": learner.spec.model, "seed": seed, "sparsity": sparsity, "buffer_bytes": buffer_bytes,
                 "pattern": pattern, "profile": prof.name, "anytime": anytime, "device": prof.device,
                 "precision": prof.precision,
-                "passes": prof.passes_per_chunk, "batch_size": prof.batch_size, "lr": lr}
+                "passes": prof.passes_per_chunk, "batch_size": prof.batch_size, "lr": lr,
+                "init": None if init is None else str(Path(init).resolve()), "freeze_until": freeze_until,
+                "latent_replay": latent_replay}
     record = RunRecord(settings)
 
     def same_job(saved: dict) -> None:

@@ -82,21 +82,39 @@ def split_classes(classes: list[int], tasks: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.asarray(classes), tasks)]
 
 
-def resolve_class_order(class_order: list[int] | str | None, num_classes: int, seed: int) -> list[int]:
-    """``None``: 0..K-1; ``"random"``: a permutation drawn with ``seed``; or an explicit list of all K classes."""
+def parse_classes(spec: str | list[int], num_classes: int) -> list[int]:
+    """``--classes``: ``"50-99"``, ``"0,3,7"``, a mix (``"0-9,20"``) or a list; sorted, each in 0..K-1."""
+    if isinstance(spec, str):
+        out: set[int] = set()
+        try:
+            for part in filter(None, (p.strip() for p in spec.split(","))):
+                lo, _, hi = part.partition("-")
+                out.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise StreamError(f"--classes must be class numbers and ranges such as 50-99 or 0,3,7; got {spec!r}") from None
+    else:
+        out = {int(c) for c in spec}
+    if not out or min(out) < 0 or max(out) >= num_classes:
+        raise StreamError(f"--classes must name classes in 0..{num_classes - 1}, got {spec!r}")
+    return sorted(out)
+
+
+def resolve_class_order(class_order: list[int] | str | None, classes: list[int], seed: int) -> list[int]:
+    """``None``: ``classes`` in order; ``"random"``: a permutation drawn with ``seed``; or an explicit list of
+    every one of ``classes``."""
     if class_order is None:
-        return list(range(num_classes))
+        return list(classes)
     if isinstance(class_order, str):
         if class_order != "random":
             raise StreamError(f"class order must be 'random' or a list of classes, got {class_order!r}")
-        return np.random.default_rng([seed, 2]).permutation(num_classes).tolist()
+        return np.asarray(classes)[np.random.default_rng([seed, 2]).permutation(len(classes))].tolist()
     order = [int(c) for c in class_order]
-    if sorted(order) != list(range(num_classes)):
-        raise StreamError(f"class order must list each of the {num_classes} classes once, got {order}")
+    if sorted(order) != sorted(classes):
+        raise StreamError(f"class order must list each of the {len(classes)} classes once, got {order}")
     return order
 
 
-def _normalization(x: np.ndarray, scale: float) -> dict:
+def measure_normalization(x: np.ndarray, scale: float) -> dict:
     """Per-channel mean and std of ``x * scale``, accumulated in float64 without a float copy of ``x``."""
     flat = x.reshape(-1, x.shape[-1])
     total, squares = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
@@ -140,11 +158,12 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
                 class_order: list[int] | str | None = None, *, classes_per_task: int | None = None,
                 blurry: int = 0, root: str | Path | None = None, download: bool = False,
                 image_size: str | tuple[int, int] | None = None, channels: int | None = None,
-                test_fraction: float = 0.2) -> Manifest:
+                test_fraction: float = 0.2, classes: str | list[int] | None = None) -> Manifest:
     """Write ``dataset`` as a class-incremental chunk stream under ``out``.
 
     Classes (in ``class_order``) are cut into ``tasks`` groups, or groups of ``classes_per_task``.
-    ``per_class``/``test_per_class`` subsample each class with ``seed``. The stream is written to a
+    ``per_class``/``test_per_class`` subsample each class with ``seed``; ``classes`` keeps a subset (labels keep
+    their numbers, the label space stays the source's). The stream is written to a
     temporary folder beside ``out`` and renamed at the end, so a failure leaves no partial ``out``.
     """
     out = Path(out)
@@ -163,18 +182,23 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
                        test_per_class=test_per_class, seed=seed)
     src = read_source(dataset, opts)
     check_source(dataset, src)
-    order = resolve_class_order(class_order, src.num_classes, seed)
+    kept = parse_classes(classes, src.num_classes) if classes is not None else list(range(src.num_classes))
+    order = resolve_class_order(class_order, kept, seed)
+    if len(kept) < src.num_classes:
+        train_in, test_in = np.isin(src.y_train, kept), np.isin(src.y_test, kept)
+        src.x_train, src.y_train = src.x_train[train_in], src.y_train[train_in]
+        src.x_test, src.y_test = src.x_test[test_in], src.y_test[test_in]
     if classes_per_task is not None:
-        if classes_per_task < 1 or src.num_classes % classes_per_task:
-            raise StreamError(f"--classes-per-task must divide the {src.num_classes} classes, got {classes_per_task}")
-        tasks = src.num_classes // classes_per_task
+        if classes_per_task < 1 or len(kept) % classes_per_task:
+            raise StreamError(f"--classes-per-task must divide the {len(kept)} classes, got {classes_per_task}")
+        tasks = len(kept) // classes_per_task
     task_classes = split_classes(order, tasks)
     rng = np.random.default_rng(seed)
     x_tr, y_tr = subsample_per_class(src.x_train, src.y_train, per_class, rng)
     x_te, y_te = subsample_per_class(src.x_test, src.y_test, test_per_class, rng)
-    for t, classes in enumerate(task_classes):
-        if not np.isin(y_te, classes).any():
-            raise StreamError(f"{dataset}: task {t} (classes {classes}) has no test samples")
+    for t, group in enumerate(task_classes):
+        if not np.isin(y_te, group).any():
+            raise StreamError(f"{dataset}: task {t} (classes {group}) has no test samples")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -183,7 +207,7 @@ def make_stream(dataset: str, out: str | Path, tasks: int = 5, chunk_size: int =
     try:
         write_stream(tmp, name=src.name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
                      task_classes=task_classes, num_classes=src.num_classes, chunk_size=chunk_size, seed=seed,
-                     class_names=src.class_names, normalization=_normalization(x_tr, src.scale), blurry=blurry)
+                     class_names=src.class_names, normalization=measure_normalization(x_tr, src.scale), blurry=blurry)
         _fresh_output(out)
         if out.exists():
             out.rmdir()

@@ -38,9 +38,11 @@ class ModelSpec:
     normalization: dict = field(default_factory=dict)
     dtype: str = "float32"
     class_names: list[str] | None = None
+    freeze_until: str | None = None
 
     def build(self) -> nn.Sequential:
-        return build_model(self.model, tuple(self.input_shape), self.num_classes, self.normalization)
+        return build_model(self.model, tuple(self.input_shape), self.num_classes, self.normalization,
+                           self.freeze_until)
 
 
 def pack(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import EsaclError
-from ..models import build_model, prunable_parameters
+from ..models import build_model, prunable_parameters, split_model
 from .profiles import Profile
 
 if TYPE_CHECKING:
@@ -36,16 +36,45 @@ class BudgetError(EsaclError):
     """A profile's budget cannot hold what the run needs; the message says which term and what to change."""
 
 
-def buffer_bytes_per_sample(input_shape: tuple[int, ...], dtype: str | np.dtype, num_classes: int) -> int:
-    """Bytes one buffered sample costs: input as stored, label, task, score and DER++ logits."""
+def buffer_bytes_per_sample(input_shape: tuple[int, ...], dtype: str | np.dtype, num_classes: int,
+                            qparams: int = 0) -> int:
+    """Bytes one buffered sample costs: input (or latent) as stored, label, task, score, DER++ logits, and
+    ``qparams`` float32 quantisation parameters (uint8 latents)."""
     x_bytes = math.prod(input_shape) * np.dtype(dtype).itemsize
-    return x_bytes + LABEL_BYTES + TASK_BYTES + SCORE_BYTES + LOGIT_BYTES * num_classes
+    return x_bytes + LABEL_BYTES + TASK_BYTES + SCORE_BYTES + LOGIT_BYTES * num_classes + FLOAT_BYTES * qparams
 
 
 def buffer_capacity(budget_bytes: int, input_shape: tuple[int, ...], dtype: str | np.dtype,
-                    num_classes: int) -> int:
+                    num_classes: int, qparams: int = 0) -> int:
     """Largest number of samples whose storage fits in ``budget_bytes``."""
-    return budget_bytes // buffer_bytes_per_sample(input_shape, dtype, num_classes)
+    return budget_bytes // buffer_bytes_per_sample(input_shape, dtype, num_classes, qparams)
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """What one buffered sample's input is: the image as the stream stores it, or a latent at the frozen prefix's
+    output (``latent``: ``fp16`` or ``uint8``, see ``learn/latent.py``)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    qparams: int = 0
+    latent: str | None = None
+
+    def bytes_per_sample(self, num_classes: int) -> int:
+        return buffer_bytes_per_sample(self.shape, self.dtype, num_classes, self.qparams)
+
+
+def buffer_layout(model: nn.Sequential, input_shape: tuple[int, int, int], input_dtype: str,
+                  freeze_until: str | None, latent: str | None) -> BufferLayout:
+    """The buffer's sample layout for ``model``: images, or latents (shape from one forward of the prefix)."""
+    if latent is None:
+        return BufferLayout(tuple(input_shape), input_dtype)
+    from ..learn.latent import DTYPES, QPARAMS
+
+    h, w, c = input_shape
+    with torch.no_grad():
+        z = split_model(model, freeze_until)[0].eval()(torch.zeros(1, c, h, w))
+    return BufferLayout(tuple(z.shape[1:]), DTYPES[latent], QPARAMS[latent], latent)
 
 
 def stored_model_bytes(model: nn.Module, sparsity: float) -> int:
@@ -75,8 +104,9 @@ def sparsity_for_model_budget(model: nn.Module, budget_bytes: int) -> float:
     return 1.0 - live / d
 
 
-def activation_bytes_per_sample(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Bytes of every module output in one training forward of one sample (kept for backward)."""
+def activation_bytes_per_sample(model: nn.Module, input_shape: tuple[int, ...], channels_last: bool = True) -> int:
+    """Bytes of every module output in one training forward of one sample (kept for backward); ``input_shape``
+    is (H, W, C) as stored, or the module's own input shape with ``channels_last=False``."""
     total = 0
 
     def hook(_module, _inputs, output):
@@ -84,16 +114,22 @@ def activation_bytes_per_sample(model: nn.Module, input_shape: tuple[int, int, i
         if torch.is_tensor(output):
             total += output.numel() * FLOAT_BYTES
 
-    leaves = [m for m in model.modules() if not list(m.children())]
+    # Layers with weights or constants (conv, norm, linear, Normalize); parameter-free stages (activations,
+    # pooling, flattening) are not counted, as when they were functional calls.
+    leaves = [m for m in model.modules() if not list(m.children())
+              and (next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None)]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    h, w, c = input_shape
+    shape = (input_shape[2], *input_shape[:2]) if channels_last else tuple(input_shape)
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, c, h, w))
+            model(torch.zeros(1, *shape))
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
-    return total + h * w * c * FLOAT_BYTES
+    return total + math.prod(shape) * FLOAT_BYTES
 
 
 @dataclass
@@ -112,6 +148,9 @@ class Plan:
     memory_budget_bytes: int
     memory_terms: dict[str, int] = field(default_factory=dict)
     buffer_on_device: bool = False   # replay gathers from a copy of the buffer in GPU memory
+    freeze_until: str | None = None  # the prefix up to this stage runs without gradients
+    buffer_layout: BufferLayout | None = None
+    trainable_params: int = 0
 
     @property
     def memory_estimate_bytes(self) -> int:
@@ -123,11 +162,17 @@ class Plan:
 
 def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], num_classes: int,
          method: Method, input_dtype: str = "uint8", sparsity: float | None = None,
-         buffer_bytes: int | None = None) -> Plan:
-    """Derive sparsity, buffer capacity and batch size from ``profile``; raise BudgetError if nothing fits."""
+         buffer_bytes: int | None = None, freeze_until: str | None = None, latent: str | None = None) -> Plan:
+    """Derive sparsity, buffer capacity and batch size from ``profile``; raise BudgetError if nothing fits.
+
+    With ``freeze_until``, gradients, optimizer and SAM state, pruning and activations count the trainable
+    part only (a frozen forward keeps nothing for backward); ``latent`` sizes the buffer in latents.
+    """
     with torch.random.fork_rng(devices=[]):  # a throwaway model: leave the global RNG alone
-        model = build_model(model_name, input_shape, num_classes)
+        model = build_model(model_name, input_shape, num_classes, freeze_until=freeze_until)
+    layout = buffer_layout(model, input_shape, input_dtype, freeze_until, latent)
     n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d = sum(p.numel() for p in prunable_parameters(model).values())
     if not method.sparse:
         target, source = 0.0, "method is dense"
@@ -142,16 +187,24 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
         raise BudgetError(f"profile {profile.name}: the model at sparsity {target:.3f} takes {stored:,} B, over "
                           f"budgets.model_bytes = {profile.model_bytes:,} B; raise the sparsity or the budget")
     buf_budget = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
-    capacity = buffer_capacity(buf_budget, input_shape, input_dtype, num_classes) if method.keeps_buffer else 0
-    buf_bytes = capacity * buffer_bytes_per_sample(input_shape, input_dtype, num_classes)
+    per_buffered = layout.bytes_per_sample(num_classes)
+    capacity = buf_budget // per_buffered if method.keeps_buffer else 0
+    buf_bytes = capacity * per_buffered
     fixed = {
         "runtime": profile.runtime_overhead_bytes,
         "weights": n_params * FLOAT_BYTES,
-        "gradients": n_params * FLOAT_BYTES,
-        **method.memory_terms(n_params, d),
+        "gradients": n_train * FLOAT_BYTES,
+        **method.memory_terms(n_train, d),
         "buffer": buf_bytes,
     }
-    per_sample = activation_bytes_per_sample(model, input_shape)
+    if freeze_until is None:
+        per_sample = activation_bytes_per_sample(model, input_shape)
+    else:
+        h, w, c = input_shape
+        prefix, suffix = split_model(model, freeze_until)
+        with torch.no_grad():
+            latent_shape = tuple(prefix.eval()(torch.zeros(1, c, h, w)).shape[1:])
+        per_sample = activation_bytes_per_sample(suffix, latent_shape, channels_last=False)
     # A step forwards the minibatch and a replay batch of replay_ratio x its size together.
     per_batch_sample = per_sample * (1 + (method.replay_ratio if capacity else 0))
     room = profile.training_peak_bytes - sum(fixed.values())
@@ -175,4 +228,4 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
         if on_device:
             terms["buffer_device_copy"] = buf_bytes
     return Plan(model_name, tuple(input_shape), target, source, n_params * FLOAT_BYTES, stored, capacity, buf_bytes,
-                int(batch), profile.training_peak_bytes, terms, on_device)
+                int(batch), profile.training_peak_bytes, terms, on_device, freeze_until, layout, n_train)

@@ -7,7 +7,8 @@ and the two rules that decide what it keeps after each chunk (parts of a method)
   so old samples do not compete with stale losses from when they were inserted;
 * :class:`ReservoirBuffer`: reservoir sampling, every sample seen kept with equal probability.
 
-Inputs are kept in the stream's storage dtype (uint8 images stay uint8), with labels, task
+Inputs are kept in the stream's storage dtype (uint8 images stay uint8), or, under latent replay,
+as the frozen prefix's output (``latent.py``), with labels, task
 ids, the logits at insertion (for DER++) and the insertion score (for IDS). On a GPU, a
 :class:`DeviceCopy` of what replay reads lets a replay batch be gathered there.
 """
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from .learner import StreamingLearner
     from .step import Batch, ChunkRecord
 
-ARRAYS = ("x", "y", "task", "logits", "score")
+ARRAYS = ("x", "y", "task", "logits", "score", "qparams")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ReplayBuffer:
     task: np.ndarray
     logits: np.ndarray
     score: np.ndarray
+    qparams: np.ndarray   # (capacity, k) float32 per-sample quantisation parameters of uint8 latents; k = 0 otherwise
     size: int = 0
     seen: int = 0  # samples offered so far (reservoir sampling needs it)
     changed: list[np.ndarray] | None = field(default=None, repr=False)  # slots written since a DeviceCopy synced
@@ -64,30 +66,38 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ValueError(f"{n} buffered samples do not fit a buffer of {self.capacity}")
         for k in ARRAYS:
-            getattr(self, k)[:n] = state[k]
+            if k in state or getattr(self, k).shape[1:] != (0,):  # states before 0.7 have no qparams (none needed)
+                getattr(self, k)[:n] = state[k]
         self.size, self.seen = n, int(state["seen"])
         self.mark(np.arange(n))
 
 
-def new_buffer(budget_bytes: int, input_shape: tuple[int, int, int], dtype: str, num_classes: int) -> ReplayBuffer:
-    """Allocate the largest buffer whose arrays fit in ``budget_bytes`` (see ``budget.buffer_capacity``)."""
-    cap = buffer_capacity(budget_bytes, input_shape, dtype, num_classes)
+def new_buffer(budget_bytes: int, input_shape: tuple[int, ...], dtype: str, num_classes: int,
+               qparams: int = 0) -> ReplayBuffer:
+    """Allocate the largest buffer whose arrays fit in ``budget_bytes`` (see ``budget.buffer_capacity``); inputs
+    of ``input_shape`` in ``dtype`` (images, or latents with ``qparams`` parameters each)."""
+    cap = buffer_capacity(budget_bytes, input_shape, dtype, num_classes, qparams)
     buf = ReplayBuffer(x=np.zeros((cap, *input_shape), dtype=dtype), y=np.zeros(cap, np.int16),
                        task=np.zeros(cap, np.int16), logits=np.zeros((cap, num_classes), np.float32),
-                       score=np.zeros(cap, np.float32))
-    assert buf.nbytes == cap * buffer_bytes_per_sample(input_shape, dtype, num_classes)
+                       score=np.zeros(cap, np.float32), qparams=np.zeros((cap, qparams), np.float32))
+    assert buf.nbytes == cap * buffer_bytes_per_sample(input_shape, dtype, num_classes, qparams)
     return buf
 
 
-def _write(buf: ReplayBuffer, slots: np.ndarray, x, y, task: int, logits, score, src: np.ndarray) -> None:
+def _write(buf: ReplayBuffer, slots: np.ndarray, x, y, task: int, logits, score, src: np.ndarray,
+           q: np.ndarray | None) -> None:
     buf.x[slots], buf.y[slots], buf.task[slots] = x[src], y[src], task
     buf.logits[slots], buf.score[slots] = logits[src], score[src]
+    if q is not None:
+        buf.qparams[slots] = q[src]
     buf.mark(slots)
 
 
 def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits: np.ndarray,
-              score: np.ndarray, spread: float, rng: np.random.Generator, prefer: str = "low") -> None:
-    """Merge a chunk into the buffer: class-balanced quotas over all classes seen, IDS rule per class."""
+              score: np.ndarray, spread: float, rng: np.random.Generator, prefer: str = "low",
+              q: np.ndarray | None = None) -> None:
+    """Merge a chunk into the buffer: class-balanced quotas over all classes seen, IDS rule per class
+    (``q``: the samples' quantisation parameters, for uint8 latents)."""
     buf.seen += len(y)
     if buf.capacity == 0:
         return
@@ -104,12 +114,12 @@ def offer_ids(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits
         arr[: len(old)] = arr[old]
     buf.mark(np.flatnonzero(old != np.arange(len(old))))
     slots = np.arange(len(old), len(old) + len(new))
-    _write(buf, slots, x, y, task, logits, score, new)
+    _write(buf, slots, x, y, task, logits, score, new, q)
     buf.size = len(keep)
 
 
 def offer_reservoir(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, logits: np.ndarray,
-                    score: np.ndarray, rng: np.random.Generator) -> None:
+                    score: np.ndarray, rng: np.random.Generator, q: np.ndarray | None = None) -> None:
     """Reservoir sampling (the baseline): every sample seen so far is kept with equal probability."""
     for i in range(len(y)):
         if buf.size < buf.capacity:
@@ -120,12 +130,13 @@ def offer_reservoir(buf: ReplayBuffer, x: np.ndarray, y: np.ndarray, task: int, 
             slot = j if j < buf.capacity else -1
         buf.seen += 1
         if slot >= 0:
-            _write(buf, np.array([slot]), x, y, task, logits, score, np.array([i]))
+            _write(buf, np.array([slot]), x, y, task, logits, score, np.array([i]), q)
 
 
 @dataclass
 class DeviceCopy:
-    """What replay reads of a buffer (inputs as stored, labels, logits), kept on the training device.
+    """What replay reads of a buffer (inputs as stored, labels, logits, quantisation parameters), kept on the
+    training device.
 
     The rows the buffer wrote since the last :meth:`sync` are copied over once, at the next
     draw, so a replay batch is a gather on the device rather than a host copy per step.
@@ -134,13 +145,14 @@ class DeviceCopy:
     x: torch.Tensor
     y: torch.Tensor
     logits: torch.Tensor
+    qparams: torch.Tensor
 
     @classmethod
     def of(cls, buf: ReplayBuffer, device: torch.device) -> DeviceCopy:
         """An empty copy of ``buf``'s shape on ``device``; everything buffered so far is copied at the first sync."""
         buf.changed = [np.arange(buf.size)]
         return cls(*(torch.zeros(a.shape, dtype=torch.from_numpy(a[:0]).dtype, device=device)
-                     for a in (buf.x, buf.y, buf.logits)))
+                     for a in (buf.x, buf.y, buf.logits, buf.qparams)))
 
     def sync(self, buf: ReplayBuffer) -> None:
         """Copy the rows ``buf`` wrote since the last sync."""
@@ -150,13 +162,13 @@ class DeviceCopy:
         buf.changed.clear()
         if rows.size:
             at = to_device(rows, self.x.device)
-            for t, a in ((self.x, buf.x), (self.y, buf.y), (self.logits, buf.logits)):
+            for t, a in ((self.x, buf.x), (self.y, buf.y), (self.logits, buf.logits), (self.qparams, buf.qparams)):
                 t[at] = to_device(a[rows], t.device)
 
-    def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows ``idx``: (inputs as stored, labels as int64, logits)."""
+    def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``idx``: (inputs as stored, labels as int64, logits, quantisation parameters)."""
         at = to_device(idx, self.x.device)
-        return self.x[at], self.y[at].long(), self.logits[at]
+        return self.x[at], self.y[at].long(), self.logits[at], self.qparams[at]
 
 
 def sample(buf: ReplayBuffer, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -166,6 +178,11 @@ def sample(buf: ReplayBuffer, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def _chunk_arrays(chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
     return chunk.logits.cpu().numpy(), chunk.scores.cpu().numpy()
+
+
+def _chunk_rows(learner: StreamingLearner, chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
+    """What the buffer keeps of the chunk's samples: (images or encoded latents, quantisation parameters)."""
+    return learner.buffer_rows(chunk.x, chunk.inputs)
 
 
 @dataclass
@@ -191,8 +208,9 @@ class IdsBuffer(Part):
             buf.score[np.concatenate([i for i, _ in self.refreshed])] = torch.cat(
                 [s for _, s in self.refreshed]).cpu().numpy()
         self.refreshed = []
-        offer_ids(learner.buffer, chunk.x, chunk.y, chunk.task, *_chunk_arrays(chunk), self.spread,
-                  learner.rngs.buffer, self.prefer)
+        x, q = _chunk_rows(learner, chunk)
+        offer_ids(learner.buffer, x, chunk.y, chunk.task, *_chunk_arrays(chunk), self.spread,
+                  learner.rngs.buffer, self.prefer, q)
 
 
 @dataclass
@@ -200,4 +218,5 @@ class ReservoirBuffer(Part):
     """After each chunk, offer its samples to the buffer by reservoir sampling."""
 
     def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
-        offer_reservoir(learner.buffer, chunk.x, chunk.y, chunk.task, *_chunk_arrays(chunk), learner.rngs.buffer)
+        x, q = _chunk_rows(learner, chunk)
+        offer_reservoir(learner.buffer, x, chunk.y, chunk.task, *_chunk_arrays(chunk), learner.rngs.buffer, q)

@@ -5,7 +5,8 @@ sparse layer's forward costs its dense FLOPs x its weight density; a backward pa
 two forwards: the input-gradient half at the weight density, the weight-gradient half at
 the gradient density (lower than the weight density only under gradient masking). A step
 whose dense gradient is read (regrowth evidence, SparCL's mask updates) computes the
-weight-gradient half dense, and is charged so (:meth:`CostMeter.dense_weight_grads`).
+weight-gradient half dense, and is charged so (:meth:`CostMeter.dense_weight_grads`). A frozen
+prefix costs its dense forward each time a sample goes through it, and nothing else.
 FLOPs = 2 x MACs. Evaluation is not counted.
 """
 
@@ -38,11 +39,24 @@ def layer_forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> 
     return out
 
 
+def forward_flops(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Dense forward FLOPs of one sample (H, W, C) through ``module`` (e.g. a frozen prefix)."""
+    h, w, c = input_shape
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(torch.zeros(1, c, h, w, device=device))
+    module.train(was_training)
+    return int(counter.get_total_flops())
+
+
 @dataclass
 class CostMeter:
     """Accumulates training FLOPs as passes happen."""
 
     layer_flops: dict[str, int]
+    frozen_flops: int = 0   # one sample's forward through the frozen prefix (no backward, never pruned)
     weight_density: dict[str, float] = field(default_factory=dict)
     grad_density: dict[str, float] = field(default_factory=dict)
     flops: float = 0.0
@@ -63,6 +77,10 @@ class CostMeter:
     def forward(self, samples: int) -> None:
         """A forward pass without gradients (e.g. IDS scoring)."""
         self.flops += samples * self._forward()
+
+    def frozen_forward(self, samples: int) -> None:
+        """A forward pass through the frozen prefix."""
+        self.flops += samples * self.frozen_flops
 
     def train_pass(self, samples: int) -> None:
         """Forward + backward (input gradients at weight density, weight gradients at gradient density)."""

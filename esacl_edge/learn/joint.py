@@ -38,7 +38,7 @@ class Joint(Part):
         if not self.x:
             return
         x, y = np.concatenate(self.x), np.concatenate(self.y)
-        run_passes(learner, learner.to_device(x), to_device(y, learner.device), filter_samples=False)
+        run_passes(learner, learner.train_inputs(x), to_device(y, learner.device), filter_samples=False)
 
     def state_dict(self) -> dict[str, Any]:
         if not self.x:

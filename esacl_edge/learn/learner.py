@@ -18,15 +18,16 @@ from torch import nn
 
 from ..deploy import snapshot as snap
 from ..deploy.snapshot import ModelSpec, pack
-from ..device.budget import buffer_bytes_per_sample, plan
+from ..device.budget import plan
 from ..device.profiles import Profile, load_profile
 from ..device.selection import autocast_dtype, select_device
 from ..device.transfer import to_device
 from ..errors import DivergenceError, EsaclError
-from ..models import layer_sparsity, prunable_parameters
+from ..models import layer_sparsity, prunable_parameters, split_model
+from ..weights import load_init
 from . import buffer as rb
-from . import persistence, sdp
-from .cost import CostMeter, layer_forward_flops
+from . import latent, persistence, sdp
+from .cost import CostMeter, forward_flops, layer_forward_flops
 from .forward import accuracies, infer_logits, task_logits
 from .methods import Method, get_method
 from .precision import MixedPrecision
@@ -44,7 +45,7 @@ class StreamingLearner:
     """Learn classification tasks from streaming chunks with a sparse model and a small buffer.
 
     Args:
-        model: backbone name (``small_cnn`` or ``resnet18_reduced``).
+        model: backbone name (``names.MODEL_NAMES``: ``small_cnn``, ``resnet18_reduced``, torchvision's networks).
         profile: device profile name, YAML path, or a loaded :class:`Profile`.
         num_classes: classes over all tasks (one shared head; Task-IL masks it per task).
         input_shape: one sample as stored, ``(H, W, C)``.
@@ -54,13 +55,20 @@ class StreamingLearner:
         input_dtype: storage dtype of inputs (``uint8`` or ``float32``), kept in the buffer.
         normalization: ``{"scale", "mean", "std"}`` applied inside the model.
         seed: seeds the model's initialisation and the learner's generators (nothing global).
+        init: a weights file to start from (``weights.load_init``: torchvision's ImageNet weights, a
+            ``pretrain`` output, a snapshot); the classifier is re-initialised when its shape differs.
+        freeze_until: a stage of the backbone (``models.stage_names``); the layers up to it run in
+            inference mode without gradients, are not pruned, and are charged forward FLOPs only.
+        latent_replay: with ``freeze_until``, the buffer keeps the prefix's output in this form
+            (``fp16`` or ``uint8``, ``latent.py``) instead of images.
     """
 
     def __init__(self, model: str = "small_cnn", profile: str | Path | Profile = "cpu", num_classes: int = 10,
                  input_shape: tuple[int, int, int] = (8, 8, 1), *, method: str | Method = "esacl",
                  sparsity: float | None = None, buffer_bytes: int | None = None, input_dtype: str = "float32",
                  normalization: dict | None = None, seed: int = 0, class_names: list[str] | None = None,
-                 pattern: str | None = None) -> None:
+                 pattern: str | None = None, init: str | Path | None = None, freeze_until: str | None = None,
+                 latent_replay: str | None = None) -> None:
         profile = profile if isinstance(profile, Profile) else load_profile(profile)
         # A Method's parts hold state once bound: each learner gets its own copy.
         self.method = copy.deepcopy(method) if isinstance(method, Method) else get_method(method)
@@ -72,12 +80,16 @@ class StreamingLearner:
             raise EsaclError(f"seed must be an integer in 0..{2 ** 32 - 1}, got {seed!r}")
         if input_dtype not in INPUT_DTYPES:
             raise EsaclError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
+        if latent_replay is not None and latent_replay not in latent.FORMS:
+            raise EsaclError(f"latent replay must be one of {', '.join(latent.FORMS)}, got {latent_replay!r}")
+        if latent_replay is not None and freeze_until is None:
+            raise EsaclError("latent replay stores the activations of a frozen prefix: give --freeze-until LAYER too")
         if not profile.training_supported:
             raise EsaclError(f"profile {profile.name} ({profile.source}) does not support training: "
                              f"{profile.description}")
         # The budgets decide sparsity, buffer capacity and batch size, before anything is trained.
         self.plan = plan(profile, model, tuple(input_shape), num_classes, self.method, input_dtype, sparsity,
-                         buffer_bytes)
+                         buffer_bytes, freeze_until, latent_replay)
         try:
             self.pattern = sdp.parse_pattern(pattern)
         except ValueError as exc:
@@ -89,21 +101,30 @@ class StreamingLearner:
         self.device = select_device(self.profile)
         self.precision = MixedPrecision(self.device, autocast_dtype(self.profile, self.device))
         self.spec = ModelSpec(model, tuple(input_shape), num_classes, dict(normalization or {}), input_dtype,
-                              class_names)
+                              class_names, freeze_until)
         with torch.random.fork_rng(devices=[]):  # initialisation draws from the learner's torch generator
             torch.set_rng_state(self.rngs.torch.get_state())
-            self.model = self.spec.build().to(self.device)
+            self.model = self.spec.build()
             self.rngs.torch.set_state(torch.get_rng_state())
+        self.init = load_init(self.model, init, model) if init is not None else None
+        self.model.to(self.device)
+        # Training runs through ``trainable`` on what ``train_inputs`` gives: the frozen prefix's output, if any.
+        self.frozen, self.trainable = (split_model(self.model, freeze_until) if freeze_until is not None
+                                       else (None, self.model))
+        self.layout = self.plan.buffer_layout
+        self.last_chunk: np.ndarray | None = None  # calibration images when the buffer keeps latents
         self.optimizer = self.method.optimizer.build(self.model.parameters(), fused=self.precision.scales_loss)
-        self.buffer = rb.new_buffer(self.plan.buffer_bytes, tuple(input_shape), input_dtype, num_classes)
+        self.buffer = rb.new_buffer(self.plan.buffer_bytes, self.layout.shape, self.layout.dtype, num_classes,
+                                    self.layout.qparams)
         self.buffer_copy = (rb.DeviceCopy.of(self.buffer, self.device)
                             if self.plan.buffer_on_device and self.device.type == "cuda" else None)
         requested = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
-        per_sample = buffer_bytes_per_sample(tuple(input_shape), input_dtype, num_classes)
+        per_sample = self.layout.bytes_per_sample(num_classes)
         if self.method.keeps_buffer and 0 < requested < per_sample:
             warnings.warn(f"a replay buffer of {requested:,} bytes holds no sample (one takes {per_sample:,} bytes): "
                           f"{self.method.name} runs without replay", RuntimeWarning, stacklevel=2)
-        self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape))
+        self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape),
+                              frozen_flops=forward_flops(self.frozen, self.spec.input_shape) if self.frozen else 0)
         self.progress = TaskProgress()
         self.task_classes: dict[int, list[int]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
@@ -121,6 +142,30 @@ class StreamingLearner:
         converted there)."""
         self._check_shape(tuple(x.shape))
         return to_device(x, self.device).to(torch.float32).permute(0, 3, 1, 2).contiguous()
+
+    def train_inputs(self, x: np.ndarray | torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Stored samples -> what ``trainable`` takes: the inputs on the device, through the frozen prefix if any
+        (inference mode, no gradients; charged as its forward FLOPs)."""
+        xt = self.to_device(x)
+        if self.frozen is None:
+            return xt
+        self.frozen.eval()
+        with torch.no_grad(), self.precision.autocast():
+            z = torch.cat([self.frozen(xt[i:i + batch]).float() for i in range(0, len(xt), batch)])
+        self.cost.frozen_forward(len(xt))
+        return z
+
+    def buffer_rows(self, x: np.ndarray, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """What the buffer keeps of chunk samples ``x`` (with ``z`` = ``train_inputs(x)``): (inputs, parameters)."""
+        if self.layout.latent is None:
+            return x, np.zeros((len(x), 0), np.float32)
+        return latent.encode(z, self.layout.latent)
+
+    def replay_inputs(self, x: np.ndarray | torch.Tensor, qparams: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Buffered inputs -> what ``trainable`` takes (latents decoded, images through the frozen prefix)."""
+        if self.layout.latent is None:
+            return self.train_inputs(x)
+        return latent.decode(to_device(x, self.device), to_device(qparams, self.device), self.layout.latent)
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 4 or tuple(shape[1:]) != tuple(self.spec.input_shape):
@@ -196,7 +241,10 @@ class StreamingLearner:
             part.end_task(self)
         self._check_diverged(None, "at the end")  # parts may train there (joint)
         self.snapshots[task] = pack(self.model, self.masks)
-        if self.buffer.size:
+        if self.layout.latent is not None:  # the buffer holds no images: the task's last chunk calibrates
+            if self.last_chunk is not None:
+                self.calibration[task] = self.last_chunk[:CALIBRATION_SAMPLES].copy()
+        elif self.buffer.size:
             # Own generator: drawing calibration samples must not change the training run.
             pick = rb.sample(self.buffer, CALIBRATION_SAMPLES, np.random.default_rng([self.seed, task]))
             self.calibration[task] = self.buffer.x[pick].copy()
@@ -219,6 +267,8 @@ class StreamingLearner:
         if not self.progress.fixed_classes:
             self.task_classes[task] = sorted(set(self.task_classes[task]) | set(np.unique(y_np).tolist()))
         trained = self.samples_trained
+        if self.layout.latent is not None:
+            self.last_chunk = x_np
         loss = train_chunk(self, x_np, y_np, task)
         self._check_diverged(loss if self.samples_trained > trained else None, "on this chunk")
         info = {"loss": loss, "density": self.density}

@@ -39,11 +39,11 @@ class Replay(Part):
         batch.replay_index = idx
         if learner.buffer_copy is not None:  # gathered on the device
             learner.buffer_copy.sync(buf)
-            x, y, logits = learner.buffer_copy.gather(idx)
+            x, y, logits, q = learner.buffer_copy.gather(idx)
         else:
-            x, y, logits = buf.x[idx], to_device(buf.y[idx].astype(np.int64), learner.device), \
-                to_device(buf.logits[idx], learner.device)
-        batch.replay_x, batch.replay_y, batch.replay_logits = learner.to_device(x), y, logits
+            x, y, logits, q = buf.x[idx], to_device(buf.y[idx].astype(np.int64), learner.device), \
+                to_device(buf.logits[idx], learner.device), buf.qparams[idx]
+        batch.replay_x, batch.replay_y, batch.replay_logits = learner.replay_inputs(x, q), y, logits
 
     def loss(self, learner: StreamingLearner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
         if batch.replay_y is None:

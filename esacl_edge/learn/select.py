@@ -52,7 +52,7 @@ class IdsSelect(Part):
             logits, scores = prior
         else:
             with torch.no_grad(), norm_stats_untouched(learner.model), learner.precision.autocast():
-                logits = learner.model(x).float()
+                logits = learner.trainable(x).float()
             learner.cost.forward(len(y))
             scores = ids.sample_scores(logits, y, self.score)
         return ids.select_step(scores, y, self.keep, learner.spec.num_classes), logits, scores

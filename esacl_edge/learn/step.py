@@ -59,13 +59,14 @@ class ChunkRecord:
     task: int
     logits: torch.Tensor
     scores: torch.Tensor
+    inputs: torch.Tensor   # what the trainable part took (``learner.train_inputs(x)``)
 
 
 def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the selected samples + every part's term; returns (loss, their logits)."""
     x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
     with learner.precision.autocast():
-        out = learner.model(x).float()
+        out = learner.trainable(x).float()
     loss = F.cross_entropy(out[: len(batch.y)], batch.y)
     for part in learner.method.parts:
         term = part.loss(learner, batch, out)
@@ -117,7 +118,7 @@ def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, re
     logits and score from its last step.
     """
     active, losses = torch.arange(len(yt)), []
-    learner.model.train()
+    learner.trainable.train()
     for p in range(learner.profile.passes_per_chunk):
         if filter_samples:
             for part in learner.method.parts:
@@ -137,10 +138,10 @@ def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: i
 
     Returns the mean step loss (:func:`mean_loss`).
     """
-    xt, yt = learner.to_device(x), to_device(y, learner.device)
+    xt, yt = learner.train_inputs(x), to_device(y, learner.device)
     n = len(y)
     record = ChunkRecord(x, y, task, torch.zeros(n, learner.spec.num_classes, device=learner.device),
-                         torch.zeros(n, device=learner.device))
+                         torch.zeros(n, device=learner.device), xt)
     for part in learner.method.parts:
         part.begin_chunk(learner, n)
     losses = run_passes(learner, xt, yt, record)
