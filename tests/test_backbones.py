@@ -85,14 +85,19 @@ def test_every_backbone_learns_a_tiny_colour_stream_and_exports_with_parity(tmp_
     assert meta["max_abs_diff"] <= 1e-4 and meta["variant"] == "sparse"
 
 
-def test_structured_export_refuses_a_torchvision_backbone_in_one_line(tmp_path, colour_stream, capsys):
-    learn(colour_stream, profile=fast(), run_dir=tmp_path / "run", method="finetune", model="mobilenet_v3_small",
-          progress=False, lr=0.02)
+def test_torchvision_backbone_exports_dense_and_int8_and_structured_refuses_in_one_line(tmp_path, colour_stream, capsys):
+    learn(colour_stream, profile=fast(), run_dir=tmp_path / "run", method="derpp", model="mobilenet_v3_small",
+          progress=False, lr=0.02)  # a buffer: its samples calibrate the INT8 export
     code = main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--variant", "structured",
                  str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and "structured export supports small_cnn only" in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()
+    for variant in ("dense", "int8"):
+        assert main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--variant", variant,
+                     str(tmp_path / f"{variant}.onnx")]) == 0
+        meta = json.loads((tmp_path / f"{variant}.onnx.json").read_text())
+        assert meta["max_abs_diff"] <= 1e-4 if variant == "dense" else meta["top1_agreement"] >= 0.9
 
 
 def test_torchvision_backbones_refuse_grey_and_tiny_inputs():
@@ -359,3 +364,11 @@ def test_make_stream_keeps_a_class_subset_with_its_labels(tmp_path, colour_npz):
     assert m.num_classes == 4 and [list(t.classes) for t in m.tasks] == [[1], [3]]
     with pytest.raises(EsaclError, match="--classes must be class numbers"):
         make_stream(f"npz:{colour_npz}", tmp_path / "t", classes="a-b")
+
+
+def test_profiles_check_derives_settings_for_a_torchvision_backbone_behind_a_frozen_prefix(capsys):
+    code = main(["profiles", "check", "cpu", "--model", "mobilenet_v3_small", "--input-shape", "32,32,3",
+                 "--num-classes", "100", "--freeze-until", "features.8", "--latent-replay", "uint8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "derived for mobilenet_v3_small on 32x32x3" in out
+    assert "frozen prefix     up to features.8: 1,429,836 parameters train; buffer of uint8 latents 48x2x2" in out

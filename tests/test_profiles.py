@@ -264,3 +264,14 @@ def test_learn_reports_declared_and_measured_memory_and_warns_when_over(tmp_path
     assert r["peak_memory_bytes"] > r["memory_budget_bytes"] >= r["memory_estimate_bytes"]
     assert r["buffer_capacity"] == 20 and r["batch_size"] == 32
     assert sum(r["memory_terms"].values()) == r["memory_estimate_bytes"]
+
+
+def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
+    """A bench runs each learn job in a child process; its peak must not include the bench's own memory
+    (``ru_maxrss`` would: Linux carries the parent's peak over fork and exec)."""
+    child = "from esacl_edge.device.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    parent = ("import subprocess, sys; ballast = bytearray(2 * 2 ** 30)\n"  # 2 GiB resident in the parent
+              "for i in range(0, len(ballast), 4096): ballast[i] = 1\n"
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout)")
+    peak = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
+    assert 100 * 2 ** 20 < peak < 1.5 * 2 ** 30

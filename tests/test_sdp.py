@@ -294,3 +294,33 @@ def test_esacl_prunes_the_smallest_weights_of_each_layer_and_keeps_no_statistics
     assert set(directional.method.pruning.state.a) == set(params)
     assert magnitude == n_prunable * 5
     assert directional.method.memory_terms(1, n_prunable)["masks_and_pruning_stats"] == n_prunable * 13
+
+
+def test_layer_budgets_keep_the_first_layer_dense_only_where_the_budget_has_room():
+    """Behind a frozen prefix the first trainable layer is no small stem: keeping it dense would take the whole
+    budget and leave the layers after it empty (a dead network that misses the target)."""
+    masks = {"layer4.1.conv1": torch.ones(160, 160, 3, 3, dtype=torch.bool),
+             "layer4.1.conv2": torch.ones(160, 160, 3, 3, dtype=torch.bool),
+             "classifier": torch.ones(100, 160, dtype=torch.bool)}
+    budgets = sdp.layer_budgets(masks, 0.1)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(budgets.values()) == round(0.1 * total)
+    assert budgets["classifier"] == 16000  # the head still fits, and stays dense
+    assert budgets["layer4.1.conv1"] == budgets["layer4.1.conv2"] > 0.05 * 230400
+    stem = {"conv1": torch.ones(20, 3, 3, 3, dtype=torch.bool), **masks}
+    assert sdp.layer_budgets(stem, 0.1)["conv1"] == 540  # a real stem stays dense as before
+
+
+def test_layer_budgets_keep_depthwise_kernels_and_rank_a_classifier_that_would_starve_the_rest():
+    masks = {"stem": torch.ones(16, 3, 3, 3, dtype=torch.bool),
+             "dw": torch.ones(64, 1, 3, 3, dtype=torch.bool),          # depthwise: one input channel per filter
+             "pw": torch.ones(128, 64, 1, 1, dtype=torch.bool),
+             "hidden": torch.ones(1024, 128, dtype=torch.bool),
+             "classifier": torch.ones(100, 1024, dtype=torch.bool)}
+    budgets = sdp.layer_budgets(masks, 0.1)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(budgets.values()) == round(0.1 * total)
+    assert budgets["dw"] == 576 and budgets["stem"] == 432
+    # Dense, the 102,400-weight head alone would exceed the 24,267-weight budget: it is ranked like the rest.
+    assert budgets["classifier"] < 102400 and budgets["hidden"] / 131072 == pytest.approx(
+        budgets["classifier"] / 102400, abs=1e-4)

@@ -40,7 +40,8 @@ def _conv(old: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d
 def shrink(model: nn.Sequential, min_l1: float = 0.0) -> tuple[nn.Sequential, dict]:
     """Return a smaller copy of ``Sequential(Normalize, SmallCNN)`` and what was removed."""
     if not isinstance(model[1], SmallCNN):
-        raise ExportError(f"structured export supports small_cnn only, not {type(model[1]).__name__}")
+        raise ExportError("structured export supports small_cnn only, not this backbone; use the sparse, dense "
+                          "or int8 variant")
     model = copy.deepcopy(model).eval()
     net: SmallCNN = model[1]
     c1, c2, fc1, cls = net.conv1, net.conv2, net.fc1, net.classifier

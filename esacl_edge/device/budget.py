@@ -64,17 +64,21 @@ class BufferLayout:
         return buffer_bytes_per_sample(self.shape, self.dtype, num_classes, self.qparams)
 
 
+def prefix_output_shape(model: nn.Sequential, input_shape: tuple[int, int, int], freeze_until: str) -> tuple:
+    """Shape (C, H, W) of one sample's output of the frozen prefix (a latent)."""
+    h, w, c = input_shape
+    with torch.no_grad():
+        return tuple(split_model(model, freeze_until)[0].eval()(torch.zeros(1, c, h, w)).shape[1:])
+
+
 def buffer_layout(model: nn.Sequential, input_shape: tuple[int, int, int], input_dtype: str,
                   freeze_until: str | None, latent: str | None) -> BufferLayout:
-    """The buffer's sample layout for ``model``: images, or latents (shape from one forward of the prefix)."""
+    """The buffer's sample layout for ``model``: images, or latents at the frozen prefix's output."""
     if latent is None:
         return BufferLayout(tuple(input_shape), input_dtype)
     from ..learn.latent import DTYPES, QPARAMS
 
-    h, w, c = input_shape
-    with torch.no_grad():
-        z = split_model(model, freeze_until)[0].eval()(torch.zeros(1, c, h, w))
-    return BufferLayout(tuple(z.shape[1:]), DTYPES[latent], QPARAMS[latent], latent)
+    return BufferLayout(prefix_output_shape(model, input_shape, freeze_until), DTYPES[latent], QPARAMS[latent], latent)
 
 
 def stored_model_bytes(model: nn.Module, sparsity: float) -> int:
@@ -200,11 +204,9 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
     if freeze_until is None:
         per_sample = activation_bytes_per_sample(model, input_shape)
     else:
-        h, w, c = input_shape
-        prefix, suffix = split_model(model, freeze_until)
-        with torch.no_grad():
-            latent_shape = tuple(prefix.eval()(torch.zeros(1, c, h, w)).shape[1:])
-        per_sample = activation_bytes_per_sample(suffix, latent_shape, channels_last=False)
+        suffix = split_model(model, freeze_until)[1]
+        per_sample = activation_bytes_per_sample(suffix, prefix_output_shape(model, input_shape, freeze_until),
+                                                 channels_last=False)
     # A step forwards the minibatch and a replay batch of replay_ratio x its size together.
     per_batch_sample = per_sample * (1 + (method.replay_ratio if capacity else 0))
     room = profile.training_peak_bytes - sum(fixed.values())

@@ -21,26 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..models import prunable_parameters
 
 
-def layer_forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
-    """Dense forward FLOPs of one sample, per prunable weight (keyed like ``prunable_parameters``)."""
-    h, w, c = input_shape
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, c, h, w, device=device))
-    model.train(was_training)
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    root = type(model).__name__
-    out = {}
-    for name in prunable_parameters(model):
-        module_path = name[: -len(".weight")]
-        out[name] = int(counts.get(f"{root}.{module_path}", 0))
-    return out
-
-
-def forward_flops(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Dense forward FLOPs of one sample (H, W, C) through ``module`` (e.g. a frozen prefix)."""
+def _count(module: nn.Module, input_shape: tuple[int, int, int]) -> FlopCounterMode:
+    """FLOPs of one sample (H, W, C) through ``module`` in eval mode, without gradients (mode restored)."""
     h, w, c = input_shape
     was_training = module.training
     module.eval()
@@ -48,7 +30,19 @@ def forward_flops(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.zeros(1, c, h, w, device=device))
     module.train(was_training)
-    return int(counter.get_total_flops())
+    return counter
+
+
+def layer_forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Dense forward FLOPs of one sample, per prunable weight (keyed like ``prunable_parameters``)."""
+    counts = {name: sum(ops.values()) for name, ops in _count(model, input_shape).get_flop_counts().items()}
+    root = type(model).__name__
+    return {name: int(counts.get(f"{root}.{name[: -len('.weight')]}", 0)) for name in prunable_parameters(model)}
+
+
+def forward_flops(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Dense forward FLOPs of one sample (H, W, C) through ``module`` (e.g. a frozen prefix)."""
+    return int(_count(module, input_shape).get_total_flops())
 
 
 @dataclass

@@ -128,9 +128,14 @@ def layer_budgets(masks: dict[str, torch.Tensor], density: float, allocation: st
     (a global ranking keeps the FLOP-heavy early convolutions far denser). ``erk``:
     Erdős–Rényi-kernel, density proportional to (sum of a layer's dimensions) / (its size),
     which favours small layers. The first layer stays dense (its few weights see every input
-    pixel: 540 weights of 1.1M, 1% of the FLOPs, in the reduced ResNet-18), and so does the last,
-    the classifier, with ``dense_classifier`` (every class keeps all its features: 16,000 weights
-    and 0.03% of the FLOPs at 100 classes; left out where the two would exceed the budget);
+    pixel: 540 weights of 1.1M, 1% of the FLOPs, in the reduced ResNet-18), where the budget has
+    room for it (behind a frozen prefix the first trainable layer can hold half the trainable
+    weights). Depthwise kernels (one input channel per filter) stay dense: at 90% sparsity a 3x3
+    one would keep less than one tap and switch its channel off (3.7% of MobileNetV3-Small's
+    weights). The last layer, the classifier, stays dense with ``dense_classifier`` (every class
+    keeps all its features: 16,000 weights and 0.03% of the FLOPs of the reduced ResNet-18 at 100
+    classes) where the dense layers with it take at most half of the budget (MobileNetV3-Small's
+    102,400-weight head would take two thirds of it at 90% and starve every other layer);
     layers that would exceed 1 are kept dense too, and the rest scaled up.
     """
     if allocation == "global":
@@ -140,8 +145,11 @@ def layer_budgets(masks: dict[str, torch.Tensor], density: float, allocation: st
     sizes = {n: m.numel() for n, m in masks.items()}
     weight = {n: (sum(m.shape) / m.numel() if allocation == "erk" else 1.0) for n, m in masks.items()}
     names = list(masks)
-    want, dense = density * sum(sizes.values()), set(names[:1])  # the first layer (the stem) stays dense
-    if dense_classifier and sizes[names[0]] + sizes[names[-1]] < want:
+    want, dense = density * sum(sizes.values()), set()
+    if sizes[names[0]] < want:  # the first layer (the stem) stays dense, where the budget has room for it
+        dense.add(names[0])
+    dense |= {n for n, m in masks.items() if m.dim() == 4 and m.shape[1] == 1}  # depthwise kernels
+    if dense_classifier and sum(sizes[n] for n in dense) + sizes[names[-1]] <= want / 2:
         dense.add(names[-1])
     while True:  # scale the free layers to the remaining budget; cap at 1 and repeat
         free = [n for n in sizes if n not in dense]
