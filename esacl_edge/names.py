@@ -8,11 +8,14 @@ from __future__ import annotations
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "esacl": "EsaCL: IDS step selection, masked SAM (every other step), SDP pruning, DER++ replay from a "
-             "reservoir buffer",
+             "reservoir buffer; the current samples' cross-entropy over the classes in their minibatch",
     "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
     "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
+    "esacl-allclasses": "ablation: EsaCL with the current samples' cross-entropy over all classes (before 0.8)",
+    "esacl-warmup": "ablation: EsaCL with 0.7's schedule: the first half of the first task dense, regrowth from "
+                    "4 steps' dense gradients",
     "esacl-directional": "ablation: EsaCL pruning by SDP's directional score |-E[theta g] + theta^2 E[g^2] / 2| "
-                         "instead of magnitude (the default before 0.5)",
+                         "instead of magnitude (the default before 0.5), after 0.7's dense warm-up",
     "esacl-magnitude": "EsaCL pruning by weight magnitude: the same as esacl since 0.5",
     "esacl-reservoir": "EsaCL with a reservoir buffer: the same as esacl since 0.3",
     "esacl-idsbuffer": "ablation: EsaCL with the class-balanced IDS buffer instead of reservoir",
@@ -20,12 +23,16 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "ewc": "dense baseline: online EWC, no buffer",
     "er": "dense baseline: ER (experience replay) from a reservoir buffer",
     "derpp": "dense baseline: DER++ replay from a reservoir buffer",
+    "derpp-ace": "dense reference: DER++ with EsaCL's loss, the current samples' cross-entropy over the classes in "
+                 "their minibatch (ER-ACE's asymmetric cross-entropy)",
     "joint": "upper bound: keeps all data seen so far and trains on it at each task end",
     "sparcl": "SparCL-style sparse learner: task-aware dynamic masks (importance |w| + lambda |grad w|, "
               "prune-and-regrow every 2 chunks, extra capacity at a task start), dynamic data removal, "
               "dynamic gradient masking, DER++ replay",
     "sparcl-er": "SparCL-style sparse learner with ER replay instead of DER++",
     "sparcl-ewc": "SparCL-style sparse learner with online EWC instead of replay (no buffer)",
+    "sparcl-ace": "SparCL-style sparse learner with EsaCL's loss, the current samples' cross-entropy over the "
+                  "classes in their minibatch",
 }
 
 MODEL_DESCRIPTIONS: dict[str, str] = {

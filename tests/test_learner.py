@@ -63,20 +63,32 @@ def test_bad_inputs(fast_profile):
         StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), method="sgd")
 
 
-def test_a_fresh_learner_is_dense_and_the_first_task_prunes_only_after_its_warm_up(tiny_stream, fast_profile):
-    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), sparsity=0.8, input_dtype="uint8",
+def _first_task_densities(tiny_stream, profile, method, n_chunks=8):
+    learner = StreamingLearner("small_cnn", profile, 10, (8, 8, 1), method=method, sparsity=0.8, input_dtype="uint8",
                                normalization=tiny_stream.normalization)
     total = sum(m.numel() for m in learner.masks.values())
     assert learner.masks and all(bool(m.all()) for m in learner.masks.values())
     assert learner.sparsity() == 0.0 and learner.density == 1.0 and learner.prune_events == []
     chunks = [c for c in iter_chunks(tiny_stream) if c.task == 0]
-    learner.begin_task(0, n_chunks=8)  # warm-up: the first ceil(0.5 * 8) = 4 chunks stay dense
+    learner.begin_task(0, n_chunks=n_chunks)
     densities = []
-    for i in range(8):
+    for i in range(n_chunks):
         learner.observe(chunks[i % 2].x, chunks[i % 2].y, 0)
         densities.append(learner.density)
         assert learner.sparsity() == pytest.approx(1 - learner.density, abs=1 / total)
-    assert densities[:4] == [1.0] * 4
+    return learner, densities, total
+
+
+def test_esacl_prunes_the_first_task_on_a_cubic_schedule_from_its_first_chunk(tiny_stream, fast_profile):
+    learner, densities, total = _first_task_densities(tiny_stream, fast_profile, "esacl")
+    # The magnitude ranking needs no statistics to mature: the cubic schedule runs over all 8 chunks.
+    assert densities == pytest.approx([sdp.cubic_density(1.0, 0.2, k, 8) for k in range(1, 9)], abs=1 / total)
+    assert [e["chunk"] for e in learner.prune_events] == list(range(8))
+
+
+def test_the_warmup_ablation_keeps_the_first_half_of_the_first_task_dense(tiny_stream, fast_profile):
+    learner, densities, total = _first_task_densities(tiny_stream, fast_profile, "esacl-warmup")
+    assert densities[:4] == [1.0] * 4  # warm-up: the first ceil(0.5 * 8) = 4 chunks stay dense
     want = [sdp.cubic_density(1.0, 0.2, k, 4) for k in (1, 2, 3, 4)]  # then cubic to the target by the task's end
     assert densities[4:] == pytest.approx(want, abs=1 / total)
     assert [e["chunk"] for e in learner.prune_events] == [4, 5, 6, 7]
@@ -118,3 +130,22 @@ def test_observe_with_a_known_length_ends_the_task_by_itself(tiny_stream, fast_p
     assert ended == [0, 1] and sorted(learner.snapshots) == [0, 1] and learner.progress.task == 2
     last = learner.end_task()
     assert ended == [0, 1, 2] and learner.end_task() is last and ended == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method,present_only", [("esacl", True), ("derpp-ace", True), ("esacl-allclasses", False),
+                                                  ("derpp", False)])
+def test_the_current_cross_entropy_competes_over_the_classes_in_the_minibatch(fast_profile, digits_norm, method,
+                                                                                  present_only):
+    """EsaCL's loss on new samples pushes down no class they do not show (ER-ACE's asymmetric cross-entropy):
+    without replay, the head's rows of absent classes do not move at all; over all classes they do."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 48)  # classes 0 and 1 of 4
+    x = (rng.integers(0, 17, (48, 8, 8, 1)) // 2 + y[:, None, None, None] * 4).astype(np.uint8)
+    learner = StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), method=method, sparsity=0.5, buffer_bytes=0,
+                               input_dtype="uint8", normalization=digits_norm)
+    head = learner.model[1].classifier
+    before = head.weight.detach().clone(), head.bias.detach().clone()
+    learner.observe(x, y, 0)  # a first task of unknown length: nothing is pruned yet
+    for p, p0 in zip((head.weight, head.bias), before):
+        assert not torch.equal(p[:2], p0[:2])  # the present classes learn
+        assert torch.equal(p[2:], p0[2:]) == present_only

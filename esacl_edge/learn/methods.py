@@ -24,6 +24,12 @@ from .select import AllSamples, IdsSelect
 from .sparcl import DataRemoval, GradientMasks, MaskUpdates
 
 
+# Which logits the current samples' cross-entropy competes over: every class, or only the classes present
+# in the minibatch (the asymmetric cross-entropy of ER-ACE, Caccia et al., 2022: old classes' logits are
+# pushed down by replay alone, not by every new sample).
+CURRENT_CLASSES = ("all", "present")
+
+
 @dataclass
 class Method:
     """The parts of one method. Hooks run in the order of :attr:`parts`: select, replay, optimizer, data,
@@ -39,6 +45,11 @@ class Method:
     buffer: IdsBuffer | ReservoirBuffer | None = None
     pruning: Pruning | None = None
     sparsity_extras: tuple[Part, ...] = ()   # after the pruning part: SparCL's mask updates, gradient masks
+    current_classes: str = "all"   # the current samples' cross-entropy: over "all" classes, or those "present"
+
+    def __post_init__(self) -> None:
+        if self.current_classes not in CURRENT_CLASSES:
+            raise ValueError(f"current_classes must be one of {', '.join(CURRENT_CLASSES)}, got {self.current_classes!r}")
 
     def named_parts(self) -> list[tuple[str, Part]]:
         """(slot, part) for every part present, in the order hooks run in."""
@@ -77,12 +88,15 @@ class Method:
 def esacl(name: str = "esacl", **changes) -> Method:
     """EsaCL = IDS step selection + SAM(ρ) on every other step + DER++ + SDP pruning + a reservoir buffer.
 
-    SDP ranks weights by magnitude within each layer's budget since 0.5 (the directional score lost on
-    colour photographs), and the buffer is reservoir since 0.3 (the IDS buffer lost at equal bytes):
-    docs/method.md.
+    The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8),
+    SDP ranks weights by magnitude within each layer's budget (since 0.5; the directional score lost on
+    colour photographs) and follows its cubic schedule from the first chunk, regrowing at a task start
+    from one step's dense gradient (since 0.8), and the buffer is reservoir (since 0.3; the IDS buffer
+    lost at equal bytes): docs/method.md.
     """
     return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0), optimizer=Sam(rho=0.05),
-                  buffer=ReservoirBuffer(), pruning=Pruning(score="magnitude")).replace(**changes)
+                  buffer=ReservoirBuffer(), pruning=Pruning(score="magnitude", warmup=0.0, regrow_steps=1),
+                  current_classes="present").replace(**changes)
 
 
 def sparcl(name: str = "sparcl", **changes) -> Method:
@@ -100,8 +114,10 @@ METHODS: dict[str, Callable[[], Method]] = {
     # Ablations: each switches off one part of EsaCL.
     "esacl-noids": lambda: esacl("esacl-noids", select=AllSamples()),
     "esacl-nosam": lambda: esacl("esacl-nosam", optimizer=Sgd()),
-    "esacl-directional": lambda: esacl("esacl-directional", pruning=Pruning(score="directional")),
-    "esacl-magnitude": lambda: esacl("esacl-magnitude", pruning=Pruning(score="magnitude")),  # esacl since 0.5
+    "esacl-allclasses": lambda: esacl("esacl-allclasses", current_classes="all"),
+    "esacl-warmup": lambda: esacl("esacl-warmup", pruning=Pruning(score="magnitude", warmup=0.5, regrow_steps=4)),
+    "esacl-directional": lambda: esacl("esacl-directional", pruning=Pruning(score="directional")),  # + its warm-up
+    "esacl-magnitude": lambda: esacl("esacl-magnitude"),  # esacl since 0.5
     "esacl-reservoir": lambda: esacl("esacl-reservoir", buffer=ReservoirBuffer()),  # the default since 0.3
     "esacl-idsbuffer": lambda: esacl("esacl-idsbuffer", buffer=IdsBuffer(spread=0.25)),
     # Dense baselines: plain SGD steps on whole minibatches.
@@ -109,11 +125,14 @@ METHODS: dict[str, Callable[[], Method]] = {
     "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),
     "er": lambda: Method("er", replay=Replay(alpha=0.0, beta=1.0), buffer=ReservoirBuffer()),
     "derpp": lambda: Method("derpp", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer()),
+    "derpp-ace": lambda: Method("derpp-ace", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer(),
+                                current_classes="present"),
     "joint": lambda: Method("joint", data=Joint()),
     # SparCL-style sparse baselines.
     "sparcl": sparcl,
     "sparcl-er": lambda: sparcl("sparcl-er", replay=Replay(alpha=0.0, beta=1.0)),
     "sparcl-ewc": lambda: sparcl("sparcl-ewc", replay=None, buffer=None, penalty=EwcPenalty(lam=10.0)),
+    "sparcl-ace": lambda: sparcl("sparcl-ace", current_classes="present"),
 }
 
 

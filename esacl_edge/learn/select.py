@@ -34,7 +34,8 @@ class AllSamples(Part):
 
     score: str = "loss"
 
-    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None) -> Selection:
+    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
+               present: torch.Tensor | None = None) -> Selection:
         """(positions to train on or None for all, and the whole minibatch's logits and scores if known)."""
         return None, None, None
 
@@ -47,12 +48,13 @@ class IdsSelect(Part):
     score: str = "loss"
     rescore_every_pass: bool = False   # a scoring forward on every pass, not only the first
 
-    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None) -> Selection:
+    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
+               present: torch.Tensor | None = None) -> Selection:
         if prior is not None and not self.rescore_every_pass:
             logits, scores = prior
         else:
             with torch.no_grad(), norm_stats_untouched(learner.model), learner.precision.autocast():
                 logits = learner.trainable(x).float()
             learner.cost.forward(len(y))
-            scores = ids.sample_scores(logits, y, self.score)
+            scores = ids.sample_scores(ids.restrict(logits, present), y, self.score)
         return ids.select_step(scores, y, self.keep, learner.spec.num_classes), logits, scores

@@ -43,6 +43,7 @@ class Batch:
     index: torch.Tensor | None = None    # positions of the whole minibatch in the chunk
     labels: torch.Tensor | None = None   # labels of the whole minibatch
     logits: torch.Tensor | None = None   # logits of the whole minibatch (scoring or training forward)
+    present: torch.Tensor | None = None  # classes the current cross-entropy competes over (None: all)
 
     @property
     def n_train(self) -> int:
@@ -67,7 +68,7 @@ def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, t
     x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
     with learner.precision.autocast():
         out = learner.trainable(x).float()
-    loss = F.cross_entropy(out[: len(batch.y)], batch.y)
+    loss = F.cross_entropy(ids.restrict(out[: len(batch.y)], batch.present), batch.y)
     for part in learner.method.parts:
         term = part.loss(learner, batch, out)
         if term is not None:
@@ -84,19 +85,21 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, in
     scores are reused, the trained samples' from this step's forward and the others' from ``prior``).
     """
     method = learner.method
+    present = ids.present_classes(yb, learner.spec.num_classes) if method.current_classes == "present" else None
     # 1. Select the samples to train on.
-    keep, logits, scores = method.select.select(learner, xb, yb, prior)
-    batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb)
+    keep, logits, scores = method.select.select(learner, xb, yb, prior, present)
+    batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb,
+                  present=present)
     if method.replay is not None:
         method.replay.draw(learner, batch, len(yb))
     # 2-3. Loss terms, and the optimizer's gradients (one pass, or SAM's two).
     loss, out = method.optimizer.gradients(learner, batch, lambda b: loss_terms(learner, b))
     out = out.detach()
     if keep is None:  # every sample was trained: the training forward gives logits and scores
-        logits, scores = out, ids.sample_scores(out, yb, method.select.score)
+        logits, scores = out, ids.sample_scores(ids.restrict(out, present), yb, method.select.score)
     elif prior is not None:  # scores reused from the previous pass: refresh the trained samples'
         logits, scores = logits.clone(), scores.clone()
-        logits[keep], scores[keep] = out, ids.sample_scores(out, batch.y, method.select.score)
+        logits[keep], scores[keep] = out, ids.sample_scores(ids.restrict(out, present), batch.y, method.select.score)
     batch.logits = logits
     # 4. After the backward pass (gradients unscaled under fp16): parts read and mask them; then the update.
     learner.precision.unscale(learner.optimizer)
