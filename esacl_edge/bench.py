@@ -165,12 +165,41 @@ def _learn_in_subprocess(stream: Path, profile_path: Path, run_dir: Path, name: 
     return json.loads((run_dir / "results.json").read_text())
 
 
+def _finished_run(run_dir: Path, name: str, sparsity: float, seed: int, stream: Path, profile_text: str,
+                  options: dict) -> dict | None:
+    """The results of a completed run in ``run_dir`` made with these settings, None if it did not finish;
+    an error if it finished with other settings (reusing it would mix two benches)."""
+    try:
+        r = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not r.get("complete"):
+        return None
+    wanted = {"method": name, "seed": seed, "sparsity": sparsity, "anytime": options["anytime"],
+              "lr": options["lr"], "init": options["init"] and str(options["init"]),
+              "freeze_until": options["freeze_until"], "latent_replay": options["latent_replay"]}
+    wanted.update({k: options[k] for k in ("model", "buffer_bytes") if options[k] is not None})
+    settings = r.get("settings", {})
+    differ = [k for k, v in wanted.items() if settings.get(k) != v]
+    differ += [k for k, v in (("stream", str(stream.resolve())), ("esacl_edge_version", __version__))
+               if r.get(k) != v]
+    if not (run_dir / "profile.yaml").is_file() or (run_dir / "profile.yaml").read_text() != profile_text:
+        differ.append("profile")
+    if differ:
+        raise EsaclError(f"{run_dir / 'results.json'}: cannot resume, this run was made with another "
+                         f"{', '.join(differ)}; use a new --out")
+    return {**r, "reused": True}
+
+
 def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | Path, sparsity: float = 0.9,
           seeds: int = 3, buffer_bytes: int | None = None, model: str | None = None, anytime: bool = False,
           plots: bool = True, init: str | Path | None = None, freeze_until: str | None = None,
-          latent_replay: str | None = None, lr: float | None = None) -> dict:
+          latent_replay: str | None = None, lr: float | None = None, resume: bool = False) -> dict:
     """Run every method for every seed (seed-major, so methods share machine conditions); ``init``,
-    ``freeze_until``, ``latent_replay`` and ``lr`` as for ``learn``, the same for every method."""
+    ``freeze_until``, ``latent_replay`` and ``lr`` as for ``learn``, the same for every method.
+
+    ``resume`` keeps the runs an interrupted bench into the same ``out`` completed (see :func:`_finished_run`)
+    and runs only the rest; those runs are marked ``"reused": true``."""
     specs = plan_runs(methods, sparsity, seeds, buffer_bytes)
     labels = [label for label, _, _ in specs]
     out, stream = Path(out), Path(stream)
@@ -188,7 +217,8 @@ def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | P
         for label, name, sp in specs:
             bar.set_postfix(method=label, seed=seed)
             run_dir = out / "runs" / f"{label.replace('@', '_')}_seed{seed}"
-            r = _learn_in_subprocess(stream, profile_path, run_dir, name, sp, seed, options)
+            r = (resume and _finished_run(run_dir, name, sp, seed, stream, text, options)) \
+                or _learn_in_subprocess(stream, profile_path, run_dir, name, sp, seed, options)
             r.pop("prune_events", None)
             runs.append({"label": label, **r})
             bar.update(1)

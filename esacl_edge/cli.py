@@ -188,7 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                          test_per_class=args.test_per_class)
     report = bench(stream, args.methods.split(","), profile, out, sparsity=args.sparsity, seeds=args.seeds,
                    buffer_bytes=args.buffer_bytes, model=args.model, anytime=args.anytime, init=_init_file(args),
-                   freeze_until=args.freeze_until, latent_replay=args.latent_replay, lr=args.lr)
+                   freeze_until=args.freeze_until, latent_replay=args.latent_replay, lr=args.lr,
+                   resume=args.resume)
     print(format_table(report["summary"]))
     print(f"wrote {out / 'bench.json'} and {', '.join(Path(p).name for p in report.get('plots', []))}")
 
@@ -378,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, help="SGD learning rate of every method instead of its own")
     _add_start_options(b)
     b.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
+    b.add_argument("--resume", action="store_true", help="keep the runs an interrupted bench into the same "
+                   "--out completed with the same settings; run only the rest")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("pretrain", help="train a backbone offline on a labelled data set; write weights for --init",

@@ -11,7 +11,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
              "reservoir buffer; the current samples' cross-entropy over the classes in their minibatch",
     "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
     "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
-    "esacl-allclasses": "ablation: EsaCL with the current samples' cross-entropy over all classes (before 0.8)",
+    "esacl-allclasses": "EsaCL with the current samples' cross-entropy over all classes (before 0.8); the better "
+                        "choice on short grayscale streams",
     "esacl-warmup": "ablation: EsaCL with 0.7's schedule: the first half of the first task dense, regrowth from "
                     "4 steps' dense gradients",
     "esacl-directional": "ablation: EsaCL pruning by SDP's directional score |-E[theta g] + theta^2 E[g^2] / 2| "

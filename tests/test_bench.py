@@ -35,3 +35,19 @@ def test_bench_runs_methods_over_seeds_and_writes_json_and_plots(tiny_stream, fa
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(report["summary"])
     assert "esacl@0.8" in table and "finetune" in table and "GFLOPs" in table
+
+
+def test_bench_resume_keeps_finished_runs_and_refuses_other_settings(tiny_stream, fast_profile, tmp_path):
+    profile = fast_profile.replace(passes_per_chunk=1)
+    first = bench(tiny_stream.root, ["finetune"], profile, tmp_path, seeds=2, buffer_bytes=2240, plots=False)
+    (tmp_path / "runs" / "finetune_seed1" / "results.json").unlink()  # as if the bench stopped during seed 1
+    again = bench(tiny_stream.root, ["finetune"], profile, tmp_path, seeds=2, buffer_bytes=2240, plots=False,
+                  resume=True)
+    assert [r.get("reused", False) for r in again["runs"]] == [True, False]
+    assert again["runs"][0]["train_seconds"] == first["runs"][0]["train_seconds"]  # not run again
+    assert (tmp_path / "runs" / "finetune_seed1" / "results.json").is_file()
+    with pytest.raises(EsaclError, match="finetune_seed0.*cannot resume.*buffer_bytes"):
+        bench(tiny_stream.root, ["finetune"], profile, tmp_path, seeds=1, buffer_bytes=4480, plots=False, resume=True)
+    with pytest.raises(EsaclError, match="finetune_seed0.*cannot resume.*profile"):
+        bench(tiny_stream.root, ["finetune"], profile.replace(passes_per_chunk=2), tmp_path, seeds=1,
+              buffer_bytes=2240, plots=False, resume=True)

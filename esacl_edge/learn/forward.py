@@ -55,6 +55,16 @@ def task_logits(logits: torch.Tensor, classes: list[int] | tuple[int, ...]) -> t
     return masked
 
 
+def present_classes(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boolean mask of the classes that occur in ``y``."""
+    return torch.zeros(num_classes, dtype=torch.bool, device=y.device).index_fill_(0, y, True)
+
+
+def restrict(logits: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with the classes outside ``classes`` (a boolean mask; None: all) left out of the softmax."""
+    return logits if classes is None else logits.masked_fill(~classes, float("-inf"))
+
+
 def accuracies(logits: torch.Tensor, y: torch.Tensor, classes: list[int] | tuple[int, ...]) -> dict[str, float]:
     """Class-IL (all classes compete) and Task-IL (only the task's ``classes`` compete) accuracy."""
     return {"class_il": (logits.argmax(1) == y).float().mean().item(),

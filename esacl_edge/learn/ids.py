@@ -30,16 +30,6 @@ def sample_scores(logits: torch.Tensor, y: torch.Tensor, kind: str = "loss") -> 
     raise ValueError(f"unknown IDS score {kind!r}; choose one of {', '.join(SCORES)}")
 
 
-def present_classes(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Boolean mask of the classes that occur in ``y``."""
-    return torch.zeros(num_classes, dtype=torch.bool, device=y.device).index_fill_(0, y, True)
-
-
-def restrict(logits: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-    """``logits`` with the classes outside ``classes`` (a boolean mask; None: all) left out of the softmax."""
-    return logits if classes is None else logits.masked_fill(~classes, float("-inf"))
-
-
 def balanced_quotas(counts: dict[int, int], total: int) -> dict[int, int]:
     """Split ``total`` slots over classes as evenly as their available ``counts`` allow.
 

@@ -6,9 +6,10 @@
   (once at the target, nothing is collected); the magnitude score keeps none;
 * after the first ``regrow_steps`` steps of every task but the first: regrow at zero;
 * after each chunk: prune to the schedule's density (no fine-tuning afterwards). The first
-  task trains dense for its first ``warmup`` share of chunks, so the first ranking is of a
-  network that has learned something, then follows a cubic schedule to the
-  target at its end; a later task prunes its regrown weights by ``prune_until`` of its chunks;
+  task trains dense for its first ``warmup`` share of chunks (EsaCL: none since 0.8, the
+  magnitude score needs no statistics; the directional score's mean needs a trained model),
+  then follows a cubic schedule to the target at its end; a later task prunes its regrown
+  weights by ``prune_until`` of its chunks;
 * at the end of a task: prune to the target.
 
 Each layer keeps its share of live weights (``allocation``, see ``sdp.layer_budgets``); the first

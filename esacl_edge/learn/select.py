@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import ids
-from .forward import norm_stats_untouched
+from .forward import norm_stats_untouched, restrict
 from .parts import Part
 
 if TYPE_CHECKING:
@@ -56,5 +56,5 @@ class IdsSelect(Part):
             with torch.no_grad(), norm_stats_untouched(learner.model), learner.precision.autocast():
                 logits = learner.trainable(x).float()
             learner.cost.forward(len(y))
-            scores = ids.sample_scores(ids.restrict(logits, present), y, self.score)
+            scores = ids.sample_scores(restrict(logits, present), y, self.score)
         return ids.select_step(scores, y, self.keep, learner.spec.num_classes), logits, scores

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..device.transfer import to_device
 from . import ids
-from .forward import minibatches
+from .forward import minibatches, present_classes, restrict
 
 if TYPE_CHECKING:
     from .learner import StreamingLearner
@@ -68,7 +68,7 @@ def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, t
     x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
     with learner.precision.autocast():
         out = learner.trainable(x).float()
-    loss = F.cross_entropy(ids.restrict(out[: len(batch.y)], batch.present), batch.y)
+    loss = F.cross_entropy(restrict(out[: len(batch.y)], batch.present), batch.y)
     for part in learner.method.parts:
         term = part.loss(learner, batch, out)
         if term is not None:
@@ -85,7 +85,7 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, in
     scores are reused, the trained samples' from this step's forward and the others' from ``prior``).
     """
     method = learner.method
-    present = ids.present_classes(yb, learner.spec.num_classes) if method.current_classes == "present" else None
+    present = present_classes(yb, learner.spec.num_classes) if method.current_classes == "present" else None
     # 1. Select the samples to train on.
     keep, logits, scores = method.select.select(learner, xb, yb, prior, present)
     batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb,
@@ -96,10 +96,10 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, in
     loss, out = method.optimizer.gradients(learner, batch, lambda b: loss_terms(learner, b))
     out = out.detach()
     if keep is None:  # every sample was trained: the training forward gives logits and scores
-        logits, scores = out, ids.sample_scores(ids.restrict(out, present), yb, method.select.score)
+        logits, scores = out, ids.sample_scores(restrict(out, present), yb, method.select.score)
     elif prior is not None:  # scores reused from the previous pass: refresh the trained samples'
         logits, scores = logits.clone(), scores.clone()
-        logits[keep], scores[keep] = out, ids.sample_scores(ids.restrict(out, present), batch.y, method.select.score)
+        logits[keep], scores[keep] = out, ids.sample_scores(restrict(out, present), batch.y, method.select.score)
     batch.logits = logits
     # 4. After the backward pass (gradients unscaled under fp16): parts read and mask them; then the update.
     learner.precision.unscale(learner.optimizer)
