@@ -175,10 +175,9 @@ def _finished_run(run_dir: Path, name: str, sparsity: float, seed: int, stream: 
         return None
     if not r.get("complete"):
         return None
-    wanted = {"method": name, "seed": seed, "sparsity": sparsity, "anytime": options["anytime"],
-              "lr": options["lr"], "init": options["init"] and str(options["init"]),
-              "freeze_until": options["freeze_until"], "latent_replay": options["latent_replay"]}
-    wanted.update({k: options[k] for k in ("model", "buffer_bytes") if options[k] is not None})
+    # Every learn option is in the run's settings; an unset model or buffer means the default it resolved to.
+    wanted = {"method": name, "seed": seed, "sparsity": sparsity,
+              **{k: v for k, v in options.items() if v is not None or k not in ("model", "buffer_bytes")}}
     settings = r.get("settings", {})
     differ = [k for k, v in wanted.items() if settings.get(k) != v]
     differ += [k for k, v in (("stream", str(stream.resolve())), ("esacl_edge_version", __version__))
@@ -198,8 +197,8 @@ def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | P
     """Run every method for every seed (seed-major, so methods share machine conditions); ``init``,
     ``freeze_until``, ``latent_replay`` and ``lr`` as for ``learn``, the same for every method.
 
-    ``resume`` keeps the runs an interrupted bench into the same ``out`` completed (see :func:`_finished_run`)
-    and runs only the rest; those runs are marked ``"reused": true``."""
+    With ``resume``, runs that an interrupted bench into the same ``out`` completed with these settings are
+    kept (see :func:`_finished_run`) and marked ``"reused": true``; only the rest are run."""
     specs = plan_runs(methods, sparsity, seeds, buffer_bytes)
     labels = [label for label, _, _ in specs]
     out, stream = Path(out), Path(stream)
@@ -207,7 +206,7 @@ def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | P
     if model is not None:
         check_input(model, manifest.input_shape, manifest.num_classes)
     options = {"buffer_bytes": buffer_bytes, "model": model, "anytime": anytime, "lr": lr,
-               "init": init and Path(init).resolve(), "freeze_until": freeze_until, "latent_replay": latent_replay}
+               "init": init and str(Path(init).resolve()), "freeze_until": freeze_until, "latent_replay": latent_replay}
     profile_path = out / "profile.yaml"
     text = to_yaml(profile)
     atomic_write(profile_path, lambda f: f.write(text.encode()))
@@ -225,7 +224,7 @@ def bench(stream: str | Path, methods: list[str], profile: Profile, out: str | P
     bar.close()
     report = {"machine": machine(), "profile": profile.name, "stream": str(stream.resolve()),
               "buffer_bytes": buffer_bytes, "sparsity": sparsity, "seeds": seeds, "model": model, "lr": lr,
-              "init": options["init"] and str(options["init"]), "freeze_until": freeze_until,
+              "init": options["init"], "freeze_until": freeze_until,
               "latent_replay": latent_replay,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summarize(runs, labels), "runs": runs}
     write_json(out / "bench.json", report)
