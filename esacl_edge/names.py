@@ -8,11 +8,13 @@ from __future__ import annotations
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "esacl": "EsaCL: IDS step selection, masked SAM (every other step), SDP pruning, DER++ replay from a "
-             "reservoir buffer; the current samples' cross-entropy over the classes in their minibatch",
+             "reservoir buffer; the current samples' cross-entropy over the classes in their minibatch, the "
+             "classifier's bias calibrated on the buffer at each task end",
     "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
     "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
     "esacl-allclasses": "EsaCL with the current samples' cross-entropy over all classes (before 0.8); the better "
                         "choice on short grayscale streams",
+    "esacl-nocalib": "ablation: EsaCL without the bias calibration at a task end (0.8's EsaCL)",
     "esacl-warmup": "ablation: EsaCL with 0.7's schedule: the first half of the first task dense, regrowth from "
                     "4 steps' dense gradients",
     "esacl-directional": "ablation: EsaCL pruning by SDP's directional score |-E[theta g] + theta^2 E[g^2] / 2| "
@@ -26,6 +28,7 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "derpp": "dense baseline: DER++ replay from a reservoir buffer",
     "derpp-ace": "dense reference: DER++ with EsaCL's loss, the current samples' cross-entropy over the classes in "
                  "their minibatch (ER-ACE's asymmetric cross-entropy)",
+    "derpp-calib": "dense reference: DER++ with EsaCL's bias calibration on the buffer at each task end",
     "joint": "upper bound: keeps all data seen so far and trains on it at each task end",
     "sparcl": "SparCL-style sparse learner: task-aware dynamic masks (importance |w| + lambda |grad w|, "
               "prune-and-regrow every 2 chunks, extra capacity at a task start), dynamic data removal, "

@@ -110,6 +110,8 @@ def test_an_fp16_overflow_skips_the_step_and_corrupts_nothing(tiny_stream, fast_
     assert learner.precision.scaler.get_scale() == 2.0 ** (127 - steps)
     masks = learner.masks
     for n, p in learner.model.named_parameters():   # no update; pruning may only have zeroed weights
+        if n == "1.classifier.bias":   # the task's end calibrated it on the buffer (calibration.py)
+            continue
         kept = masks[n] if n in masks else torch.ones_like(p, dtype=torch.bool)
         assert torch.equal(p.detach()[kept], weights[n][kept]), n
         assert torch.isfinite(p).all()

@@ -2,7 +2,7 @@
 
 A method fills the slots of one fixed training step (``step.py``): which samples to train on,
 the loss terms beside cross-entropy, the optimizer, the sparsity parts, what the buffer keeps,
-and whether chunks are trained as they arrive. A new variant is a new part or a new line here.
+what a task's end calibrates, and whether chunks are trained as they arrive. A new variant is a new part or a new line here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import EsaclError
 from ..names import METHOD_NAMES
 from .buffer import IdsBuffer, ReservoirBuffer
+from .calibration import BiasCalibration
 from .ewc import EwcPenalty
 from .joint import Joint
 from .optim import Sam, Sgd
@@ -33,8 +34,8 @@ CURRENT_CLASSES = ("all", "present")
 @dataclass
 class Method:
     """The parts of one method. Hooks run in the order of :attr:`parts`: select, replay, optimizer, data,
-    buffer, pruning, penalty, sparsity extras (so EWC reads masked gradients before SparCL's gradient
-    masks, and anchors at a task's end after the last pruning)."""
+    buffer, pruning, calibration, penalty, sparsity extras (so EWC reads masked gradients before SparCL's
+    gradient masks, and a task's end calibrates the pruned model and anchors EWC after the last pruning)."""
 
     name: str
     select: AllSamples | IdsSelect = field(default_factory=AllSamples)
@@ -44,6 +45,7 @@ class Method:
     data: DataRemoval | Joint | None = None
     buffer: IdsBuffer | ReservoirBuffer | None = None
     pruning: Pruning | None = None
+    calibration: BiasCalibration | None = None
     sparsity_extras: tuple[Part, ...] = ()   # after the pruning part: SparCL's mask updates, gradient masks
     current_classes: str = "all"   # the current samples' cross-entropy: over "all" classes, or those "present"
 
@@ -54,7 +56,7 @@ class Method:
     def named_parts(self) -> list[tuple[str, Part]]:
         """(slot, part) for every part present, in the order hooks run in."""
         slots = [(name, getattr(self, name)) for name in
-                 ("select", "replay", "optimizer", "data", "buffer", "pruning", "penalty")]
+                 ("select", "replay", "optimizer", "data", "buffer", "pruning", "calibration", "penalty")]
         slots += [(f"sparsity_extras.{i}", p) for i, p in enumerate(self.sparsity_extras)]
         return [(name, part) for name, part in slots if part is not None]
 
@@ -88,7 +90,8 @@ class Method:
 def esacl(name: str = "esacl", **changes) -> Method:
     """EsaCL = IDS step selection + SAM(ρ) on every other step + DER++ + SDP pruning + a reservoir buffer.
 
-    The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8),
+    The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8), and
+    each task's end calibrates the classifier's bias on the buffer against the bias that loss leaves (0.9),
     SDP ranks weights by magnitude within each layer's budget (since 0.5; the directional score lost on
     colour photographs) and follows its cubic schedule from the first chunk, regrowing at a task start
     from one step's dense gradient (since 0.8), and the buffer is reservoir (since 0.3; the IDS buffer
@@ -96,7 +99,7 @@ def esacl(name: str = "esacl", **changes) -> Method:
     """
     return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0), optimizer=Sam(rho=0.05),
                   buffer=ReservoirBuffer(), pruning=Pruning(score="magnitude", warmup=0.0, regrow_steps=1),
-                  current_classes="present").replace(**changes)
+                  calibration=BiasCalibration(), current_classes="present").replace(**changes)
 
 
 def sparcl(name: str = "sparcl", **changes) -> Method:
@@ -115,6 +118,7 @@ METHODS: dict[str, Callable[[], Method]] = {
     "esacl-noids": lambda: esacl("esacl-noids", select=AllSamples()),
     "esacl-nosam": lambda: esacl("esacl-nosam", optimizer=Sgd()),
     "esacl-allclasses": lambda: esacl("esacl-allclasses", current_classes="all"),
+    "esacl-nocalib": lambda: esacl("esacl-nocalib", calibration=None),
     "esacl-warmup": lambda: esacl("esacl-warmup", pruning=Pruning(score="magnitude", warmup=0.5, regrow_steps=4)),
     "esacl-directional": lambda: esacl("esacl-directional", pruning=Pruning(score="directional")),  # + its warm-up
     "esacl-magnitude": lambda: esacl("esacl-magnitude"),  # esacl since 0.5
@@ -127,6 +131,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     "derpp": lambda: Method("derpp", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer()),
     "derpp-ace": lambda: Method("derpp-ace", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer(),
                                 current_classes="present"),
+    "derpp-calib": lambda: Method("derpp-calib", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer(),
+                                  calibration=BiasCalibration()),
     "joint": lambda: Method("joint", data=Joint()),
     # SparCL-style sparse baselines.
     "sparcl": sparcl,
