@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..models import classifier_name
 from .forward import infer_logits
+from .buffer import sample
 from .parts import Part
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class BiasCalibration(Part):
         if buf.size == 0 or classifier.bias is None:
             return
         rng = np.random.default_rng([learner.seed, learner.progress.task, 0xB1A5])
-        pick = np.sort(rng.choice(buf.size, size=min(self.samples, buf.size), replace=False))
+        pick = np.sort(sample(buf, self.samples, rng))
         with learner.precision.autocast():   # a training-time forward, in the training precision
             logits = infer_logits(learner.trainable, learner.replay_inputs(buf.x[pick], buf.qparams[pick]))
         learner.cost.forward(len(pick))

@@ -2,7 +2,8 @@
 
 A method fills the slots of one fixed training step (``step.py``): which samples to train on,
 the loss terms beside cross-entropy, the optimizer, the sparsity parts, what the buffer keeps,
-what a task's end calibrates, and whether chunks are trained as they arrive. A new variant is a new part or a new line here.
+what a task's end calibrates, and whether chunks are trained as they arrive. A new variant is a new part or
+a new line here.
 """
 
 from __future__ import annotations
