@@ -100,7 +100,8 @@ def esacl(name: str = "esacl", **changes) -> Method:
     lost at equal bytes): docs/method.md.
     """
     return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0),
-                  optimizer=Sam(rho=0.05, every=4), buffer=ReservoirBuffer(), pruning=Pruning(score="magnitude", warmup=0.0, regrow_steps=1),
+                  optimizer=Sam(rho=0.05, every=4), buffer=ReservoirBuffer(),
+                  pruning=Pruning(score="magnitude", warmup=0.0, regrow_steps=1),
                   calibration=BiasCalibration(), current_classes="present").replace(**changes)
 
 
