@@ -89,11 +89,10 @@ class Method:
 
 
 def esacl(name: str = "esacl", **changes) -> Method:
-    """EsaCL = IDS step selection + SAM(ρ) on every 4th step + DER++ + SDP pruning + a reservoir buffer.
+    """EsaCL = IDS step selection + SAM(ρ) on every 4th step (since 0.10) + DER++ + SDP pruning + a reservoir buffer.
 
     The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8), and
     each task's end calibrates the classifier's bias on the buffer against the bias that loss leaves (0.9),
-    SAM runs on every 4th step (0.10; every other step before),
     SDP ranks weights by magnitude within each layer's budget (since 0.5; the directional score lost on
     colour photographs) and follows its cubic schedule from the first chunk, regrowing at a task start
     from one step's dense gradient (since 0.8), and the buffer is reservoir (since 0.3; the IDS buffer

@@ -4,7 +4,8 @@ One step on a minibatch:
 
 1. **select** the samples to train on (IDS: the top-scored, class-balanced; or all);
 2. **loss terms**: cross-entropy on them, plus every part's term (DER++/ER replay, EWC…);
-3. **optimizer**: gradients from plain SGD's one pass, or (every ``Sam.every``-th step) SAM's ascent + perturbed pass;
+3. **optimizer**: gradients from plain SGD's one pass, or (every ``Sam.every``-th step) SAM's ascent and
+   perturbed pass;
 4. **after the backward pass**: parts read or mask the gradients (SDP statistics, masks, Fisher);
 5. the SGD update, then ``after_update`` (e.g. regrowth after the first steps of a task).
 
