@@ -7,15 +7,18 @@ The command line takes its ``--method``/``--model`` choices and help from here;
 from __future__ import annotations
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
-    "esacl": "EsaCL: IDS step selection, masked SAM (every 4th step), SDP pruning, DER++ replay from a "
-             "reservoir buffer; the current samples' cross-entropy over the classes in their minibatch, the "
-             "classifier's bias calibrated on the buffer at each task end",
+    "esacl": "EsaCL: IDS step selection, masked SAM (every 4th step), SDP pruning, DER++ replay (1.5 buffered "
+             "samples per new one) from a reservoir buffer; the current samples' cross-entropy over the classes in "
+             "their minibatch, the classifier's bias calibrated on the buffer at each task end",
     "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
     "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
     "esacl-allclasses": "EsaCL with the current samples' cross-entropy over all classes (before 0.8); the better "
                         "choice on short grayscale streams",
     "esacl-sam2": "ablation: EsaCL with SAM on every other step (0.9's EsaCL)",
     "esacl-nocalib": "ablation: EsaCL without the bias calibration at a task end",
+    "esacl-replay1": "ablation: EsaCL replaying one buffered sample per new sample trained (DER++'s ratio)",
+    "esacl-replay2": "ablation: EsaCL replaying two buffered samples per new sample trained, a replay batch as "
+                     "large as the whole minibatch (0.10's EsaCL)",
     "esacl-warmup": "ablation: EsaCL with 0.7's schedule: the first half of the first task dense, regrowth from "
                     "4 steps' dense gradients",
     "esacl-directional": "ablation: EsaCL pruning by SDP's directional score |-E[theta g] + theta^2 E[g^2] / 2| "

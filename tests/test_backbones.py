@@ -74,11 +74,7 @@ def test_every_backbone_learns_a_tiny_colour_stream_and_exports_with_parity(tmp_
     # From scratch, BatchNorm-deep networks need some dozens of steps before eval mode works; EfficientNet-B0
     # with DER++'s logit matching also needs a lower rate (it is meant to start from pretrained weights).
     lr = 0.005 if name == "efficientnet_b0" else 0.02
-    # EfficientNet-B0 trained from scratch with SAM on every 4th step ends with logits whose onnxruntime
-    # parity on an AVX2 CPU is 2e-4, over the absolute 1e-4 the export checks; with SAM on every other step
-    # it stays under it (the absolute tolerance does not scale with the logits: BENCHMARKS.md, 0.10).
-    method = "esacl-sam2" if name == "efficientnet_b0" else "esacl"
-    r = learn(colour_stream, profile=fast().replace(passes_per_chunk=6), run_dir=tmp_path / "run", method=method,
+    r = learn(colour_stream, profile=fast().replace(passes_per_chunk=6), run_dir=tmp_path / "run", method="esacl",
               sparsity=0.5, model=name, buffer_bytes=200_000, progress=False, lr=lr)
     assert r["complete"] and r["model"] == name
     assert r["final_acc_task_il"] >= 0.75 and r["final_acc_class_il"] > 0.3  # chance: 0.5 and 0.25
@@ -86,7 +82,9 @@ def test_every_backbone_learns_a_tiny_colour_stream_and_exports_with_parity(tmp_
     code = main(["export", "--run", str(tmp_path / "run"), "--task", "1", str(tmp_path / "m.onnx")])
     assert code == 0
     meta = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert meta["max_abs_diff"] <= 1e-4 and meta["variant"] == "sparse"
+    # The check is relative to the logits above 1 (EfficientNet-B0's from scratch: 2e-4 on an AVX2 CPU).
+    assert meta["max_abs_diff"] <= meta["parity_limit"] and 1e-4 <= meta["parity_limit"] < 1e-2
+    assert meta["variant"] == "sparse"
 
 
 def test_torchvision_backbone_exports_dense_and_int8_and_structured_refuses_in_one_line(tmp_path, colour_stream, capsys):

@@ -148,11 +148,11 @@ def test_esacl_with_a_buffer_and_a_pruned_model(tiny_stream, fast_profile):
     learner.method.pruning.regrow_frac = 0.0  # keep the masks fixed through the next chunk
     fw, before = _weighted(learner, _density(learner.masks)), learner.cost.flops
     learner.observe(chunks[3].x, chunks[3].y, 1, n_chunks=2)
-    # 16 samples, one minibatch per pass: scored once; the top 8 with a replay batch of 16; steps 7 and 8 of
-    # the run, neither a SAM step (SAM on steps 1, 5, 9...).
+    # 16 samples, one minibatch per pass: scored once; the top 8 with a replay batch of 12 (1.5 per new sample
+    # trained); steps 7 and 8 of the run, neither a SAM step (SAM on steps 1, 5, 9...).
     f_dense = learner.cost.dense_forward_flops
     # Step 7 of the run is task 1's regrowth window: its weight gradients are read dense.
-    want = 16 * fw + _step(fw, 8, 16, fg=f_dense) + _step(fw, 8, 16)
+    want = 16 * fw + _step(fw, 8, 12, fg=f_dense) + _step(fw, 8, 12)
     assert learner.cost.flops - before == pytest.approx(want, rel=1e-12)
 
 

@@ -134,6 +134,24 @@ def test_parity_of_non_finite_outputs_is_an_error(case, tmp_path):
         max_abs_diff(np.array([[np.nan, 0.0]]), np.zeros((1, 2)))
 
 
+def test_parity_is_judged_relative_to_the_logits_once_they_exceed_one(case, tmp_path):
+    """float32 rounding grows with the values computed: logits in the thousands differ between onnxruntime
+    and PyTorch by more than 1e-4 with a correct export, which passes; another model still fails by far."""
+    from esacl_edge.deploy.export import export_onnx, parity_limit
+    from esacl_edge.models import classifier_name
+
+    assert parity_limit(0.5) == parity_limit(1.0) == 1e-4 and parity_limit(300.0) == pytest.approx(0.03)
+    model, meta = load_snapshot(case["run"], 4)
+    with torch.no_grad():
+        for p in model.get_submodule(classifier_name(model)).parameters():
+            p.mul_(1e4)
+    report = export_onnx(model, meta["spec"], tmp_path / "big.onnx")
+    assert 1e-4 < report["max_abs_diff"] <= report["parity_limit"]
+    other, _ = load_snapshot(case["run"], 0)
+    x = np.random.default_rng(0).uniform(0, 1, (4, *meta["spec"].input_shape)).astype(np.float32)
+    assert parity(tmp_path / "big.onnx", other, x) > 100 * report["parity_limit"]
+
+
 @pytest.fixture(scope="module")
 def other_streams(tmp_path_factory):
     root = tmp_path_factory.mktemp("others")

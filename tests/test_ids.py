@@ -9,6 +9,8 @@ from esacl_edge.data.stream import iter_chunks
 from esacl_edge.device.budget import buffer_bytes_per_sample, buffer_capacity
 from esacl_edge.learn import buffer as rb
 from esacl_edge.learn import ids
+from esacl_edge.learn.methods import get_method
+from esacl_edge.learn.replay import Replay
 
 
 def test_step_selection_keeps_top_scores_per_class_and_balances():
@@ -175,8 +177,10 @@ def test_reservoir_keeps_a_uniform_sample():
 
 
 def test_replayed_samples_get_their_scores_refreshed(tiny_stream, fast_profile):
-    # 20 buffered samples, replay batches of 16 of them per step: every one is replayed during the chunk.
-    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method="esacl-idsbuffer", input_dtype="uint8",
+    # 20 buffered samples, replay batches of 16 of them per step (two per new sample trained): every one is
+    # replayed during the chunk.
+    method = get_method("esacl-idsbuffer").replace(replay=Replay(alpha=0.3, beta=1.0, ratio=2.0))
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method=method, input_dtype="uint8",
                                buffer_bytes=2240, normalization=tiny_stream.normalization)
     chunks = list(iter_chunks(tiny_stream))
     learner.observe(chunks[0].x, chunks[0].y, 0)

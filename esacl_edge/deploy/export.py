@@ -11,7 +11,10 @@ Variants (:func:`export_variant`), each with a sidecar ``MODEL.onnx.json``:
 * ``structured``: units and channels the snapshot no longer uses are removed
   (:mod:`esacl_edge.structured`), a smaller dense network.
 * ``int8``: static QDQ quantization by onnxruntime, calibrated on the replay-buffer samples
-  kept with the snapshot; judged by top-1 agreement and accuracy, not by 1e-4 parity.
+  kept with the snapshot; judged by top-1 agreement and accuracy, not by the float parity.
+
+The float variants pass when onnxruntime's logits differ from PyTorch's by at most 1e-4 times
+the largest logit, or 1e-4 where no logit exceeds 1 (:func:`parity_limit`).
 
 Every variant declares the opset asked for (checked in the written file) and carries what the
 device runner needs as JSON in ``metadata_props["esacl_edge"]``, so the file runs without its
@@ -76,16 +79,28 @@ def parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray) -> float:
 
     Raises :class:`ExportError` (without the file name) when either output is not finite.
     """
+    return parity_and_scale(path, model, x_nhwc)[0]
+
+
+def parity_and_scale(path: str | Path, model: nn.Module, x_nhwc: np.ndarray) -> tuple[float, float]:
+    """(:func:`parity`, the largest |PyTorch logit|): the difference and the scale it is judged against."""
     session = _session(path)
     name = session.get_inputs()[0].name
     x = _nchw(x_nhwc)
-    worst = 0.0
+    worst = scale = 0.0
     for batch in (x, x[:1]):
         got = session.run(None, {name: batch})[0]
         with torch.no_grad():
             want = model(torch.from_numpy(batch)).numpy()
         worst = max(worst, max_abs_diff(got, want))
-    return worst
+        scale = max(scale, float(np.abs(want).max()))
+    return worst, scale
+
+
+def parity_limit(scale: float, tolerance: float = PARITY_TOLERANCE) -> float:
+    """The largest accepted difference: ``tolerance`` absolute for logits up to 1 in size, relative to the
+    largest logit above that (float32 rounding grows with the values a deep network computes)."""
+    return tolerance * max(1.0, scale)
 
 
 def file_opset(proto) -> int | None:
@@ -99,9 +114,9 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.
 
     The graph takes float32 NCHW input named ``input`` in the stream's units (normalisation
     is inside the graph) and returns ``logits``; the file declares ``opset``. Returns
-    ``{"path", "bytes", "max_abs_diff", "opset"}``. Raises :class:`ExportError`, leaving
+    ``{"path", "bytes", "max_abs_diff", "parity_limit", "opset"}``. Raises :class:`ExportError`, leaving
     nothing at ``path``, if writing fails, the file has another opset, or the onnxruntime
-    output differs from PyTorch by more than ``tolerance`` (or is not finite).
+    output differs from PyTorch by more than :func:`parity_limit` (or is not finite).
     """
     path = Path(path)
     _check_target(path)
@@ -135,9 +150,11 @@ def _export_checked(model: nn.Module, spec: ModelSpec, path: Path, sample: np.nd
         onnx.checker.check_model(proto)
         if any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
             raise ExportError("exporter wrote external data; expected one self-contained file")
-        diff = parity(tmp, model, x)
-        if not diff <= tolerance:
-            raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> {tolerance:g})")
+        diff, scale = parity_and_scale(tmp, model, x)
+        limit = parity_limit(scale, tolerance)
+        if not diff <= limit:
+            raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> {limit:.3g}, "
+                              f"{tolerance:g} × the largest logit {scale:.3g})")
         os.replace(tmp, path)
     except ExportError:
         raise
@@ -145,7 +162,8 @@ def _export_checked(model: nn.Module, spec: ModelSpec, path: Path, sample: np.nd
         raise ExportError(f"ONNX export at opset {opset} failed: {_reason(exc).replace(tmp, path.name)}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff, "opset": opset}
+    return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff, "parity_limit": limit,
+            "opset": opset}
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
@@ -358,9 +376,11 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
                 raise ExportError(f"INT8 model agrees with PyTorch on only "
                                   f"{100 * report['top1_agreement']:.0f}% of sample predictions")
         else:
-            report["max_abs_diff"] = parity(final_tmp, model_out, sample)
-            if not report["max_abs_diff"] <= PARITY_TOLERANCE:
-                raise ExportError(f"{variant} file differs from PyTorch by {report['max_abs_diff']:.3g}")
+            report["max_abs_diff"], scale = parity_and_scale(final_tmp, model_out, sample)
+            report["parity_limit"] = parity_limit(scale)
+            if not report["max_abs_diff"] <= report["parity_limit"]:
+                raise ExportError(f"{variant} file differs from PyTorch by {report['max_abs_diff']:.3g} "
+                                  f"(> {report['parity_limit']:.3g})")
         os.replace(final_tmp, path)
     except ExportError as exc:  # name the user's file, not our temporary ones
         raise ExportError(f"{path}: {exc}") from None

@@ -91,6 +91,9 @@ class Method:
 def esacl(name: str = "esacl", **changes) -> Method:
     """EsaCL = IDS step selection + SAM(ρ) on every 4th step (since 0.10) + DER++ + SDP pruning + a reservoir buffer.
 
+    DER++ replays 1.5 buffered samples per new sample trained (since 0.11; 0.10 replayed a whole minibatch, 2 per
+    new sample, DER++ itself replays 1).
+
     The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8), and
     each task's end calibrates the classifier's bias on the buffer against the bias that loss leaves (0.9),
     SDP ranks weights by magnitude within each layer's budget (since 0.5; the directional score lost on
@@ -98,7 +101,7 @@ def esacl(name: str = "esacl", **changes) -> Method:
     from one step's dense gradient (since 0.8), and the buffer is reservoir (since 0.3; the IDS buffer
     lost at equal bytes): docs/method.md.
     """
-    return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0),
+    return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0, ratio=1.5),
                   optimizer=Sam(rho=0.05, every=4), buffer=ReservoirBuffer(),
                   pruning=Pruning(score="magnitude", warmup=0.0, regrow_steps=1),
                   calibration=BiasCalibration(), current_classes="present").replace(**changes)
@@ -122,6 +125,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     "esacl-allclasses": lambda: esacl("esacl-allclasses", current_classes="all"),
     "esacl-sam2": lambda: esacl("esacl-sam2", optimizer=Sam(rho=0.05, every=2)),
     "esacl-nocalib": lambda: esacl("esacl-nocalib", calibration=None),
+    "esacl-replay1": lambda: esacl("esacl-replay1", replay=Replay(alpha=0.3, beta=1.0, ratio=1.0)),
+    "esacl-replay2": lambda: esacl("esacl-replay2", replay=Replay(alpha=0.3, beta=1.0, ratio=2.0)),
     "esacl-warmup": lambda: esacl("esacl-warmup", pruning=Pruning(score="magnitude", warmup=0.5, regrow_steps=4)),
     "esacl-directional": lambda: esacl("esacl-directional", pruning=Pruning(score="directional")),  # + its warm-up
     "esacl-magnitude": lambda: esacl("esacl-magnitude"),  # esacl since 0.5

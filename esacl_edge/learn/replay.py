@@ -1,8 +1,9 @@
 """Replay loss terms: DER++ (Buzzega et al., 2020) and ER, on a batch drawn from the buffer.
 
-A replay batch of ``ratio`` × the minibatch size is drawn once per step (the same batch in
-both SAM passes; on a GPU gathered from the buffer's device copy where the budget allows it)
-and forwarded together with the selected samples. DER++ adds
+A replay batch of ``ratio`` × the new samples the step trains (the whole minibatch, or the
+samples IDS selected: since 0.11 EsaCL replays three buffered samples for every two new ones)
+is drawn once per step (the same batch in both SAM passes; on a GPU gathered from the
+buffer's device copy where the budget allows it) and forwarded together with them. DER++ adds
 α·MSE(logits, logits stored at insertion) + β·CE(labels); ER is DER++ with α = 0.
 """
 
@@ -28,14 +29,14 @@ if TYPE_CHECKING:
 class Replay(Part):
     alpha: float = 0.3   # logit matching
     beta: float = 1.0    # cross-entropy on replayed labels
-    ratio: float = 1.0   # replay batch size / minibatch size
+    ratio: float = 1.0   # replay batch size / new samples trained in the step
 
-    def draw(self, learner: StreamingLearner, batch: Batch, minibatch_size: int) -> None:
-        """Attach ``ratio`` × ``minibatch_size`` buffered samples to ``batch`` (none while the buffer is empty)."""
+    def draw(self, learner: StreamingLearner, batch: Batch, n_new: int) -> None:
+        """Attach ``ratio`` × ``n_new`` buffered samples to ``batch`` (none while the buffer is empty)."""
         buf = learner.buffer
         if buf.size == 0:
             return
-        idx = sample(buf, round(self.ratio * minibatch_size), learner.rngs.replay)
+        idx = sample(buf, round(self.ratio * n_new), learner.rngs.replay)
         batch.replay_index = idx
         if learner.buffer_copy is not None:  # gathered on the device
             learner.buffer_copy.sync(buf)

@@ -92,7 +92,7 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, in
     batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb,
                   present=present)
     if method.replay is not None:
-        method.replay.draw(learner, batch, len(yb))
+        method.replay.draw(learner, batch, len(batch.y))
     # 2-3. Loss terms, and the optimizer's gradients (one pass, or SAM's two).
     loss, out = method.optimizer.gradients(learner, batch, lambda b: loss_terms(learner, b))
     out = out.detach()
