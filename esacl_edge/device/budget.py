@@ -207,8 +207,8 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
         suffix = split_model(model, freeze_until)[1]
         per_sample = activation_bytes_per_sample(suffix, prefix_output_shape(model, input_shape, freeze_until),
                                                  channels_last=False)
-    # A step forwards at most the minibatch and a replay batch of replay_ratio x the samples it trains together.
-    per_batch_sample = per_sample * (1 + (method.replay_ratio if capacity else 0))
+    # A step forwards the minibatch (or the share it trains) and its replay batch together: an upper bound.
+    per_batch_sample = math.ceil(per_sample * (1 + (method.replayed_per_minibatch_sample if capacity else 0)))
     room = profile.training_peak_bytes - sum(fixed.values())
     batch = min(profile.batch_size, room // per_batch_sample) if room > 0 else 0
     if batch < 1:

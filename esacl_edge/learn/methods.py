@@ -74,8 +74,11 @@ class Method:
         return self.buffer is not None
 
     @property
-    def replay_ratio(self) -> float:
-        return self.replay.ratio if self.replay is not None else 0.0
+    def replayed_per_minibatch_sample(self) -> float:
+        """Buffered samples a step replays per minibatch sample: the replay ratio times the share it trains."""
+        if self.replay is None:
+            return 0.0
+        return self.replay.ratio * (self.select.keep if isinstance(self.select, IdsSelect) else 1.0)
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         """Training-state bytes by term, summed over the parts (terms a method lacks are 0)."""
