@@ -103,6 +103,17 @@ def parity_limit(scale: float, tolerance: float = PARITY_TOLERANCE) -> float:
     return tolerance * max(1.0, scale)
 
 
+def check_parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray, what: str = "onnxruntime output",
+                 tolerance: float = PARITY_TOLERANCE) -> tuple[float, float]:
+    """(:func:`parity`, :func:`parity_limit`) of the file at ``path``; raises :class:`ExportError` past the limit."""
+    diff, scale = parity_and_scale(path, model, x_nhwc)
+    limit = parity_limit(scale, tolerance)
+    if not diff <= limit:
+        raise ExportError(f"{what} differs from PyTorch by {diff:.3g} (> {limit:.3g}, {tolerance:g} × the largest "
+                          f"logit {scale:.3g})")
+    return diff, limit
+
+
 def file_opset(proto) -> int | None:
     """The default-domain opset a model file declares."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -150,11 +161,7 @@ def _export_checked(model: nn.Module, spec: ModelSpec, path: Path, sample: np.nd
         onnx.checker.check_model(proto)
         if any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
             raise ExportError("exporter wrote external data; expected one self-contained file")
-        diff, scale = parity_and_scale(tmp, model, x)
-        limit = parity_limit(scale, tolerance)
-        if not diff <= limit:
-            raise ExportError(f"onnxruntime output differs from PyTorch by {diff:.3g} (> {limit:.3g}, "
-                              f"{tolerance:g} × the largest logit {scale:.3g})")
+        diff, limit = check_parity(tmp, model, x, tolerance=tolerance)
         os.replace(tmp, path)
     except ExportError:
         raise
@@ -376,11 +383,8 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
                 raise ExportError(f"INT8 model agrees with PyTorch on only "
                                   f"{100 * report['top1_agreement']:.0f}% of sample predictions")
         else:
-            report["max_abs_diff"], scale = parity_and_scale(final_tmp, model_out, sample)
-            report["parity_limit"] = parity_limit(scale)
-            if not report["max_abs_diff"] <= report["parity_limit"]:
-                raise ExportError(f"{variant} file differs from PyTorch by {report['max_abs_diff']:.3g} "
-                                  f"(> {report['parity_limit']:.3g})")
+            report["max_abs_diff"], report["parity_limit"] = check_parity(final_tmp, model_out, sample,
+                                                                          f"{variant} file")
         os.replace(final_tmp, path)
     except ExportError as exc:  # name the user's file, not our temporary ones
         raise ExportError(f"{path}: {exc}") from None
