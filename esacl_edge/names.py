@@ -26,6 +26,10 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "esacl-magnitude": "EsaCL pruning by weight magnitude: the same as esacl since 0.5",
     "esacl-reservoir": "EsaCL with a reservoir buffer: the same as esacl since 0.3",
     "esacl-idsbuffer": "ablation: EsaCL with the class-balanced IDS buffer instead of reservoir",
+    "esacl-erk": "ablation: EsaCL with Erdos-Renyi-kernel layer budgets (small layers kept denser) instead of "
+                 "uniform ones",
+    "esacl-global": "ablation: EsaCL with one magnitude ranking over all layers (SparCL's allocation) instead of "
+                    "per-layer budgets",
     "finetune": "dense baseline: plain fine-tuning, no replay",
     "ewc": "dense baseline: online EWC, no buffer",
     "er": "dense baseline: ER (experience replay) from a reservoir buffer",
