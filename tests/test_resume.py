@@ -193,8 +193,8 @@ def test_follow_learns_chunks_dropped_into_a_folder(tiny_stream, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
     def consumed():
-        latest = checkpoint.latest(run / "state") if (run / "state" / "LATEST").exists() else None
         try:
+            latest = checkpoint.latest(run / "state") if (run / "state" / "LATEST").exists() else None
             return [] if latest is None else checkpoint.read(latest)[2]["extra"]["consumed"]
         except CheckpointError:   # the running job replaced that checkpoint while we read it: poll again
             return []
