@@ -135,10 +135,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     "esacl-magnitude": lambda: esacl("esacl-magnitude"),  # esacl since 0.5
     "esacl-reservoir": lambda: esacl("esacl-reservoir", buffer=ReservoirBuffer()),  # the default since 0.3
     "esacl-idsbuffer": lambda: esacl("esacl-idsbuffer", buffer=IdsBuffer(spread=0.25)),
-    "esacl-erk": lambda: esacl("esacl-erk", pruning=Pruning(score="magnitude", allocation="erk", warmup=0.0,
-                                                            regrow_steps=1)),
-    "esacl-global": lambda: esacl("esacl-global", pruning=Pruning(score="magnitude", allocation="global",
-                                                                  warmup=0.0, regrow_steps=1)),
+    "esacl-erk": lambda: esacl("esacl-erk", pruning=dataclasses.replace(esacl().pruning, allocation="erk")),
+    "esacl-global": lambda: esacl("esacl-global", pruning=dataclasses.replace(esacl().pruning, allocation="global")),
     # Dense baselines: plain SGD steps on whole minibatches.
     "finetune": lambda: Method("finetune"),
     "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),
