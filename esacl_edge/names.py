@@ -8,12 +8,14 @@ from __future__ import annotations
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "esacl": "EsaCL: IDS step selection, masked SAM (every 4th step), SDP pruning, DER++ replay (1.5 buffered "
-             "samples per new one) from a reservoir buffer; the current samples' cross-entropy over the classes in "
-             "their minibatch, the classifier's bias calibrated on the buffer at each task end",
+             "samples per new one) from a reservoir buffer; the current samples' cross-entropy three quarters over "
+             "the classes in their minibatch and a quarter over all classes, the classifier's bias calibrated on the buffer at each task end",
     "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
     "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
-    "esacl-allclasses": "EsaCL with the current samples' cross-entropy over all classes (before 0.8); the better "
-                        "choice on short grayscale streams",
+    "esacl-allclasses": "ablation: EsaCL with the current samples' cross-entropy over all classes only "
+                        "(before 0.8)",
+    "esacl-present": "ablation: EsaCL with the current samples' cross-entropy over the classes in their minibatch "
+                     "only (0.8-0.11)",
     "esacl-sam2": "ablation: EsaCL with SAM on every other step (0.9's EsaCL)",
     "esacl-nocalib": "ablation: EsaCL without the bias calibration at a task end",
     "esacl-replay1": "ablation: EsaCL replaying one buffered sample per new sample trained (DER++'s ratio)",

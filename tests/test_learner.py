@@ -5,6 +5,9 @@ import torch
 from esacl_edge import EsaclError, StreamingLearner
 from esacl_edge.data.stream import iter_chunks, load_test
 from esacl_edge.learn import sdp
+from esacl_edge.learn.forward import present_classes
+from esacl_edge.learn.methods import get_method
+from esacl_edge.learn.step import current_loss
 from esacl_edge.models import prunable_parameters
 
 
@@ -132,12 +135,35 @@ def test_observe_with_a_known_length_ends_the_task_by_itself(tiny_stream, fast_p
     assert ended == [0, 1, 2] and learner.end_task() is last and ended == [0, 1, 2]
 
 
-@pytest.mark.parametrize("method,present_only", [("esacl", True), ("derpp-ace", True), ("esacl-allclasses", False),
-                                                  ("derpp", False)])
+def test_the_current_loss_mixes_present_and_all_class_cross_entropy():
+    """(1 − s)·CE over the present classes + s·CE over all: an absent class's logit gets s times the
+    all-class gradient (none at s = 0), and s = 1 is plain cross-entropy."""
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 5), torch.tensor([0, 1, 1, 0, 1, 0])
+    present = present_classes(y, 5)
+    grads = {}
+    for s in (0.0, 0.25, 1.0):
+        z = logits.clone().requires_grad_()
+        current_loss(z, y, present, s).backward()
+        grads[s] = z.grad
+    z = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(z, y).backward()
+    assert torch.all(grads[0.0][:, 2:] == 0) and torch.allclose(grads[1.0], z.grad)
+    assert torch.allclose(grads[0.25][:, 2:], 0.25 * z.grad[:, 2:])
+    assert torch.allclose(grads[0.25], 0.75 * grads[0.0] + 0.25 * z.grad)
+    assert torch.equal(current_loss(logits, y, None, 0.25), torch.nn.functional.cross_entropy(logits, y))
+    assert get_method("esacl").all_classes_share == 0.25 and get_method("esacl-present").all_classes_share == 0.0
+    with pytest.raises(ValueError, match="all_classes_share"):
+        get_method("esacl").replace(all_classes_share=1.5)
+
+
+@pytest.mark.parametrize("method,present_only", [("esacl-present", True), ("derpp-ace", True), ("esacl", False),
+                                                  ("esacl-allclasses", False), ("derpp", False)])
 def test_the_current_cross_entropy_competes_over_the_classes_in_the_minibatch(fast_profile, digits_norm, method,
                                                                                   present_only):
-    """EsaCL's loss on new samples pushes down no class they do not show (ER-ACE's asymmetric cross-entropy):
-    without replay, the head's rows of absent classes do not move at all; over all classes they do."""
+    """The present-class loss on new samples pushes down no class they do not show (ER-ACE's asymmetric
+    cross-entropy): without replay, the head's rows of absent classes do not move at all; with EsaCL's share
+    of cross-entropy over all classes, or over all classes only, they do."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 48)  # classes 0 and 1 of 4
     x = (rng.integers(0, 17, (48, 8, 8, 1)) // 2 + y[:, None, None, None] * 4).astype(np.uint8)

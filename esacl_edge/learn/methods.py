@@ -49,10 +49,13 @@ class Method:
     calibration: BiasCalibration | None = None
     sparsity_extras: tuple[Part, ...] = ()   # after the pruning part: SparCL's mask updates, gradient masks
     current_classes: str = "all"   # the current samples' cross-entropy: over "all" classes, or those "present"
+    all_classes_share: float = 0.0   # with "present": the share of that cross-entropy taken over all classes
 
     def __post_init__(self) -> None:
         if self.current_classes not in CURRENT_CLASSES:
             raise ValueError(f"current_classes must be one of {', '.join(CURRENT_CLASSES)}, got {self.current_classes!r}")
+        if not 0.0 <= self.all_classes_share <= 1.0:
+            raise ValueError(f"all_classes_share must be in [0, 1], got {self.all_classes_share!r}")
 
     def named_parts(self) -> list[tuple[str, Part]]:
         """(slot, part) for every part present, in the order hooks run in."""
@@ -97,8 +100,8 @@ def esacl(name: str = "esacl", **changes) -> Method:
     DER++ replays 1.5 buffered samples per new sample trained (since 0.11; 0.10 replayed a whole minibatch, 2 per
     new sample, DER++ itself replays 1).
 
-    The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8), and
-    each task's end calibrates the classifier's bias on the buffer against the bias that loss leaves (0.9),
+    The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8) for
+    three quarters and over all classes for a quarter (since 0.12), each task's end calibrates the classifier's bias on the buffer against the bias that loss leaves (0.9),
     SDP ranks weights by magnitude within each layer's budget (since 0.5; the directional score lost on
     colour photographs) and follows its cubic schedule from the first chunk, regrowing at a task start
     from one step's dense gradient (since 0.8), and the buffer is reservoir (since 0.3; the IDS buffer
@@ -107,7 +110,8 @@ def esacl(name: str = "esacl", **changes) -> Method:
     return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0, ratio=1.5),
                   optimizer=Sam(rho=0.05, every=4), buffer=ReservoirBuffer(),
                   pruning=Pruning(score="magnitude", warmup=0.0, regrow_steps=1),
-                  calibration=BiasCalibration(), current_classes="present").replace(**changes)
+                  calibration=BiasCalibration(), current_classes="present", all_classes_share=0.25
+                  ).replace(**changes)
 
 
 def sparcl(name: str = "sparcl", **changes) -> Method:
@@ -126,6 +130,7 @@ METHODS: dict[str, Callable[[], Method]] = {
     "esacl-noids": lambda: esacl("esacl-noids", select=AllSamples()),
     "esacl-nosam": lambda: esacl("esacl-nosam", optimizer=Sgd()),
     "esacl-allclasses": lambda: esacl("esacl-allclasses", current_classes="all"),
+    "esacl-present": lambda: esacl("esacl-present", all_classes_share=0.0),
     "esacl-sam2": lambda: esacl("esacl-sam2", optimizer=Sam(rho=0.05, every=2)),
     "esacl-nocalib": lambda: esacl("esacl-nocalib", calibration=None),
     "esacl-replay1": lambda: esacl("esacl-replay1", replay=Replay(alpha=0.3, beta=1.0, ratio=1.0)),

@@ -3,7 +3,7 @@
 One step on a minibatch:
 
 1. **select** the samples to train on (IDS: the top-scored, class-balanced; or all);
-2. **loss terms**: cross-entropy on them, plus every part's term (DER++/ER replay, EWC…);
+2. **loss terms**: cross-entropy on them (:func:`current_loss`), plus every part's term (DER++/ER replay, EWC…);
 3. **optimizer**: gradients from plain SGD's one pass, or (every ``Sam.every``-th step) SAM's ascent and
    perturbed pass;
 4. **after the backward pass**: parts read or mask the gradients (SDP statistics, masks, Fisher);
@@ -64,12 +64,24 @@ class ChunkRecord:
     inputs: torch.Tensor   # what the trainable part took (``learner.train_inputs(x)``)
 
 
+def current_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None,
+                 all_classes_share: float = 0.0) -> torch.Tensor:
+    """The current samples' cross-entropy: (1 − s)·CE over the ``present`` classes + s·CE over all classes.
+
+    With ``present`` None (every class competes) it is plain cross-entropy whatever ``s``.
+    """
+    loss = F.cross_entropy(restrict(logits, present), y)
+    if present is not None and all_classes_share:
+        loss = (1.0 - all_classes_share) * loss + all_classes_share * F.cross_entropy(logits, y)
+    return loss
+
+
 def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the selected samples + every part's term; returns (loss, their logits)."""
     x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
     with learner.precision.autocast():
         out = learner.trainable(x).float()
-    loss = F.cross_entropy(restrict(out[: len(batch.y)], batch.present), batch.y)
+    loss = current_loss(out[: len(batch.y)], batch.y, batch.present, learner.method.all_classes_share)
     for part in learner.method.parts:
         term = part.loss(learner, batch, out)
         if term is not None:
