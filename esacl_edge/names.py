@@ -9,7 +9,8 @@ from __future__ import annotations
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "esacl": "EsaCL: IDS step selection, masked SAM (every 4th step), SDP pruning, DER++ replay (1.5 buffered "
              "samples per new one) from a reservoir buffer; the current samples' cross-entropy three quarters over "
-             "the classes in their minibatch and a quarter over all classes, the classifier's bias calibrated on the buffer at each task end",
+             "the classes in their minibatch and a quarter over all classes, the classifier's bias calibrated on "
+             "the buffer at each task end",
     "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
     "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
     "esacl-allclasses": "ablation: EsaCL with the current samples' cross-entropy over all classes only "

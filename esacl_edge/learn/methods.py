@@ -101,7 +101,8 @@ def esacl(name: str = "esacl", **changes) -> Method:
     new sample, DER++ itself replays 1).
 
     The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8) for
-    three quarters and over all classes for a quarter (since 0.12), each task's end calibrates the classifier's bias on the buffer against the bias that loss leaves (0.9),
+    three quarters and over all classes for a quarter (since 0.12), each task's end calibrates the
+    classifier's bias on the buffer against the bias that loss leaves (0.9),
     SDP ranks weights by magnitude within each layer's budget (since 0.5; the directional score lost on
     colour photographs) and follows its cubic schedule from the first chunk, regrowing at a task start
     from one step's dense gradient (since 0.8), and the buffer is reservoir (since 0.3; the IDS buffer
