@@ -33,6 +33,11 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
                  "uniform ones",
     "esacl-global": "ablation: EsaCL with one magnitude ranking over all layers (SparCL's allocation) instead of "
                     "per-layer budgets",
+    "esacl-layerregrow": "ablation: EsaCL regrowing within each layer's budget instead of where |grad| is largest "
+                         "over all layers",
+    "esacl-early": "ablation: EsaCL with the first task's pruning schedule ending after 60% of its chunks, like a "
+                   "later task's, instead of at its end",
+    "esacl-layerregrow-early": "ablation: esacl-layerregrow and esacl-early together",
     "finetune": "dense baseline: plain fine-tuning, no replay",
     "ewc": "dense baseline: online EWC, no buffer",
     "er": "dense baseline: ER (experience replay) from a reservoir buffer",

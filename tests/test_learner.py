@@ -97,6 +97,14 @@ def test_the_warmup_ablation_keeps_the_first_half_of_the_first_task_dense(tiny_s
     assert [e["chunk"] for e in learner.prune_events] == [4, 5, 6, 7]
 
 
+def test_the_early_ablation_reaches_the_target_after_60_percent_of_the_first_task(tiny_stream, fast_profile):
+    learner, densities, total = _first_task_densities(tiny_stream, fast_profile, "esacl-early")
+    want = [sdp.cubic_density(1.0, 0.2, k, 5) for k in range(1, 6)]  # cubic over ceil(0.6 * 8) = 5 chunks
+    assert densities[:5] == pytest.approx(want, abs=1 / total)
+    assert densities[5:] == pytest.approx([0.2] * 3, abs=1 / total)  # then at the target, nothing more pruned
+    assert [e["chunk"] for e in learner.prune_events] == list(range(5))
+
+
 def test_a_first_task_of_unknown_length_is_pruned_at_its_end(tiny_stream, fast_profile):
     learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), sparsity=0.8, input_dtype="uint8",
                                normalization=tiny_stream.normalization)

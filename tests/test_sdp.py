@@ -149,6 +149,32 @@ def test_regrow_revives_pruned_weights_at_zero_without_changing_outputs():
     assert torch.allclose(model(x), out_before)
 
 
+def test_regrow_within_layer_budgets_keeps_the_allocation():
+    """Global regrowth follows the largest |grad| wherever it is; per-layer regrowth grows each
+    layer to its share of the regrown density, so a uniform allocation stays uniform."""
+    def pruned():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 50), nn.Linear(50, 40), nn.Linear(40, 30), nn.Linear(30, 3))
+        state = sdp.init_state(model)
+        sdp.prune_to(model, state, 0.2, sdp.scores(model, state, "magnitude"), allocation="uniform")
+        state.grad_abs = {n: torch.rand_like(m, dtype=torch.float32) for n, m in state.masks.items()}
+        state.grad_abs["1.weight"] += 10.0  # the middle layer's gradients dwarf the others'
+        return model, state
+
+    model, state = pruned()
+    live_before = {n: int(m.sum()) for n, m in state.masks.items()}
+    grown = sdp.regrow(model, state, 0.05, allocation="uniform")
+    want = sdp.layer_budgets(state.masks, (sum(live_before.values()) + grown) / sdp.size(state), "uniform")
+    assert grown == round(0.05 * sdp.size(state))
+    assert {n: int(m.sum()) for n, m in state.masks.items()} == want
+    assert live_before["2.weight"] < want["2.weight"]   # the quiet layer grows its share too
+
+    model, state = pruned()
+    sdp.regrow(model, state, 0.05)   # global: every revived weight goes to the loud layer
+    assert {n: int(m.sum()) for n, m in state.masks.items() if n != "1.weight"} == \
+        {n: v for n, v in live_before.items() if n != "1.weight"}
+
+
 @pytest.mark.parametrize("method", ["esacl", "esacl-directional"])
 def test_no_retraining_needed_and_the_pruning_score_beats_a_random_one(monkeypatch, method):
     """SDP prunes where the loss is flat, with no fine-tuning phase to hide a drop.

@@ -143,6 +143,11 @@ METHODS: dict[str, Callable[[], Method]] = {
     "esacl-idsbuffer": lambda: esacl("esacl-idsbuffer", buffer=IdsBuffer(spread=0.25)),
     "esacl-erk": lambda: esacl("esacl-erk", pruning=dataclasses.replace(esacl().pruning, allocation="erk")),
     "esacl-global": lambda: esacl("esacl-global", pruning=dataclasses.replace(esacl().pruning, allocation="global")),
+    "esacl-layerregrow": lambda: esacl("esacl-layerregrow", pruning=dataclasses.replace(
+        esacl().pruning, regrow_within_layers=True)),
+    "esacl-early": lambda: esacl("esacl-early", pruning=dataclasses.replace(esacl().pruning, first_until=0.6)),
+    "esacl-layerregrow-early": lambda: esacl("esacl-layerregrow-early", pruning=dataclasses.replace(
+        esacl().pruning, regrow_within_layers=True, first_until=0.6)),
     # Dense baselines: plain SGD steps on whole minibatches.
     "finetune": lambda: Method("finetune"),
     "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),

@@ -4,12 +4,13 @@
   charged dense), mask the gradients to live weights, and, for the scores that read them
   (directional, SparCL's), update the running statistics while a pruning is still ahead
   (once at the target, nothing is collected); the magnitude score keeps none;
-* after the first ``regrow_steps`` steps of every task but the first: regrow at zero;
+* after the first ``regrow_steps`` steps of every task but the first: regrow at zero, where
+  |grad| is largest over all layers (EsaCL) or within each layer's budget (``regrow_within_layers``);
 * after each chunk: prune to the schedule's density (no fine-tuning afterwards). The first
   task trains dense for its first ``warmup`` share of chunks (EsaCL: none since 0.8, the
   magnitude score needs no statistics; the directional score's mean needs a trained model),
-  then follows a cubic schedule to the target at its end; a later task prunes its regrown
-  weights by ``prune_until`` of its chunks;
+  then follows a cubic schedule to the target by ``first_until`` of its chunks (EsaCL: its end);
+  a later task prunes its regrown weights by ``prune_until`` of its chunks;
 * at the end of a task: prune to the target.
 
 Each layer keeps its share of live weights (``allocation``, see ``sdp.layer_budgets``); the first
@@ -42,6 +43,8 @@ class Pruning(Part):
     importance_lambda: float = 0.5   # SparCL importance |w| + lambda |grad|
     warmup: float = 0.5              # share of the first task's chunks trained dense
     prune_until: float = 0.6         # a later task's schedule ends after this fraction of its chunks
+    first_until: float = 1.0         # the first task's schedule ends after this fraction of its chunks
+    regrow_within_layers: bool = False   # regrowth ranks |grad| within each layer's budget, not over all layers
     gap_per_chunk: float = 0.3       # unknown task length: close this share of the gap per chunk
     regrow_frac: float = 0.05        # of all prunable weights, revived at each new task
     regrow_steps: int = 4            # steps of a new task whose |grad| decides the regrowth
@@ -94,7 +97,7 @@ class Pruning(Part):
         """The chunks (first, last) of the current task over which the schedule prunes."""
         n = learner.progress.n_chunks
         if not learner.snapshots:   # the first task: dense warm-up, then to the target by its end
-            return math.ceil(self.warmup * n), n
+            return math.ceil(self.warmup * n), max(1, math.ceil(self.first_until * n))
         return 0, max(1, math.ceil(self.prune_until * n))
 
     # ------------------------------------------------------------------ hooks
@@ -113,7 +116,8 @@ class Pruning(Part):
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
         if learner.snapshots and learner.progress.steps == self.regrow_steps:
-            grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer)
+            grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer,
+                               self.allocation if self.regrow_within_layers else "global", self.dense_classifier)
             learner.masks_changed()
             self.start_density = self.density  # this task's schedule starts from the regrown density
             if grown:

@@ -254,41 +254,54 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
     return n_removed
 
 
-def _lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Boolean mask of the ``n`` lowest entries of ``scores``."""
+def _lowest(scores: torch.Tensor, n: int, largest: bool = False) -> torch.Tensor:
+    """Boolean mask of the ``n`` lowest (``largest``: highest) entries of ``scores``."""
     out = torch.zeros_like(scores, dtype=torch.bool)
     if n > 0:
-        out[torch.topk(scores, n, largest=False).indices] = True
+        out[torch.topk(scores, min(n, scores.numel()), largest=largest).indices] = True
     return out
+
+
+def _highest(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean mask of the ``n`` highest entries of ``scores``."""
+    return _lowest(scores, n, largest=True)
 
 
 @torch.no_grad()
 def regrow(model: nn.Module, state: SdpState, fraction: float,
-           optimizer: torch.optim.Optimizer | None = None) -> int:
+           optimizer: torch.optim.Optimizer | None = None, allocation: str = "global",
+           dense_classifier: bool = True) -> int:
     """Revive ``fraction`` of all prunable weights where the recorded |grad| is largest.
 
-    Revived weights start at zero (with zero optimizer state), so the function the model
-    computes is unchanged at the moment of regrowth.
+    With ``allocation="global"`` one ranking over all layers decides where; otherwise each layer
+    grows to its :func:`layer_budgets` share of the regrown density, ranked within the layer, so
+    the regrown model keeps the allocation (and the FLOPs) that pruning gave it. Revived weights
+    start at zero (with zero optimizer state), so the function the model computes is unchanged
+    at the moment of regrowth.
     """
     n_grow = min(int(round(fraction * size(state))), size(state) - live(state))
     if n_grow <= 0 or not state.grad_abs:
         state.grad_abs = {}
         return 0
     names = list(state.masks)
-    flat = torch.cat([torch.where(state.masks[n], -math.inf, state.grad_abs.get(
-        n, torch.zeros_like(state.masks[n], dtype=torch.float32))).flatten() for n in names])
-    grow = torch.zeros_like(flat, dtype=torch.bool)
-    grow[torch.topk(flat, n_grow).indices] = True
-    params, offset = prunable_parameters(model), 0
+    evidence = {n: torch.where(state.masks[n], -math.inf, state.grad_abs.get(
+        n, torch.zeros_like(state.masks[n], dtype=torch.float32))).flatten() for n in names}
+    budgets = layer_budgets(state.masks, (live(state) + n_grow) / size(state), allocation, dense_classifier)
+    if budgets is None:
+        flat = _highest(torch.cat([evidence[n] for n in names]), n_grow)
+        grow = dict(zip(names, torch.split(flat, [state.masks[n].numel() for n in names])))
+    else:
+        grow = {n: _highest(evidence[n], max(budgets[n] - int(state.masks[n].sum()), 0)) for n in names}
+    params, n_grown = prunable_parameters(model), 0
     for n in names:
         m = state.masks[n]
-        g = grow[offset: offset + m.numel()].view_as(m)
-        offset += m.numel()
+        g = grow[n].view_as(m)
+        n_grown += int(g.sum())
         m |= g
         params[n][g] = 0
         _zero_optimizer_state(optimizer, params[n], g)
     state.grad_abs = {}
-    return n_grow
+    return n_grown
 
 
 def cubic_density(start: float, target: float, step: int, total_steps: int) -> float:
