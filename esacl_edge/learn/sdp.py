@@ -258,7 +258,7 @@ def _lowest(scores: torch.Tensor, n: int, largest: bool = False) -> torch.Tensor
     """Boolean mask of the ``n`` lowest (``largest``: highest) entries of ``scores``."""
     out = torch.zeros_like(scores, dtype=torch.bool)
     if n > 0:
-        out[torch.topk(scores, min(n, scores.numel()), largest=largest).indices] = True
+        out[torch.topk(scores, n, largest=largest).indices] = True
     return out
 
 
