@@ -6,7 +6,7 @@ import importlib
 
 from .errors import EsaclError
 
-__version__ = "0.12.0"
+__version__ = "0.13.0"
 
 # Imported on first use, so that the command line starts without loading torch.
 _LAZY = {"StreamingLearner": ".learn.learner", "Profile": ".device.profiles", "load_profile": ".device.profiles"}

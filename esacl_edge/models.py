@@ -40,10 +40,29 @@ class Normalize(nn.Module):
         return (x * self.scale - self.mean) / self.std
 
 
+def batch_norm_channels(bn: nn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied to ``x``, which holds only channels ``idx`` of its input: nn.BatchNorm2d's forward on
+    those channels, running statistics included."""
+    update = bn.training and bn.track_running_stats
+    use_running = not bn.training or bn.track_running_stats
+    mean = bn.running_mean[idx] if use_running else None
+    var = bn.running_var[idx] if use_running else None
+    if update:
+        bn.num_batches_tracked.add_(1)
+    momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum) if update else 0.0
+    out = F.batch_norm(x, mean, var, bn.weight[idx], bn.bias[idx], bn.training, momentum, bn.eps)
+    if update:
+        with torch.no_grad():
+            bn.running_mean[idx], bn.running_var[idx] = mean, var
+    return out
+
+
 class SmallCNN(nn.Sequential):
     """Two 3x3 conv blocks with max-pooling, then a 2-layer MLP head.
 
-    Sized for 8x8 (digits) and 28x28 (MNIST family) inputs; any H, W >= 4 works.
+    Sized for 8x8 (digits) and 28x28 (MNIST family) inputs; any H, W >= 4 works. ``live`` may name the
+    conv2 channels and fc1 units that channel pruning left (``learn/channels.py``); the forward then runs
+    only those, at full-size weights, computing what the masked network computes in less time.
     """
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
@@ -54,13 +73,35 @@ class SmallCNN(nn.Sequential):
             conv2=nn.Conv2d(c1, c2, 3, padding=1), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2), flatten=nn.Flatten(),
             fc1=nn.Linear(c2 * (height // 4) * (width // 4), hidden), relu3=nn.ReLU(),
             classifier=nn.Linear(hidden, num_classes)))
+        self.live: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.live:
+            return super().forward(x)
+        channels, units = self.live.get("conv2"), self.live.get("fc1")
+        x = self.pool1(self.relu1(self.conv1(x)))
+        w, b = self.conv2.weight, self.conv2.bias
+        if channels is not None:
+            w, b = w[channels], b[channels]
+        x = self.flatten(self.pool2(self.relu2(F.conv2d(x, w, b, padding=self.conv2.padding))))
+        w, b, head = self.fc1.weight, self.fc1.bias, self.classifier.weight
+        if channels is not None:   # fc1 reads each conv2 channel through `spatial` flattened columns
+            spatial = w.shape[1] // self.conv2.out_channels
+            w = w[:, (channels[:, None] * spatial + torch.arange(spatial, device=w.device)).flatten()]
+        if units is not None:
+            w, b, head = w[units], b[units], head[:, units]
+        return F.linear(self.relu3(F.linear(x, w, b)), head, self.classifier.bias)
 
 
 class BasicBlock(nn.Module):
+    """ResNet's basic block. ``live`` may name the inner channels that channel pruning left
+    (``learn/channels.py``): the forward then runs conv1, bn1 and conv2 on those only."""
+
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
+        self.live: dict[str, torch.Tensor] = {}
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
@@ -72,8 +113,15 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        inner = self.live.get("conv1")
+        if inner is None:
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+        else:
+            c1, c2 = self.conv1, self.conv2
+            out = F.conv2d(x, c1.weight[inner], None, c1.stride, c1.padding)
+            out = F.relu(batch_norm_channels(self.bn1, out, inner))
+            out = self.bn2(F.conv2d(out, c2.weight[:, inner], None, c2.stride, c2.padding))
         return F.relu(out + self.shortcut(x))
 
 

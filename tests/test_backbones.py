@@ -93,13 +93,28 @@ def test_torchvision_backbone_exports_dense_and_int8_and_structured_refuses_in_o
     code = main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--variant", "structured",
                  str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
-    assert code == 2 and "structured export supports small_cnn only" in err and "Traceback" not in err
+    assert code == 2 and "structured export supports small_cnn and resnet18_reduced only" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()
     for variant in ("dense", "int8"):
         assert main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--variant", variant,
                      str(tmp_path / f"{variant}.onnx")]) == 0
         meta = json.loads((tmp_path / f"{variant}.onnx.json").read_text())
         assert meta["max_abs_diff"] <= 1e-4 if variant == "dense" else meta["top1_agreement"] >= 0.9
+
+
+def test_esacl_channels_learns_with_the_reduced_resnet_and_exports_it_narrower(tmp_path, colour_stream):
+    r = learn(colour_stream, profile=fast().replace(passes_per_chunk=6), run_dir=tmp_path / "run",
+              method="esacl-channels", sparsity=0.5, model="resnet18_reduced", buffer_bytes=200_000, progress=False,
+              lr=0.02)
+    assert r["complete"] and r["final_acc_task_il"] >= 0.75 and r["final_acc_class_il"] > 0.3
+    assert 0.45 <= r["sparsity"] <= 0.55
+    assert main(["export", "--run", str(tmp_path / "run"), "--task", "1", "--variant", "structured",
+                 str(tmp_path / "s.onnx")]) == 0
+    meta = json.loads((tmp_path / "s.onnx.json").read_text())
+    assert meta["max_abs_diff"] <= meta["parity_limit"]
+    before, after = meta["structure"]["before"], meta["structure"]["after"]
+    assert len(before) == 8 and all(after[k] < before[k] for k in before)   # every block runs narrower
 
 
 def test_torchvision_backbones_refuse_grey_and_tiny_inputs():

@@ -40,7 +40,9 @@ def test_every_method_runs_the_stream_and_reports_costs(method, tiny_stream, run
     sizes = _chunk_sizes(tiny_stream)  # 5 tasks x chunks of 24 and 16 samples
     n, batch, f = sum(sizes), 16, r["dense_forward_flops_per_sample"]
     assert r["method"] == method and r["complete"]
-    if cfg.sparse:  # SparCL's regrown weights that never received a gradient stay zero: sparsity >= target
+    if cfg.sparse and cfg.pruning.structure == "channel":  # whole channels: the target to within a channel
+        assert abs(r["sparsity"] - 0.8) <= 0.02
+    elif cfg.sparse:  # SparCL's regrown weights that never received a gradient stay zero: sparsity >= target
         assert 0.8 - 1e-4 <= r["sparsity"] <= (0.8 + 1e-4 if not cfg.sparsity_extras else 0.85)
     else:
         assert r["sparsity"] == 0.0

@@ -1,6 +1,9 @@
 """Structured export: physically remove the units and channels that a sparse snapshot no longer uses.
 
-Exact rules for the small CNN (the network computes the same function afterwards):
+Exact rules (the network computes the same function afterwards). For the reduced ResNet-18: a
+block's inner channel whose outgoing weights (its columns of the block's second conv) are all
+zero is removed with its row of the first conv and its BatchNorm entry (``esacl-channels``
+prunes whole channels so; the residual channels stay). For the small CNN:
 
 * an fc1 unit or conv2 channel whose incoming weights are all zero outputs a constant,
   ReLU(bias); its effect on the next layer is folded into that layer's bias and it is removed;
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ExportError
-from ..models import SmallCNN
+from ..models import BasicBlock, ReducedResNet18, SmallCNN
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -36,12 +39,39 @@ def _conv(old: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d
     return layer
 
 
+def _narrow_block(block: BasicBlock) -> tuple[int, int]:
+    """Remove the inner channels of ``block`` that its second conv no longer reads; returns (before, after)."""
+    keep = block.conv2.weight.ne(0).transpose(0, 1).flatten(1).any(1)
+    if not keep.any():
+        keep[0] = True   # a block whose inner path is all zero still needs one channel to run
+    c1, bn, c2 = block.conv1, block.bn1, block.conv2
+    conv1 = nn.Conv2d(c1.in_channels, int(keep.sum()), c1.kernel_size, c1.stride, c1.padding, bias=False)
+    conv1.weight.data = c1.weight[keep].clone()
+    bn1 = nn.BatchNorm2d(int(keep.sum()), bn.eps, bn.momentum)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(bn1, name).data = getattr(bn, name)[keep].clone()
+    bn1.num_batches_tracked.data = bn.num_batches_tracked.clone()
+    conv2 = nn.Conv2d(int(keep.sum()), c2.out_channels, c2.kernel_size, c2.stride, c2.padding, bias=False)
+    conv2.weight.data = c2.weight[:, keep].clone()
+    block.conv1, block.bn1, block.conv2 = conv1, bn1, conv2
+    return len(keep), int(keep.sum())
+
+
 @torch.no_grad()
 def shrink(model: nn.Sequential, min_l1: float = 0.0) -> tuple[nn.Sequential, dict]:
-    """Return a smaller copy of ``Sequential(Normalize, SmallCNN)`` and what was removed."""
+    """Return a smaller copy of ``Sequential(Normalize, SmallCNN or ReducedResNet18)`` and what was removed."""
+    if isinstance(model[1], ReducedResNet18):
+        if min_l1:
+            raise ExportError("--min-l1 applies to small_cnn; the reduced ResNet-18's structured export is exact only")
+        model = copy.deepcopy(model).eval()
+        before, after = {}, {}
+        for name, block in model[1].named_modules():
+            if isinstance(block, BasicBlock):
+                before[name], after[name] = _narrow_block(block)
+        return model.eval(), {"before": before, "after": after, "exact": True}
     if not isinstance(model[1], SmallCNN):
-        raise ExportError("structured export supports small_cnn only, not this backbone; use the sparse, dense "
-                          "or int8 variant")
+        raise ExportError("structured export supports small_cnn and resnet18_reduced only, not this backbone; use "
+                          "the sparse, dense or int8 variant")
     model = copy.deepcopy(model).eval()
     net: SmallCNN = model[1]
     c1, c2, fc1, cls = net.conv1, net.conv2, net.fc1, net.classifier

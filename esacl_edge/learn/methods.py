@@ -148,6 +148,10 @@ METHODS: dict[str, Callable[[], Method]] = {
     "esacl-early": lambda: esacl("esacl-early", pruning=dataclasses.replace(esacl().pruning, first_until=0.6)),
     "esacl-layerregrow-early": lambda: esacl("esacl-layerregrow-early", pruning=dataclasses.replace(
         esacl().pruning, regrow_within_layers=True, first_until=0.6)),
+    "esacl-channels": lambda: esacl("esacl-channels", pruning=dataclasses.replace(
+        esacl().pruning, structure="channel")),
+    "esacl-channels-sqrt": lambda: esacl("esacl-channels-sqrt", pruning=dataclasses.replace(
+        esacl().pruning, structure="channel", channel_exponent=0.5)),
     # Dense baselines: plain SGD steps on whole minibatches.
     "finetune": lambda: Method("finetune"),
     "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),

@@ -14,7 +14,8 @@
 * at the end of a task: prune to the target.
 
 Each layer keeps its share of live weights (``allocation``, see ``sdp.layer_budgets``); the first
-and the last (the classifier) stay dense.
+and the last (the classifier) stay dense. With ``structure="channel"`` whole channels are pruned
+and regrown (``channels.py``), so the pruned network is a narrower dense one.
 
 The arithmetic (scores, prune/regrow, the schedule) is in ``sdp.py``.
 """
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..device.budget import FLOAT_BYTES
-from . import sdp
+from ..errors import EsaclError
+from . import channels, sdp
 from .parts import Part
 
 if TYPE_CHECKING:
@@ -35,10 +37,15 @@ if TYPE_CHECKING:
 
 
 
+STRUCTURES = ("weight", "channel")
+
+
 @dataclass
 class Pruning(Part):
     score: str = "directional"       # "directional", "magnitude" (EsaCL's since 0.5) or "sparcl"
     allocation: str = "uniform"      # live weights per layer: "uniform", "erk" or "global" (one ranking)
+    structure: str = "weight"        # what is pruned and regrown: single "weight"s or whole "channel"s
+    channel_exponent: float = 1.0    # "channel": density d keeps d**e of the channels (e < 1: weights within)
     dense_classifier: bool = True    # per-layer budgets keep the last layer dense, like the first
     importance_lambda: float = 0.5   # SparCL importance |w| + lambda |grad|
     warmup: float = 0.5              # share of the first task's chunks trained dense
@@ -56,8 +63,16 @@ class Pruning(Part):
     live: int = field(init=False, default=0)          # live prunable weights, kept current
     density: float = field(init=False, default=1.0)   # their share of the prunable weights
     float_masks: dict = field(init=False, default_factory=dict, repr=False)  # for the gradient product
+    groups: list = field(init=False, default_factory=list, repr=False)  # channel groups (structure "channel")
+    model: Any = field(init=False, default=None, repr=False)  # whose channel groups run at their live width
 
     def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"unknown pruning structure {self.structure!r}; choose one of {', '.join(STRUCTURES)}")
+        if self.structure == "channel" and self.allocation == "global":
+            raise ValueError("channel pruning ranks within layer budgets; choose the uniform or erk allocation")
+        if not 0.0 < self.channel_exponent <= 1.0:
+            raise ValueError(f"channel_exponent must be in (0, 1], got {self.channel_exponent!r}")
         if self.score not in sdp.SCORE_KINDS:
             raise ValueError(f"unknown pruning score {self.score!r}; choose one of {', '.join(sdp.SCORE_KINDS)}")
         if self.allocation not in sdp.ALLOCATIONS:
@@ -70,6 +85,14 @@ class Pruning(Part):
 
     def bind(self, learner: StreamingLearner) -> None:
         self.state = sdp.init_state(learner.model, self.stat_decay, statistics=self.keeps_statistics)
+        if self.structure == "channel":
+            if learner.pattern is not None:
+                raise EsaclError(f"{learner.method.name} prunes whole channels; it takes no N:M --pattern")
+            try:
+                self.groups = channels.channel_groups(learner.model)
+            except ValueError as exc:
+                raise EsaclError(f"{learner.method.name}: {exc}") from None
+            self.model = learner.model
         self._refresh()
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
@@ -84,6 +107,8 @@ class Pruning(Part):
         self.live = sdp.live(self.state)
         self.density = self.live / sdp.size(self.state)
         self.float_masks = {n: m.float() for n, m in self.state.masks.items()}
+        if self.groups:
+            channels.set_live(self.model, self.groups, self.state.masks)
 
     def _in_regrow_window(self, learner: StreamingLearner) -> bool:
         return bool(learner.snapshots) and learner.progress.steps < self.regrow_steps
@@ -116,8 +141,12 @@ class Pruning(Part):
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
         if learner.snapshots and learner.progress.steps == self.regrow_steps:
-            grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer,
-                               self.allocation if self.regrow_within_layers else "global", self.dense_classifier)
+            if self.groups:
+                grown = channels.regrow(learner.model, self.state, self.groups, self.regrow_frac, learner.optimizer,
+                                        self.allocation, self.dense_classifier, self.channel_exponent)
+            else:
+                grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer,
+                                   self.allocation if self.regrow_within_layers else "global", self.dense_classifier)
             learner.masks_changed()
             self.start_density = self.density  # this task's schedule starts from the regrown density
             if grown:
@@ -148,9 +177,13 @@ class Pruning(Part):
     def prune(self, learner: StreamingLearner, target_density: float) -> int:
         """Prune the lowest-scoring live weights down to ``target_density``; returns how many were removed."""
         score = sdp.scores(learner.model, self.state, self.score, self.importance_lambda)
-        removed = sdp.prune_to(learner.model, self.state, target_density, score, learner.optimizer,
-                               pattern=learner.pattern, allocation=self.allocation,
-                               dense_classifier=self.dense_classifier)
+        if self.groups:
+            removed = channels.prune(learner.model, self.state, self.groups, target_density, score,
+                                     learner.optimizer, self.allocation, self.dense_classifier, self.channel_exponent)
+        else:
+            removed = sdp.prune_to(learner.model, self.state, target_density, score, learner.optimizer,
+                                   pattern=learner.pattern, allocation=self.allocation,
+                                   dense_classifier=self.dense_classifier)
         if removed:
             learner.masks_changed()
         return removed

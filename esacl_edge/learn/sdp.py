@@ -167,7 +167,8 @@ def layer_budgets(masks: dict[str, torch.Tensor], density: float, allocation: st
     return budgets
 
 
-def _zero_optimizer_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, where: torch.Tensor) -> None:
+def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor, where: torch.Tensor) -> None:
+    """Zero ``optimizer``'s per-weight state (momentum) of ``p`` where ``where`` is True."""
     if optimizer is None:
         return
     for value in optimizer.state.get(p, {}).values():
@@ -202,7 +203,8 @@ def pattern_excess(score: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> t
 @torch.no_grad()
 def prune_to(model: nn.Module, state: SdpState, target_density: float, score: dict[str, torch.Tensor],
              optimizer: torch.optim.Optimizer | None = None, min_live_per_layer: int = 1,
-             pattern: tuple[int, int] | None = None, allocation: str = "global", dense_classifier: bool = True) -> int:
+             pattern: tuple[int, int] | None = None, allocation: str = "global", dense_classifier: bool = True,
+             layers: list[str] | None = None) -> int:
     """Prune the lowest-scoring live weights until ``round(target_density * d)`` prunable weights
     are live. Returns how many were removed.
 
@@ -210,7 +212,7 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
     ranked within its budget from :func:`layer_budgets` (``dense_classifier`` passed on; a layer already under its budget, after
     a regrowth, loses nothing). Every layer keeps at least ``min_live_per_layer`` weights so no
     layer is cut off. With ``pattern`` (N, M), weights that break N-live-in-M go first, even
-    past the target.
+    past the target. With ``layers`` (per-layer budgets only), only those layers are pruned.
     Pruned weights and their optimizer state are set to zero.
     """
     params = prunable_parameters(model)
@@ -234,8 +236,10 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
         remove[name] = s
         if budgets is not None:
             n = min(max(int(m.sum()) - max(budgets[name], min_live_per_layer), n_forced), live_idx.numel())
-            remove[name] = _lowest(s, n)
+            remove[name] = _lowest(s, n if layers is None or name in layers else 0)
     if budgets is None:
+        if layers is not None:
+            raise ValueError("pruning only some layers needs per-layer budgets, not the global allocation")
         n_remove = max(live(state) - keep, forced)
         if n_remove <= 0:
             return 0
@@ -250,7 +254,7 @@ def prune_to(model: nn.Module, state: SdpState, target_density: float, score: di
         if name in state.a:
             state.a[name][r] = 0
             state.f[name][r] = 0
-        _zero_optimizer_state(optimizer, params[name], r)
+        zero_optimizer_state(optimizer, params[name], r)
     return n_removed
 
 
@@ -270,14 +274,14 @@ def _highest(scores: torch.Tensor, n: int) -> torch.Tensor:
 @torch.no_grad()
 def regrow(model: nn.Module, state: SdpState, fraction: float,
            optimizer: torch.optim.Optimizer | None = None, allocation: str = "global",
-           dense_classifier: bool = True) -> int:
+           dense_classifier: bool = True, layers: list[str] | None = None) -> int:
     """Revive ``fraction`` of all prunable weights where the recorded |grad| is largest.
 
     With ``allocation="global"`` one ranking over all layers decides where; otherwise each layer
     grows to its :func:`layer_budgets` share of the regrown density, ranked within the layer, so
     the regrown model keeps the allocation (and the FLOPs) that pruning gave it. Revived weights
     start at zero (with zero optimizer state), so the function the model computes is unchanged
-    at the moment of regrowth.
+    at the moment of regrowth. With ``layers`` (per-layer budgets only), only those layers grow.
     """
     n_grow = min(int(round(fraction * size(state))), size(state) - live(state))
     if n_grow <= 0 or not state.grad_abs:
@@ -288,10 +292,13 @@ def regrow(model: nn.Module, state: SdpState, fraction: float,
         n, torch.zeros_like(state.masks[n], dtype=torch.float32))).flatten() for n in names}
     budgets = layer_budgets(state.masks, (live(state) + n_grow) / size(state), allocation, dense_classifier)
     if budgets is None:
+        if layers is not None:
+            raise ValueError("regrowing only some layers needs per-layer budgets, not the global allocation")
         flat = _highest(torch.cat([evidence[n] for n in names]), n_grow)
         grow = dict(zip(names, torch.split(flat, [state.masks[n].numel() for n in names])))
     else:
-        grow = {n: _highest(evidence[n], max(budgets[n] - int(state.masks[n].sum()), 0)) for n in names}
+        grow = {n: _highest(evidence[n], max(budgets[n] - int(state.masks[n].sum()), 0)
+                            if layers is None or n in layers else 0) for n in names}
     params, n_grown = prunable_parameters(model), 0
     for n in names:
         m = state.masks[n]
@@ -299,7 +306,7 @@ def regrow(model: nn.Module, state: SdpState, fraction: float,
         n_grown += int(g.sum())
         m |= g
         params[n][g] = 0
-        _zero_optimizer_state(optimizer, params[n], g)
+        zero_optimizer_state(optimizer, params[n], g)
     state.grad_abs = {}
     return n_grown
 

@@ -1,0 +1,184 @@
+"""Channel-level SDP: whole channels pruned and regrown, so a pruned network is a narrower dense one.
+
+Unstructured masks save counted FLOPs but no time on dense kernels. Here the unit of pruning
+is a *channel group*: an output channel (or unit) of a producer layer together with the input
+slice of the one layer that reads it. A dead channel's producer row and consumer columns are
+both masked, so the network computes what the same network without that channel computes
+(the producer's bias or BatchNorm shift reaches nothing), and it can be rebuilt narrower.
+
+* the groups (:func:`channel_groups`): the small CNN's conv2 channels (read by fc1 through the
+  flatten) and fc1 units (read by the classifier); each reduced ResNet-18 block's inner channels
+  (conv1 -> conv2). Channels on a residual path and the stem stay whole;
+* a channel's score is the sum of its weights' scores (``sdp.scores``: |theta| for EsaCL, the L1
+  norm of its incoming and outgoing weights), its regrowth evidence the sum of their |grad|;
+* the allocation is ``sdp.layer_budgets``'s: a producer keeps the share of channels that gives it
+  its layer's density d, given how many of its own input channels are alive; the layers outside
+  every group are pruned and regrown weight by weight within their budgets. With ``exponent``
+  e < 1 a producer keeps the share d^e of its channels instead (e = 0.5: the square root), and
+  weights are pruned one by one within the live channels down to d: a mixed network, part of
+  whose FLOPs fall physically;
+* :func:`set_live` tells the modules that own the groups which channels are alive, and their
+  forward runs only those (``models.SmallCNN``, ``models.BasicBlock``): the weights keep their
+  full shapes, so masks, optimizer state, snapshots and resumption are those of any sparse run,
+  while the convolutions run at the narrower width and time falls with the FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models import BasicBlock, SmallCNN, prunable_parameters
+from . import sdp
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Output channels of ``producer`` (dim 0), read by ``consumer``'s input (dim 1), ``spatial`` columns each."""
+
+    producer: str
+    consumer: str
+    spatial: int = 1
+
+
+def channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """The channel groups of ``model`` in forward order; ValueError for a backbone without them."""
+    groups = []
+    for prefix, mod in model.named_modules():
+        p = f"{prefix}." if prefix else ""
+        if isinstance(mod, SmallCNN):
+            spatial = mod.fc1.in_features // mod.conv2.out_channels
+            groups += [ChannelGroup(f"{p}conv2.weight", f"{p}fc1.weight", spatial),
+                       ChannelGroup(f"{p}fc1.weight", f"{p}classifier.weight")]
+        elif isinstance(mod, BasicBlock):
+            groups.append(ChannelGroup(f"{p}conv1.weight", f"{p}conv2.weight"))
+    prunable = prunable_parameters(model)
+    groups = [g for g in groups if g.producer in prunable and g.consumer in prunable]
+    if not groups:
+        raise ValueError("channel pruning needs small_cnn or resnet18_reduced with trainable blocks; this model has "
+                         "no channel group")
+    return groups
+
+
+def set_live(model: nn.Module, groups: list[ChannelGroup], masks: dict[str, torch.Tensor]) -> None:
+    """Let the module owning each group run only its live channels (all alive: the plain forward)."""
+    for g in groups:
+        *path, layer, _ = g.producer.split(".")
+        module, on = model.get_submodule(".".join(path)), alive(masks, g)
+        if on.all():
+            module.live.pop(layer, None)
+        else:
+            module.live[layer] = on.nonzero().flatten()
+
+
+def _per_channel(values: dict[str, torch.Tensor], g: ChannelGroup) -> torch.Tensor:
+    """Sum of ``values`` over each channel's producer row and consumer columns."""
+    out = values[g.producer].flatten(1).sum(1)
+    c = values[g.consumer]
+    return out + c.reshape(c.shape[0], len(out), -1).transpose(0, 1).reshape(len(out), -1).sum(1)
+
+
+def alive(masks: dict[str, torch.Tensor], g: ChannelGroup) -> torch.Tensor:
+    """Which of the group's channels are alive: a live weight in their producer row or consumer columns (a
+    channel whose row is all pruned still feeds its consumer a constant)."""
+    c = masks[g.consumer]
+    n = c.shape[1] // g.spatial
+    return masks[g.producer].flatten(1).any(1) | c.reshape(c.shape[0], n, -1).any(2).any(0)
+
+
+def _structure(masks: dict[str, torch.Tensor], groups: list[ChannelGroup],
+               channels: dict[ChannelGroup, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where the layers in a group may have live weights: live rows x live columns, from the channels alive."""
+    out = {}
+    for g in groups:
+        row = masks[g.producer].new_ones(masks[g.producer].shape)
+        out[g.producer] = out.get(g.producer, row) & channels[g].view(-1, *[1] * (row.dim() - 1))
+        m = masks[g.consumer]
+        cols = channels[g].repeat_interleave(g.spatial).view(1, -1, *[1] * (m.dim() - 2))
+        out[g.consumer] = out.get(g.consumer, m.new_ones(m.shape)) & cols
+    return out
+
+
+def _choose(groups: list[ChannelGroup], masks: dict[str, torch.Tensor], density: float, allocation: str,
+            dense_classifier: bool, rank: dict[ChannelGroup, torch.Tensor], grow: bool,
+            exponent: float) -> dict[ChannelGroup, torch.Tensor]:
+    """Channels alive per group at overall ``density``: each producer's count from its layer budget (its
+    share to the power ``exponent``), the best-ranked of the live channels when pruning, the live plus the
+    best-ranked dead ones when growing."""
+    budgets = sdp.layer_budgets(masks, density, allocation, dense_classifier)
+    if budgets is None:
+        raise ValueError("channel pruning ranks within layer budgets; the global allocation has none")
+    in_share: dict[str, float] = {}
+    chosen = {}
+    for g in groups:
+        now = alive(masks, g)
+        want = (budgets[g.producer] / masks[g.producer].numel() / in_share.get(g.producer, 1.0)) ** exponent
+        k = max(1, min(round(want * len(now)), len(now)))
+        n_live = int(now.sum())
+        score = torch.where(now, rank[g], -torch.inf) if not grow else torch.where(now, torch.inf, rank[g])
+        k = min(k, n_live) if not grow else max(k, n_live)
+        keep = torch.zeros_like(now)
+        keep[torch.topk(score, k).indices] = True
+        chosen[g] = keep
+        in_share[g.consumer] = k / len(now)
+    return chosen
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, state: sdp.SdpState, groups: list[ChannelGroup],
+           chosen: dict[ChannelGroup, torch.Tensor], optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
+    """Make ``chosen`` the channels alive: a channel that dies loses every weight, one that revives gets
+    all of its weights back, at zero, and the others keep theirs. Returns (weights removed, weights grown)."""
+    old = _structure(state.masks, groups, {g: alive(state.masks, g) for g in groups})
+    new = _structure(state.masks, groups, chosen)
+    params, removed, grown = prunable_parameters(model), 0, 0
+    for name, s in new.items():
+        m = (state.masks[name] & s) | (s & ~old[name])
+        died, revived = state.masks[name] & ~m, m & ~state.masks[name]
+        removed, grown = removed + int(died.sum()), grown + int(revived.sum())
+        state.masks[name].copy_(m)
+        params[name][died | revived] = 0
+        if name in state.a:
+            state.a[name][died] = 0
+            state.f[name][died] = 0
+        sdp.zero_optimizer_state(optimizer, params[name], died | revived)
+    return removed, grown
+
+
+def prune(model: nn.Module, state: sdp.SdpState, groups: list[ChannelGroup], target_density: float,
+          score: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None,
+          allocation: str = "uniform", dense_classifier: bool = True, exponent: float = 1.0) -> int:
+    """Prune whole channels, lowest summed score first, then weight by weight (the layers outside every
+    group; with ``exponent`` < 1 within the live channels too) towards ``target_density``; returns how
+    many weights were removed."""
+    chosen = _choose(groups, state.masks, target_density, allocation, dense_classifier,
+                     {g: _per_channel(score, g) for g in groups}, False, exponent)
+    removed, _ = _apply(model, state, groups, chosen, optimizer)
+    return removed + sdp.prune_to(model, state, target_density, score, optimizer, allocation=allocation,
+                                  dense_classifier=dense_classifier,
+                                  layers=None if exponent < 1 else _outside(state.masks, groups))
+
+
+def regrow(model: nn.Module, state: sdp.SdpState, groups: list[ChannelGroup], fraction: float,
+           optimizer: torch.optim.Optimizer | None = None, allocation: str = "uniform",
+           dense_classifier: bool = True, exponent: float = 1.0) -> int:
+    """Revive whole channels where the recorded |grad| of their weights sums highest, and the other layers'
+    weights within their budgets, towards the density plus ``fraction``; returns how many weights revived."""
+    if not state.grad_abs:
+        return 0
+    evidence = {n: state.grad_abs.get(n, torch.zeros_like(m, dtype=torch.float32)) for n, m in state.masks.items()}
+    density = min(sdp.density(state) + fraction, 1.0)
+    chosen = _choose(groups, state.masks, density, allocation, dense_classifier,
+                     {g: _per_channel(evidence, g) for g in groups}, True, exponent)
+    n_others = sdp.regrow(model, state, fraction, optimizer, allocation, dense_classifier,
+                          layers=_outside(state.masks, groups))
+    _, grown = _apply(model, state, groups, chosen, optimizer)
+    return grown + n_others
+
+
+def _outside(masks: dict[str, torch.Tensor], groups: list[ChannelGroup]) -> list[str]:
+    """The prunable layers in no group."""
+    inside = {name for g in groups for name in (g.producer, g.consumer)}
+    return [n for n in masks if n not in inside]
