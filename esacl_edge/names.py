@@ -38,7 +38,7 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "esacl-early": "ablation: EsaCL with the first task's pruning schedule ending after 60% of its chunks, like a "
                    "later task's, instead of at its end",
     "esacl-layerregrow-early": "ablation: esacl-layerregrow and esacl-early together",
-    "esacl-channels": "ablation: EsaCL pruning and regrowing whole channels (small_cnn's conv2 channels and fc1 "
+    "esacl-channels": "ablation: EsaCL pruning whole channels (small_cnn's conv2 channels and fc1 "
                       "units, resnet18_reduced's inner block channels) instead of single weights, so the pruned "
                       "network is a narrower dense one",
     "esacl-channels-sqrt": "ablation: EsaCL keeping the square root of each layer's density in whole channels "

@@ -57,13 +57,21 @@ def _narrow_block(block: BasicBlock) -> tuple[int, int]:
     return len(keep), int(keep.sum())
 
 
+def _copy(model: nn.Sequential) -> nn.Sequential:
+    """A copy that runs every channel (the live channels a training run narrowed to name full-width indices)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        getattr(m, "live", {}).clear()
+    return model
+
+
 @torch.no_grad()
 def shrink(model: nn.Sequential, min_l1: float = 0.0) -> tuple[nn.Sequential, dict]:
     """Return a smaller copy of ``Sequential(Normalize, SmallCNN or ReducedResNet18)`` and what was removed."""
     if isinstance(model[1], ReducedResNet18):
         if min_l1:
             raise ExportError("--min-l1 applies to small_cnn; the reduced ResNet-18's structured export is exact only")
-        model = copy.deepcopy(model).eval()
+        model = _copy(model)
         before, after = {}, {}
         for name, block in model[1].named_modules():
             if isinstance(block, BasicBlock):
@@ -72,7 +80,7 @@ def shrink(model: nn.Sequential, min_l1: float = 0.0) -> tuple[nn.Sequential, di
     if not isinstance(model[1], SmallCNN):
         raise ExportError("structured export supports small_cnn and resnet18_reduced only, not this backbone; use "
                           "the sparse, dense or int8 variant")
-    model = copy.deepcopy(model).eval()
+    model = _copy(model).eval()
     net: SmallCNN = model[1]
     c1, c2, fc1, cls = net.conv1, net.conv2, net.fc1, net.classifier
     spatial = fc1.in_features // c2.out_channels

@@ -1,4 +1,4 @@
-"""Channel-level SDP: whole channels pruned and regrown, so a pruned network is a narrower dense one.
+"""Channel-level SDP: whole channels pruned, so a pruned network is a narrower dense one.
 
 Unstructured masks save counted FLOPs but no time on dense kernels. Here the unit of pruning
 is a *channel group*: an output channel (or unit) of a producer layer together with the input
@@ -10,10 +10,13 @@ both masked, so the network computes what the same network without that channel 
   flatten) and fc1 units (read by the classifier); each reduced ResNet-18 block's inner channels
   (conv1 -> conv2). Channels on a residual path and the stem stay whole;
 * a channel's score is the sum of its weights' scores (``sdp.scores``: |theta| for EsaCL, the L1
-  norm of its incoming and outgoing weights), its regrowth evidence the sum of their |grad|;
+  norm of its incoming and outgoing weights). Dead channels are not regrown: nothing flows
+  through a dead channel, so it has no gradient to choose it by, and reviving channels at
+  random with fresh incoming weights lost on Split CIFAR-100 (docs/method.md, 0.13); the
+  layers outside every group regrow weight by weight at a task start as in EsaCL;
 * the allocation is ``sdp.layer_budgets``'s: a producer keeps the share of channels that gives it
   its layer's density d, given how many of its own input channels are alive; the layers outside
-  every group are pruned and regrown weight by weight within their budgets. With ``exponent``
+  every group are pruned weight by weight within their budgets. With ``exponent``
   e < 1 a producer keeps the share d^e of its channels instead (e = 0.5: the square root), and
   weights are pruned one by one within the live channels down to d: a mixed network, part of
   whose FLOPs fall physically;
@@ -102,11 +105,10 @@ def _structure(masks: dict[str, torch.Tensor], groups: list[ChannelGroup],
 
 
 def _choose(groups: list[ChannelGroup], masks: dict[str, torch.Tensor], density: float, allocation: str,
-            dense_classifier: bool, rank: dict[ChannelGroup, torch.Tensor], grow: bool,
+            dense_classifier: bool, score: dict[ChannelGroup, torch.Tensor],
             exponent: float) -> dict[ChannelGroup, torch.Tensor]:
-    """Channels alive per group at overall ``density``: each producer's count from its layer budget (its
-    share to the power ``exponent``), the best-ranked of the live channels when pruning, the live plus the
-    best-ranked dead ones when growing."""
+    """The channels each group keeps at overall ``density``: the best-scored of its live channels, as many
+    as its producer's layer budget gives (that share to the power ``exponent``)."""
     budgets = sdp.layer_budgets(masks, density, allocation, dense_classifier)
     if budgets is None:
         raise ValueError("channel pruning ranks within layer budgets; the global allocation has none")
@@ -115,12 +117,9 @@ def _choose(groups: list[ChannelGroup], masks: dict[str, torch.Tensor], density:
     for g in groups:
         now = alive(masks, g)
         want = (budgets[g.producer] / masks[g.producer].numel() / in_share.get(g.producer, 1.0)) ** exponent
-        k = max(1, min(round(want * len(now)), len(now)))
-        n_live = int(now.sum())
-        score = torch.where(now, rank[g], -torch.inf) if not grow else torch.where(now, torch.inf, rank[g])
-        k = min(k, n_live) if not grow else max(k, n_live)
+        k = max(1, min(round(want * len(now)), int(now.sum())))
         keep = torch.zeros_like(now)
-        keep[torch.topk(score, k).indices] = True
+        keep[torch.topk(torch.where(now, score[g], -torch.inf), k).indices] = True
         chosen[g] = keep
         in_share[g.consumer] = k / len(now)
     return chosen
@@ -128,23 +127,20 @@ def _choose(groups: list[ChannelGroup], masks: dict[str, torch.Tensor], density:
 
 @torch.no_grad()
 def _apply(model: nn.Module, state: sdp.SdpState, groups: list[ChannelGroup],
-           chosen: dict[ChannelGroup, torch.Tensor], optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
-    """Make ``chosen`` the channels alive: a channel that dies loses every weight, one that revives gets
-    all of its weights back, at zero, and the others keep theirs. Returns (weights removed, weights grown)."""
-    old = _structure(state.masks, groups, {g: alive(state.masks, g) for g in groups})
-    new = _structure(state.masks, groups, chosen)
-    params, removed, grown = prunable_parameters(model), 0, 0
-    for name, s in new.items():
-        m = (state.masks[name] & s) | (s & ~old[name])
-        died, revived = state.masks[name] & ~m, m & ~state.masks[name]
-        removed, grown = removed + int(died.sum()), grown + int(revived.sum())
-        state.masks[name].copy_(m)
-        params[name][died | revived] = 0
+           chosen: dict[ChannelGroup, torch.Tensor], optimizer: torch.optim.Optimizer | None) -> int:
+    """Keep only the ``chosen`` channels: a channel that dies loses every weight in its row and columns (set
+    to zero, with their optimizer state), the others keep theirs. Returns how many weights were removed."""
+    params, removed = prunable_parameters(model), 0
+    for name, keep in _structure(state.masks, groups, chosen).items():
+        died = state.masks[name] & ~keep
+        removed += int(died.sum())
+        state.masks[name] &= keep
+        params[name][died] = 0
         if name in state.a:
             state.a[name][died] = 0
             state.f[name][died] = 0
-        sdp.zero_optimizer_state(optimizer, params[name], died | revived)
-    return removed, grown
+        sdp.zero_optimizer_state(optimizer, params[name], died)
+    return removed
 
 
 def prune(model: nn.Module, state: sdp.SdpState, groups: list[ChannelGroup], target_density: float,
@@ -154,31 +150,14 @@ def prune(model: nn.Module, state: sdp.SdpState, groups: list[ChannelGroup], tar
     group; with ``exponent`` < 1 within the live channels too) towards ``target_density``; returns how
     many weights were removed."""
     chosen = _choose(groups, state.masks, target_density, allocation, dense_classifier,
-                     {g: _per_channel(score, g) for g in groups}, False, exponent)
-    removed, _ = _apply(model, state, groups, chosen, optimizer)
+                     {g: _per_channel(score, g) for g in groups}, exponent)
+    removed = _apply(model, state, groups, chosen, optimizer)
     return removed + sdp.prune_to(model, state, target_density, score, optimizer, allocation=allocation,
                                   dense_classifier=dense_classifier,
-                                  layers=None if exponent < 1 else _outside(state.masks, groups))
+                                  layers=None if exponent < 1 else outside(state.masks, groups))
 
 
-def regrow(model: nn.Module, state: sdp.SdpState, groups: list[ChannelGroup], fraction: float,
-           optimizer: torch.optim.Optimizer | None = None, allocation: str = "uniform",
-           dense_classifier: bool = True, exponent: float = 1.0) -> int:
-    """Revive whole channels where the recorded |grad| of their weights sums highest, and the other layers'
-    weights within their budgets, towards the density plus ``fraction``; returns how many weights revived."""
-    if not state.grad_abs:
-        return 0
-    evidence = {n: state.grad_abs.get(n, torch.zeros_like(m, dtype=torch.float32)) for n, m in state.masks.items()}
-    density = min(sdp.density(state) + fraction, 1.0)
-    chosen = _choose(groups, state.masks, density, allocation, dense_classifier,
-                     {g: _per_channel(evidence, g) for g in groups}, True, exponent)
-    n_others = sdp.regrow(model, state, fraction, optimizer, allocation, dense_classifier,
-                          layers=_outside(state.masks, groups))
-    _, grown = _apply(model, state, groups, chosen, optimizer)
-    return grown + n_others
-
-
-def _outside(masks: dict[str, torch.Tensor], groups: list[ChannelGroup]) -> list[str]:
+def outside(masks: dict[str, torch.Tensor], groups: list[ChannelGroup]) -> list[str]:
     """The prunable layers in no group."""
     inside = {name for g in groups for name in (g.producer, g.consumer)}
     return [n for n in masks if n not in inside]

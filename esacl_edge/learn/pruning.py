@@ -15,7 +15,7 @@
 
 Each layer keeps its share of live weights (``allocation``, see ``sdp.layer_budgets``); the first
 and the last (the classifier) stay dense. With ``structure="channel"`` whole channels are pruned
-and regrown (``channels.py``), so the pruned network is a narrower dense one.
+(``channels.py``), so the pruned network is a narrower dense one.
 
 The arithmetic (scores, prune/regrow, the schedule) is in ``sdp.py``.
 """
@@ -44,7 +44,7 @@ STRUCTURES = ("weight", "channel")
 class Pruning(Part):
     score: str = "directional"       # "directional", "magnitude" (EsaCL's since 0.5) or "sparcl"
     allocation: str = "uniform"      # live weights per layer: "uniform", "erk" or "global" (one ranking)
-    structure: str = "weight"        # what is pruned and regrown: single "weight"s or whole "channel"s
+    structure: str = "weight"        # what is pruned: single "weight"s or whole "channel"s
     channel_exponent: float = 1.0    # "channel": density d keeps d**e of the channels (e < 1: weights within)
     dense_classifier: bool = True    # per-layer budgets keep the last layer dense, like the first
     importance_lambda: float = 0.5   # SparCL importance |w| + lambda |grad|
@@ -141,9 +141,9 @@ class Pruning(Part):
 
     def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
         if learner.snapshots and learner.progress.steps == self.regrow_steps:
-            if self.groups:
-                grown = channels.regrow(learner.model, self.state, self.groups, self.regrow_frac, learner.optimizer,
-                                        self.allocation, self.dense_classifier, self.channel_exponent)
+            if self.groups:   # whole channels are not regrown, the layers outside them are (channels.py)
+                grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer, self.allocation,
+                                   self.dense_classifier, layers=channels.outside(self.state.masks, self.groups))
             else:
                 grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer,
                                    self.allocation if self.regrow_within_layers else "global", self.dense_classifier)
@@ -175,11 +175,13 @@ class Pruning(Part):
         self.prune(learner, 1.0 - learner.target_sparsity)
 
     def prune(self, learner: StreamingLearner, target_density: float) -> int:
-        """Prune the lowest-scoring live weights down to ``target_density``; returns how many were removed."""
+        """Prune the lowest-scoring live weights (or whole channels) down to ``target_density``; returns how many
+        were removed."""
         score = sdp.scores(learner.model, self.state, self.score, self.importance_lambda)
         if self.groups:
             removed = channels.prune(learner.model, self.state, self.groups, target_density, score,
-                                     learner.optimizer, self.allocation, self.dense_classifier, self.channel_exponent)
+                                     learner.optimizer, allocation=self.allocation,
+                                     dense_classifier=self.dense_classifier, exponent=self.channel_exponent)
         else:
             removed = sdp.prune_to(learner.model, self.state, target_density, score, learner.optimizer,
                                    pattern=learner.pattern, allocation=self.allocation,
