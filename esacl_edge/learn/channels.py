@@ -78,17 +78,19 @@ def set_live(model: nn.Module, groups: list[ChannelGroup], masks: dict[str, torc
 
 def _per_channel(values: dict[str, torch.Tensor], g: ChannelGroup) -> torch.Tensor:
     """Sum of ``values`` over each channel's producer row and consumer columns."""
-    out = values[g.producer].flatten(1).sum(1)
-    c = values[g.consumer]
-    return out + c.reshape(c.shape[0], len(out), -1).transpose(0, 1).reshape(len(out), -1).sum(1)
+    return values[g.producer].flatten(1).sum(1) + _columns(values, g).sum((0, 2))
 
 
 def alive(masks: dict[str, torch.Tensor], g: ChannelGroup) -> torch.Tensor:
     """Which of the group's channels are alive: a live weight in their producer row or consumer columns (a
     channel whose row is all pruned still feeds its consumer a constant)."""
-    c = masks[g.consumer]
-    n = c.shape[1] // g.spatial
-    return masks[g.producer].flatten(1).any(1) | c.reshape(c.shape[0], n, -1).any(2).any(0)
+    return masks[g.producer].flatten(1).any(1) | _columns(masks, g).any(2).any(0)
+
+
+def _columns(values: dict[str, torch.Tensor], g: ChannelGroup) -> torch.Tensor:
+    """The consumer's ``values`` as (its outputs, the group's channels, the columns of each channel)."""
+    c = values[g.consumer]
+    return c.reshape(c.shape[0], c.shape[1] // g.spatial, -1)
 
 
 def _structure(masks: dict[str, torch.Tensor], groups: list[ChannelGroup],
