@@ -52,7 +52,7 @@ from esacl_edge.data.stream import Manifest, iter_chunks, load_test, read_manife
 from esacl_edge.deploy.export import max_abs_diff, onnx_logits, sample_inputs
 from esacl_edge.errors import EsaclError
 from esacl_edge.files import write_json
-from esacl_edge.names import METHOD_NAMES, MODEL_NAMES
+from esacl_edge.names import ABLATION_NAMES, METHOD_NAMES, MODEL_NAMES
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 NO_CUDA = ("CUDA is not available here (torch.cuda.is_available() is False); run on a machine with an NVIDIA "
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: %(default)s)")
     p.add_argument("--cpu-only", action="store_true", help="smoke run: the target rows on the CPU, no CUDA needed")
     args = p.parse_args(argv)
-    args.methods = _names(p, "--methods", args.methods, METHOD_NAMES)
+    args.methods = _names(p, "--methods", args.methods, METHOD_NAMES + ABLATION_NAMES)
     args.precisions = _names(p, "--precisions", args.precisions, PRECISIONS)
     if args.sync_steps < 1:
         p.error("--sync-steps must be >= 1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from esacl_edge.device.budget import plan
+from esacl_edge.learn.plan import plan
 from esacl_edge.device.profiles import load_profile, profile_names
 from esacl_edge.learn.methods import get_method
 

@@ -9,7 +9,7 @@ from .errors import EsaclError
 __version__ = "0.13.0"
 
 # Imported on first use, so that the command line starts without loading torch.
-_LAZY = {"StreamingLearner": ".learn.learner", "Profile": ".device.profiles", "load_profile": ".device.profiles"}
+_LAZY = {"StreamingLearner": ".streaming", "Profile": ".device.profiles", "load_profile": ".device.profiles"}
 
 __all__ = ["StreamingLearner", "Profile", "load_profile", "EsaclError", "__version__"]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 # so that --help and argument errors are immediate.
 from . import __version__, reports
 from .errors import EsaclError
-from .names import METHOD_DESCRIPTIONS, METHOD_NAMES, MODEL_DESCRIPTIONS, MODEL_NAMES
+from .names import (ABLATION_DESCRIPTIONS, ABLATION_NAMES, METHOD_DESCRIPTIONS, METHOD_NAMES, MODEL_DESCRIPTIONS,
+                    MODEL_NAMES)
 
 DEFAULT_RUN = "esacl-run"
 DEMO_BUFFER_BYTES = 22400  # 200 digits samples of 112 bytes: a buffer far smaller than the stream
@@ -27,7 +28,8 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
     import numpy as np
 
     from .deploy.export import export_variant
-    from .deploy.snapshot import load_calibration, load_snapshot, run_profile
+    from .deploy.snapshot import load_calibration, load_snapshot
+    from .run_folder import run_profile
     from .device.profiles import load_profile
     from .evaluate import stream_tests
 
@@ -197,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_profiles(args: argparse.Namespace) -> None:
     """``profiles``: list, show or check device profiles."""
     from .data.stream import classes_problem, shape_problem
-    from .device.budget import plan
+    from .learn.plan import plan
     from .device.profiles import load_profile, profile_names
     from .learn.methods import get_method
     from .models import check_input
@@ -262,6 +264,13 @@ def _listing(sections: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _method_name(value: str) -> str:
+    """A ``--method`` value: a method of the product list, or an ablation (runs saved under one resume)."""
+    if value in METHOD_NAMES or value in ABLATION_NAMES:
+        return value
+    raise argparse.ArgumentTypeError(f"unknown method {value!r} (choose from {', '.join(METHOD_NAMES)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``esacl-edge`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="esacl-edge", description="On-device continual learning of sparse models.")
@@ -319,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods_and_models = _listing({"methods (--method):": METHOD_DESCRIPTIONS,
                                    "models (--model):": MODEL_DESCRIPTIONS})
+    bench_listing = _listing({"methods (--methods):": METHOD_DESCRIPTIONS,
+                              "ablations (--methods; the variants BENCHMARKS.md compares):": ABLATION_DESCRIPTIONS,
+                              "models (--model):": MODEL_DESCRIPTIONS})
     l = sub.add_parser("learn", help="learn a chunk stream, snapshot every task, write results.json",
                        description="Learn a chunk stream in order. The state is saved after every chunk, so "
                        "running the same command on the same --run resumes it and learns each chunk exactly once. "
@@ -327,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--profile", default="cpu", help="profile name (cpu, jetson_orin) or YAML path (default: %(default)s)")
     l.add_argument("--stream", required=True, help="chunk stream folder (with manifest.json)")
     l.add_argument("--run", default=DEFAULT_RUN, help="run folder for snapshots and results (default: %(default)s)")
-    l.add_argument("--method", default="esacl", choices=METHOD_NAMES, metavar="METHOD",
+    l.add_argument("--method", default="esacl", type=_method_name, metavar="METHOD",
                    help="continual-learning method, listed below (default: %(default)s)")
     l.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (default: the profile's)")
     l.add_argument("--seed", type=int, default=0)
@@ -355,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.set_defaults(func=cmd_learn)
 
     b = sub.add_parser("bench", help="compare methods on one stream over several seeds; table + bench.json",
-                       formatter_class=_HelpFormatter, epilog=methods_and_models)
+                       formatter_class=_HelpFormatter, epilog=bench_listing)
     src = b.add_mutually_exclusive_group()
     src.add_argument("--stream", help="existing chunk stream folder")
     src.add_argument("--dataset", help="make a stream first (OUT/stream) from a make-stream data set: digits, "
@@ -367,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--per-class", type=int, help="with --dataset: training samples per class")
     b.add_argument("--test-per-class", type=int, help="with --dataset: test samples per class")
     b.add_argument("--methods", default="esacl,derpp,sparcl,finetune",
-                   help="comma-separated methods, listed below; METHOD@S sets the sparsity of one entry "
+                   help="comma-separated methods or ablations, listed below; METHOD@S sets the sparsity of one entry "
                    "(default: %(default)s)")
     b.add_argument("--sparsity", type=float, default=0.9, help="sparsity of entries without @ (default: %(default)s)")
     b.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
@@ -411,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input-shape", default="28,28,1", help="H,W,C of one stored sample (default: %(default)s)")
     pr.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
     pr.add_argument("--dtype", default="uint8", choices=("uint8", "float32"), help="input storage (default: %(default)s)")
-    pr.add_argument("--method", default="esacl", choices=METHOD_NAMES, metavar="METHOD",
+    pr.add_argument("--method", default="esacl", type=_method_name, metavar="METHOD",
                     help="a method of 'esacl-edge learn --help' (default: %(default)s)")
     pr.add_argument("--freeze-until", metavar="LAYER", help="as for learn: the budgets of a frozen prefix")
     pr.add_argument("--latent-replay", choices=("fp16", "uint8"), help="as for learn: a buffer of latents")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .data.stream import load_test, read_manifest
-from .deploy.snapshot import ModelSpec, available_tasks, load_snapshot
+from .deploy.snapshot import available_tasks, load_snapshot
+from .models import ModelSpec
 from .errors import SnapshotError, StreamError
 from .learn.forward import accuracies, infer_logits
 from .metrics import final_accuracy

@@ -10,6 +10,7 @@ stage (:func:`split_model`): a frozen prefix runs without gradients and the rest
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -279,3 +280,20 @@ def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
     """Fraction of exactly-zero weights per prunable layer."""
     return {n: float((p == 0).float().mean()) for n, p in prunable_parameters(model).items()}
+
+
+@dataclass
+class ModelSpec:
+    """What it takes to rebuild a model: backbone, input as stored, classes, normalisation."""
+
+    model: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    normalization: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    class_names: list[str] | None = None
+    freeze_until: str | None = None
+
+    def build(self) -> nn.Sequential:
+        return build_model(self.model, tuple(self.input_shape), self.num_classes, self.normalization,
+                           self.freeze_until)

@@ -1,63 +1,66 @@
 """Method and model names with one-line descriptions, importable without torch.
 
 The command line takes its ``--method``/``--model`` choices and help from here;
-``learn.methods.METHODS`` and ``models.build_model`` cover exactly these names.
+``learn.methods.METHODS``, ``learn.ablations.ABLATIONS`` and ``models.build_model`` cover exactly
+these names.
 """
 
 from __future__ import annotations
 
+# The methods a user chooses (``learn --method``), defined in ``learn.methods.METHODS``.
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "esacl": "EsaCL: IDS step selection, masked SAM (every 4th step), SDP pruning, DER++ replay (1.5 buffered "
              "samples per new one) from a reservoir buffer; the current samples' cross-entropy three quarters over "
              "the classes in their minibatch and a quarter over all classes, the classifier's bias calibrated on "
              "the buffer at each task end",
-    "esacl-noids": "ablation: EsaCL without IDS, every step trains on the whole minibatch (gamma = 1)",
-    "esacl-nosam": "ablation: EsaCL without SAM, plain SGD steps (rho = 0)",
-    "esacl-allclasses": "ablation: EsaCL with the current samples' cross-entropy over all classes only "
-                        "(before 0.8)",
-    "esacl-present": "ablation: EsaCL with the current samples' cross-entropy over the classes in their minibatch "
-                     "only (0.8-0.11)",
-    "esacl-sam2": "ablation: EsaCL with SAM on every other step (0.9's EsaCL)",
-    "esacl-nocalib": "ablation: EsaCL without the bias calibration at a task end",
-    "esacl-replay1": "ablation: EsaCL replaying one buffered sample per new sample trained (DER++'s ratio)",
-    "esacl-replay2": "ablation: EsaCL replaying two buffered samples per new sample trained, a replay batch as "
-                     "large as the whole minibatch (0.10's EsaCL)",
-    "esacl-warmup": "ablation: EsaCL with 0.7's schedule: the first half of the first task dense, regrowth from "
-                    "4 steps' dense gradients",
-    "esacl-directional": "ablation: EsaCL pruning by SDP's directional score |-E[theta g] + theta^2 E[g^2] / 2| "
-                         "instead of magnitude (the default before 0.5), after 0.7's dense warm-up",
-    "esacl-magnitude": "EsaCL pruning by weight magnitude: the same as esacl since 0.5",
-    "esacl-reservoir": "EsaCL with a reservoir buffer: the same as esacl since 0.3",
-    "esacl-idsbuffer": "ablation: EsaCL with the class-balanced IDS buffer instead of reservoir",
-    "esacl-erk": "ablation: EsaCL with Erdos-Renyi-kernel layer budgets (small layers kept denser) instead of "
-                 "uniform ones",
-    "esacl-global": "ablation: EsaCL with one magnitude ranking over all layers (SparCL's allocation) instead of "
-                    "per-layer budgets",
-    "esacl-layerregrow": "ablation: EsaCL regrowing within each layer's budget instead of where |grad| is largest "
-                         "over all layers",
-    "esacl-early": "ablation: EsaCL with the first task's pruning schedule ending after 60% of its chunks, like a "
-                   "later task's, instead of at its end",
-    "esacl-layerregrow-early": "ablation: esacl-layerregrow and esacl-early together",
-    "esacl-channels": "ablation: EsaCL pruning whole channels (small_cnn's conv2 channels and fc1 "
-                      "units, resnet18_reduced's inner block channels) instead of single weights, so the pruned "
-                      "network is a narrower dense one",
-    "esacl-channels-sqrt": "ablation: EsaCL keeping the square root of each layer's density in whole channels "
-                           "(about 32% at 90% sparsity), pruned weight by weight within them to the density",
     "finetune": "dense baseline: plain fine-tuning, no replay",
     "ewc": "dense baseline: online EWC, no buffer",
     "er": "dense baseline: ER (experience replay) from a reservoir buffer",
     "derpp": "dense baseline: DER++ replay from a reservoir buffer",
-    "derpp-ace": "dense reference: DER++ with EsaCL's loss, the current samples' cross-entropy over the classes in "
-                 "their minibatch (ER-ACE's asymmetric cross-entropy)",
-    "derpp-calib": "dense reference: DER++ with EsaCL's bias calibration on the buffer at each task end",
     "joint": "upper bound: keeps all data seen so far and trains on it at each task end",
     "sparcl": "SparCL-style sparse learner: task-aware dynamic masks (importance |w| + lambda |grad w|, "
               "prune-and-regrow every 2 chunks, extra capacity at a task start), dynamic data removal, "
               "dynamic gradient masking, DER++ replay",
+}
+
+# Ablations and reference variants (``bench --methods``, for BENCHMARKS.md), defined in
+# ``learn.ablations.ABLATIONS``; each says how it differs from the method it varies.
+ABLATION_DESCRIPTIONS: dict[str, str] = {
+    "esacl-noids": "EsaCL without IDS: every step trains on the whole minibatch (gamma = 1)",
+    "esacl-nosam": "EsaCL without SAM: plain SGD steps (rho = 0)",
+    "esacl-allclasses": "EsaCL with the current samples' cross-entropy over all classes only",
+    "esacl-present": "EsaCL with the current samples' cross-entropy over the classes in their minibatch only",
+    "esacl-sam2": "EsaCL with SAM on every other step",
+    "esacl-nocalib": "EsaCL without the bias calibration at a task end",
+    "esacl-replay1": "EsaCL replaying one buffered sample per new sample trained (DER++'s ratio)",
+    "esacl-replay2": "EsaCL replaying two buffered samples per new sample trained (a replay batch as large as the "
+                     "whole minibatch)",
+    "esacl-warmup": "EsaCL with the first half of the first task dense and regrowth from 4 steps' dense gradients",
+    "esacl-directional": "EsaCL pruning by SDP's directional score |-E[theta g] + theta^2 E[g^2] / 2| instead of "
+                         "magnitude, after esacl-warmup's dense warm-up",
+    "esacl-idsbuffer": "EsaCL with the class-balanced IDS buffer instead of reservoir",
+    "esacl-erk": "EsaCL with Erdos-Renyi-kernel layer budgets (small layers kept denser) instead of uniform ones",
+    "esacl-global": "EsaCL with one magnitude ranking over all layers (SparCL's allocation) instead of per-layer "
+                    "budgets",
+    "esacl-layerregrow": "EsaCL regrowing within each layer's budget instead of where |grad| is largest over all "
+                         "layers",
+    "esacl-early": "EsaCL with the first task's pruning schedule ending after 60% of its chunks, like a later "
+                   "task's, instead of at its end",
+    "esacl-layerregrow-early": "esacl-layerregrow and esacl-early together",
+    "esacl-channels": "EsaCL pruning whole channels (small_cnn's conv2 channels and fc1 units, resnet18_reduced's "
+                      "inner block channels) instead of single weights, so the pruned network is a narrower dense "
+                      "one",
+    "esacl-channels-sqrt": "EsaCL keeping the square root of each layer's density in whole channels (about 32% at "
+                           "90% sparsity), pruned weight by weight within them to the density",
+    "derpp-ace": "DER++ with EsaCL's loss: the current samples' cross-entropy over the classes in their minibatch "
+                 "(ER-ACE's asymmetric cross-entropy)",
+    "derpp-calib": "DER++ with EsaCL's bias calibration on the buffer at each task end",
     "sparcl-er": "SparCL-style sparse learner with ER replay instead of DER++",
     "sparcl-ewc": "SparCL-style sparse learner with online EWC instead of replay (no buffer)",
     "sparcl-ace": "SparCL-style sparse learner with EsaCL's loss, the current samples' cross-entropy over the "
                   "classes in their minibatch",
+    "esacl-magnitude": "deprecated name of esacl",
+    "esacl-reservoir": "deprecated name of esacl",
 }
 
 MODEL_DESCRIPTIONS: dict[str, str] = {
@@ -74,6 +77,7 @@ MODEL_DESCRIPTIONS: dict[str, str] = {
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_DESCRIPTIONS)
+ABLATION_NAMES: tuple[str, ...] = tuple(ABLATION_DESCRIPTIONS)
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_DESCRIPTIONS)
 # Built by torchvision (``torchvision.models.get_model``); their ImageNet weights load with ``--init``.
 TORCHVISION_MODELS: tuple[str, ...] = ("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2", "resnet18",

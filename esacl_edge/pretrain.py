@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data.build import measure_normalization, parse_classes
 from .data.sources import load_npz_source
 from .data.stream import iter_chunks, load_test, read_manifest
-from .device.budget import plan
+from .learn.plan import plan
 from .device.profiles import Profile, load_profile
 from .device.selection import autocast_dtype, select_device
 from .device.transfer import to_device

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from .device.budget import Plan
+    from .learn.plan import Plan
     from .device.profiles import Profile
 
 

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import signal
 import warnings
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from . import __version__
 from .data.stream import Manifest
 from .device.memory import peak_memory_bytes
 from .device.profiles import Profile
-from .learn.learner import StreamingLearner
+from .streaming import StreamingLearner
 from .metrics import backward_transfer, final_accuracy, forgetting, learning_accuracy
 
-if TYPE_CHECKING:
-    from .runner import RunRecord
+
+@dataclass
+class RunRecord:
+    """What the job adds to the learner's state: settings, chunks consumed (with hashes), accuracies."""
+
+    settings: dict
+    consumed: list[dict] = field(default_factory=list)
+    acc_c: list[list[float]] = field(default_factory=list)
+    acc_t: list[list[float]] = field(default_factory=list)
+    anytime_c: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples_learned: int = 0  # chunk samples consumed (each once, whatever the passes)
+    reported: list[dict] = field(default_factory=list)  # chunks changed after learning, or added too late
 
 
 def build_results(learner: StreamingLearner, rec: RunRecord, manifest: Manifest, prof: Profile,

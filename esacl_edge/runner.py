@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -27,15 +27,15 @@ from .data.stream import (
     sha256_of,
 )
 from . import chunk_log
-from .deploy.snapshot import write_run_profile
+from .run_folder import write_run_profile
 from .device.profiles import Profile, load_profile
 from .errors import DivergenceError, EsaclError, StreamError
 from .files import write_json
-from .learn.learner import StreamingLearner
+from .streaming import StreamingLearner
 from .learn.methods import Method, get_method, with_lr
 from .plots import RUN_PLOTS
 from .reports import fixed
-from .results import build_results
+from .results import RunRecord, build_results
 from .runlock import run_lock
 
 CHUNK_RETRIES = 3  # --follow: polls a chunk that does not read yet (still being written) gets before failing
@@ -82,20 +82,6 @@ class _StopSignals:
         end = time.monotonic() + seconds
         while self.signal is None and time.monotonic() < end:
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-
-
-@dataclass
-class RunRecord:
-    """What the job adds to the learner's state: settings, chunks consumed (with hashes), accuracies."""
-
-    settings: dict
-    consumed: list[dict] = field(default_factory=list)
-    acc_c: list[list[float]] = field(default_factory=list)
-    acc_t: list[list[float]] = field(default_factory=list)
-    anytime_c: list[float] = field(default_factory=list)
-    train_seconds: float = 0.0
-    samples_learned: int = 0  # chunk samples consumed (each once, whatever the passes)
-    reported: list[dict] = field(default_factory=list)  # chunks changed after learning, or added too late
 
 
 class _Job:

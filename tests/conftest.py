@@ -1,8 +1,3 @@
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
@@ -35,20 +30,3 @@ def fast_profile():
 @pytest.fixture
 def digits_norm():
     return {"scale": 1 / 16, "mean": [0.3], "std": [0.4]}
-
-
-def write_chunk(path, x, y, **extra):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x=x, y=y, **extra)
-
-
-RUNNER = Path(__file__).resolve().parent.parent / "export" / "run_onnx.py"
-
-
-def run_without_torch(tmp_path, *args):
-    """export/run_onnx.py in a Python where torch cannot be imported (as on a device)."""
-    fake = tmp_path / "notorch" / "torch"
-    fake.mkdir(parents=True, exist_ok=True)
-    (fake / "__init__.py").write_text("raise ImportError('no torch on this device')\n")
-    env = {"PYTHONPATH": str(fake.parent), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True, env=env)

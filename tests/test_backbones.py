@@ -10,7 +10,7 @@ from torch import nn
 from esacl_edge import StreamingLearner
 from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
-from esacl_edge.device.budget import plan
+from esacl_edge.learn.plan import plan
 from esacl_edge.device.profiles import load_profile
 from esacl_edge.errors import EsaclError
 from esacl_edge.learn import latent

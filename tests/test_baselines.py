@@ -7,9 +7,11 @@ from torch import nn
 from esacl_edge import StreamingLearner
 from esacl_edge.data.stream import iter_chunks
 from esacl_edge.learn import ewc, sdp, sparcl
-from esacl_edge.learn.methods import METHODS
+from esacl_edge.learn.ablations import ABLATIONS
+from esacl_edge.learn.methods import METHODS, get_method
 from esacl_edge.learn.select import IdsSelect
 from esacl_edge.runner import learn
+from tests.support import MIN_PROCESS_BYTES
 
 PASSES = 8  # enough for every method to learn the tiny stream's 2-class tasks
 
@@ -33,10 +35,14 @@ def _chunk_sizes(stream):
     return [len(c.y) for c in iter_chunks(stream)]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# The product's methods in the default run; every ablation with -m slow.
+EVERY_METHOD = [*METHODS, *(pytest.param(name, marks=pytest.mark.slow) for name in ABLATIONS)]
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD)
 def test_every_method_runs_the_stream_and_reports_costs(method, tiny_stream, run_method):
     r = run_method(method)
-    cfg = METHODS[method]()
+    cfg = get_method(method)
     sizes = _chunk_sizes(tiny_stream)  # 5 tasks x chunks of 24 and 16 samples
     n, batch, f = sum(sizes), 16, r["dense_forward_flops_per_sample"]
     assert r["method"] == method and r["complete"]
@@ -71,7 +77,7 @@ def test_every_method_runs_the_stream_and_reports_costs(method, tiny_stream, run
         replayed = r["samples_trained"] - PASSES * sizes[0]
         calibrated = 5 * r["buffer_capacity"] if cfg.calibration is not None else 0
         assert r["train_flops"] == 3 * f * (r["samples_trained"] + replayed) + f * calibrated
-    assert r["peak_memory_bytes"] > 0
+    assert r["peak_memory_bytes"] >= MIN_PROCESS_BYTES
 
     # It learned: every task's Task-IL accuracy (chance 0.5 on 2-class tasks; a model that learns nothing
     # predicts one class per task) went well above chance; Class-IL is never above Task-IL.

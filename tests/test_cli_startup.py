@@ -16,7 +16,7 @@ from esacl_edge import cli, reports
 from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
 from esacl_edge.device.profiles import load_profile, to_yaml
-from esacl_edge.names import METHOD_DESCRIPTIONS, METHOD_NAMES, MODEL_NAMES
+from esacl_edge.names import ABLATION_DESCRIPTIONS, ABLATION_NAMES, METHOD_DESCRIPTIONS, METHOD_NAMES, MODEL_NAMES
 from esacl_edge.plots import plot_report, write_run_plots
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "sklearn")
@@ -50,7 +50,7 @@ import sys
 import esacl_edge
 assert "torch" not in sys.modules
 from esacl_edge import EsaclError, Profile, StreamingLearner, load_profile
-from esacl_edge.learn.learner import StreamingLearner as S
+from esacl_edge.streaming import StreamingLearner as S
 assert StreamingLearner is S and load_profile("cpu").name == "cpu" and "StreamingLearner" in dir(esacl_edge)
 try:
     esacl_edge.no_such_name
@@ -62,36 +62,60 @@ except AttributeError as exc:
 
 
 def test_method_and_model_names_are_one_list():
+    from esacl_edge.learn.ablations import ABLATIONS
     from esacl_edge.learn.methods import METHODS, get_method
     from esacl_edge.models import MODEL_NAMES as BUILT
     from esacl_edge.models import build_model
 
     assert list(METHODS) == list(METHOD_NAMES) == list(METHOD_DESCRIPTIONS)
-    assert all(get_method(name).name == name for name in METHOD_NAMES)
-    assert BUILT is MODEL_NAMES and all(build_model(name, (32, 32, 3), 4) is not None for name in MODEL_NAMES)
+    assert list(ABLATIONS) == list(ABLATION_NAMES) == list(ABLATION_DESCRIPTIONS)
+    assert not set(METHOD_NAMES) & set(ABLATION_NAMES)
+    assert all(get_method(name).name == name for name in METHOD_NAMES + ABLATION_NAMES)
+    assert BUILT is MODEL_NAMES
+    for name in MODEL_NAMES:
+        assert build_model(name, (32, 32, 3), 4).eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 4), name
     parser = cli.build_parser()
-    for name in METHOD_NAMES:
+    for name in METHOD_NAMES + ABLATION_NAMES:  # an ablation is not listed, yet runs saved under it resume
         assert parser.parse_args(["learn", "--stream", "s", "--method", name]).method == name
     for name in MODEL_NAMES:
         assert parser.parse_args(["bench", "--model", name]).model == name
 
 
-@pytest.mark.parametrize("command", ["learn", "bench"])
-def test_help_describes_every_method(command, capsys):
-    from esacl_edge.learn.methods import METHODS
+def _listed(out: str, descriptions: dict[str, str]) -> list[str]:
+    """The names of ``descriptions`` that ``out`` lists with the start of their description beside them."""
+    return [name for name, text in descriptions.items()
+            if re.search(rf"^  {re.escape(name)} +{re.escape(' '.join(text.split()[:3]))}", out, flags=re.MULTILINE)]
 
+
+def test_learn_help_lists_the_product_methods_only(capsys):
     with pytest.raises(SystemExit):
-        main([command, "--help"])
+        main(["learn", "--help"])
     out = capsys.readouterr().out
-    for name in METHODS:
-        first_words = " ".join(METHOD_DESCRIPTIONS[name].split()[:3])
-        assert re.search(rf"^  {re.escape(name)} +{re.escape(first_words)}", out, flags=re.MULTILINE), name
+    assert _listed(out, METHOD_DESCRIPTIONS) == list(METHOD_NAMES)
+    assert _listed(out, ABLATION_DESCRIPTIONS) == [] and "esacl-channels" not in out
     assert re.search(r"^  resnet18_reduced +reduced ResNet-18", out, flags=re.MULTILINE)
 
 
-def test_readme_methods_table_names_every_method():
-    table = README.read_text().split("| `--method` | what it is |", 1)[1].split("\n\n", 1)[0]
-    assert all(f"`{name}`" in table for name in METHOD_NAMES)
+def test_bench_help_lists_methods_then_ablations(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert _listed(out, METHOD_DESCRIPTIONS) == list(METHOD_NAMES)
+    assert _listed(out, ABLATION_DESCRIPTIONS) == list(ABLATION_NAMES)
+    assert out.index("\nablations") > out.index("  sparcl ")
+
+
+def test_unknown_method_names_the_product_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["learn", "--stream", "s", "--method", "nope"])
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and ", ".join(METHOD_NAMES) in err and "esacl-noids" not in err
+
+
+def test_readme_methods_table_is_the_product_list():
+    table = README.read_text().split("| `--method` | what it is |\n|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    assert table.splitlines() == [f"| `{name}` | {text.replace('|', chr(92) + '|')} |"
+                                  for name, text in METHOD_DESCRIPTIONS.items()]
 
 
 def test_interrupt_before_the_command_starts_is_one_line(monkeypatch, capsys):

@@ -13,7 +13,7 @@ from esacl_edge.errors import ExportError
 from esacl_edge.models import prunable_parameters
 from esacl_edge.runner import feed
 
-from .conftest import run_without_torch
+from tests.support import run_without_torch
 
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support import MIN_PROCESS_BYTES
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 TINY = ["--tasks", "2", "--per-class", "10", "--test-per-class", "5", "--passes", "1"]
 
@@ -23,9 +25,11 @@ def check_row(row: dict, precision: str, max_skipped: int = 0) -> None:
     assert "error" not in row, row["error"]
     assert row["precision"] == precision and row["precision_used"] == precision
     assert math.isfinite(row["final_acc_class_il"]) and 0.0 <= row["final_acc_class_il"] <= 1.0
-    assert row["samples_per_second"] > 0 and row["seconds_per_chunk_median"] > 0
+    assert row["samples_per_second"] == pytest.approx(row["samples_learned"] / row["train_seconds"])
+    assert 0 < row["seconds_per_chunk_median"] <= row["train_seconds"]
     assert row["overflow_skipped_steps"] <= max_skipped
-    assert row["peak_memory_bytes"] > 0 and row["peak_over_budget"] > 0
+    assert row["peak_over_budget"] == pytest.approx(row["peak_memory_bytes"] / row["memory_budget_bytes"])
+    assert row["peak_memory_bytes"] >= (MIN_PROCESS_BYTES if row["device"] == "cpu" else 1)
     assert "error" not in row["export"], row["export"]["error"]
     assert row["export"]["max_abs_diff"] < 1e-3
 

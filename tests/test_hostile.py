@@ -22,7 +22,7 @@ from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
 from esacl_edge.device.profiles import load_profile, to_yaml
 
-from .conftest import write_chunk
+from tests.support import write_chunk
 
 NEXT = "task1/chunk0000.npz"  # the first chunk the resumed run will read
 

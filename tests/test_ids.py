@@ -6,7 +6,7 @@ import torch
 
 from esacl_edge import StreamingLearner
 from esacl_edge.data.stream import iter_chunks
-from esacl_edge.device.budget import buffer_bytes_per_sample, buffer_capacity
+from esacl_edge.learn.buffer import buffer_bytes_per_sample, buffer_capacity
 from esacl_edge.learn import buffer as rb
 from esacl_edge.learn import ids
 from esacl_edge.learn.methods import get_method

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from esacl_edge import StreamingLearner
 from esacl_edge.cli import main
 from esacl_edge.data.stream import iter_chunks
-from esacl_edge.device.budget import plan
+from esacl_edge.learn.plan import plan
 from esacl_edge.device.profiles import load_profile
 from esacl_edge.device.selection import autocast_dtype
 from esacl_edge.learn import buffer as rb

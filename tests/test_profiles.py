@@ -12,11 +12,11 @@ import yaml
 from esacl_edge.device.budget import (
     BudgetError,
     activation_bytes_per_sample,
-    buffer_capacity,
-    plan,
     sparsity_for_model_budget,
     stored_model_bytes,
 )
+from esacl_edge.learn.buffer import buffer_capacity
+from esacl_edge.learn.plan import plan
 from esacl_edge.device.profiles import load_profile, profile_names, to_yaml
 from esacl_edge.device.selection import autocast_dtype, detect_jetson, select_device
 from esacl_edge.errors import ProfileError

@@ -1,5 +1,6 @@
 """Crash-safe resume: exactly-once chunks, identical results, signals, changed chunks, following a stream."""
 
+import copy
 import errno
 import json
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from esacl_edge.data.stream import iter_chunks
 from esacl_edge.errors import CheckpointError
 from esacl_edge.runner import learn
 
-from .conftest import write_chunk
+from tests.support import write_chunk
 
 
 def _learn(stream, run, profile, **kw):
@@ -283,3 +285,24 @@ def test_a_schema_1_state_is_refused_with_what_to_do(tiny_stream, fast_profile, 
     assert msg.startswith(f"{meta_path}: ") and "schema 1" in msg
     assert "finish that run with the version that started it" in msg and "--overwrite" in msg
     assert learner.progress.task == -1 and learner.samples_trained == 0  # nothing was restored
+
+
+def test_a_state_of_the_earlier_format_resumes_as_the_current_one(tiny_stream, fast_profile):
+    """States without the loss scale ("precision") or the buffer's "qparams" load through learn.migrate."""
+    chunks = list(iter_chunks(tiny_stream))
+    a = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8", buffer_bytes=2240)
+    for chunk in chunks[:2]:  # within the first task: no snapshot to write
+        a.observe(chunk.x, chunk.y, chunk.task)
+    state = copy.deepcopy(a.state_dict())  # as read back from disk: no tensor shared with a
+    assert state["buffer"]["qparams"].shape == (a.buffer.size, 0) and "precision" in state
+    old = {k: v for k, v in state.items() if k != "precision"}
+    old["buffer"] = {k: v for k, v in state["buffer"].items() if k != "qparams"}
+    b = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8", buffer_bytes=2240)
+    b.load_state_dict(old, Path("."), "old state")
+    assert "qparams" not in old["buffer"] and "precision" not in old  # the saved dict is left as it was
+    for chunk in chunks[2:4]:
+        a.observe(chunk.x, chunk.y, chunk.task)
+        b.observe(chunk.x, chunk.y, chunk.task)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert np.array_equal(a.buffer.logits[: a.buffer.size], b.buffer.logits[: b.buffer.size])

@@ -20,7 +20,7 @@ from esacl_edge.errors import DivergenceError, EsaclError
 from esacl_edge.plots import RUN_PLOTS
 from esacl_edge.runlock import LOCK_NAME, run_lock
 
-from .conftest import write_chunk
+from tests.support import write_chunk
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
 from esacl_edge.data.stream import iter_chunks, load_test, read_manifest
 from esacl_edge.errors import StreamError
-from esacl_edge.learn.learner import StreamingLearner
+from esacl_edge.streaming import StreamingLearner
 from esacl_edge.runner import learn
 
-from . import formats
+from tests import formats
 
 NAMES10 = [f"class{i}" for i in range(10)]
 

@@ -10,7 +10,7 @@ from esacl_edge.data.stream import iter_chunks, read_manifest
 from esacl_edge.data.write import write_stream
 from esacl_edge.errors import StreamError
 
-from .conftest import write_chunk
+from tests.support import write_chunk
 
 
 @pytest.fixture

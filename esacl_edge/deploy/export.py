@@ -41,7 +41,7 @@ from .. import __version__
 from ..errors import ExportError
 from ..files import temp_file_beside, write_json
 from ..models import layer_sparsity
-from .snapshot import ModelSpec
+from ..models import ModelSpec
 
 PARITY_TOLERANCE = 1e-4
 VARIANTS = ("sparse", "dense", "structured", "int8")

@@ -1,1 +1,1 @@
-"""Learning: the StreamingLearner, the parts its step is built from, and the baselines."""
+"""Learning: the learner, the parts its step is built from, the buffer and its byte format, the memory plan."""

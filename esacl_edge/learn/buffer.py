@@ -15,22 +15,54 @@ ids, the logits at insertion (for DER++) and the insertion score (for IDS). On a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..device.budget import buffer_bytes_per_sample, buffer_capacity
 from ..device.transfer import to_device
 from . import ids
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import Batch, ChunkRecord
 
 ARRAYS = ("x", "y", "task", "logits", "score", "qparams")
+
+# Per buffered sample besides its input: label (int16), task id (int16), insertion score (float32).
+LABEL_BYTES, TASK_BYTES, SCORE_BYTES, LOGIT_BYTES = 2, 2, 4, 4
+FLOAT_BYTES = 4
+
+
+def buffer_bytes_per_sample(input_shape: tuple[int, ...], dtype: str | np.dtype, num_classes: int,
+                            qparams: int = 0) -> int:
+    """Bytes one buffered sample costs: input (or latent) as stored, label, task, score, DER++ logits, and
+    ``qparams`` float32 quantisation parameters (uint8 latents)."""
+    x_bytes = math.prod(input_shape) * np.dtype(dtype).itemsize
+    return x_bytes + LABEL_BYTES + TASK_BYTES + SCORE_BYTES + LOGIT_BYTES * num_classes + FLOAT_BYTES * qparams
+
+
+def buffer_capacity(budget_bytes: int, input_shape: tuple[int, ...], dtype: str | np.dtype,
+                    num_classes: int, qparams: int = 0) -> int:
+    """Largest number of samples whose storage fits in ``budget_bytes``."""
+    return budget_bytes // buffer_bytes_per_sample(input_shape, dtype, num_classes, qparams)
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """What one buffered sample's input is: the image as the stream stores it, or a latent at the frozen prefix's
+    output (``latent``: ``fp16`` or ``uint8``, see ``learn/latent.py``)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    qparams: int = 0
+    latent: str | None = None
+
+    def bytes_per_sample(self, num_classes: int) -> int:
+        return buffer_bytes_per_sample(self.shape, self.dtype, num_classes, self.qparams)
 
 
 @dataclass
@@ -66,15 +98,14 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ValueError(f"{n} buffered samples do not fit a buffer of {self.capacity}")
         for k in ARRAYS:
-            if k in state or getattr(self, k).shape[1:] != (0,):  # states before 0.7 have no qparams (none needed)
-                getattr(self, k)[:n] = state[k]
+            getattr(self, k)[:n] = state[k]
         self.size, self.seen = n, int(state["seen"])
         self.mark(np.arange(n))
 
 
 def new_buffer(budget_bytes: int, input_shape: tuple[int, ...], dtype: str, num_classes: int,
                qparams: int = 0) -> ReplayBuffer:
-    """Allocate the largest buffer whose arrays fit in ``budget_bytes`` (see ``budget.buffer_capacity``); inputs
+    """Allocate the largest buffer whose arrays fit in ``budget_bytes`` (see :func:`buffer_capacity`); inputs
     of ``input_shape`` in ``dtype`` (images, or latents with ``qparams`` parameters each)."""
     cap = buffer_capacity(budget_bytes, input_shape, dtype, num_classes, qparams)
     buf = ReplayBuffer(x=np.zeros((cap, *input_shape), dtype=dtype), y=np.zeros(cap, np.int16),
@@ -180,7 +211,7 @@ def _chunk_arrays(chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
     return chunk.logits.cpu().numpy(), chunk.scores.cpu().numpy()
 
 
-def _chunk_rows(learner: StreamingLearner, chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_rows(learner: Learner, chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
     """What the buffer keeps of the chunk's samples: (images or encoded latents, quantisation parameters)."""
     return learner.buffer_rows(chunk.x, chunk.inputs)
 
@@ -197,12 +228,12 @@ class IdsBuffer(Part):
         if self.prefer not in ("low", "high"):
             raise ValueError(f"IdsBuffer prefer must be 'low' or 'high', got {self.prefer!r}")
 
-    def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
+    def after_update(self, learner: Learner, batch: Batch) -> None:
         if batch.replay_out is not None:  # kept on the device until the chunk ends (no sync per step)
             self.refreshed.append((batch.replay_index, ids.sample_scores(batch.replay_out, batch.replay_y,
                                                                         learner.method.select.score)))
 
-    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
         buf = learner.buffer
         if self.refreshed:  # one copy from the device; a sample replayed twice keeps its latest score
             buf.score[np.concatenate([i for i, _ in self.refreshed])] = torch.cat(
@@ -217,6 +248,6 @@ class IdsBuffer(Part):
 class ReservoirBuffer(Part):
     """After each chunk, offer its samples to the buffer by reservoir sampling."""
 
-    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
         x, q = _chunk_rows(learner, chunk)
         offer_reservoir(learner.buffer, x, chunk.y, chunk.task, *_chunk_arrays(chunk), learner.rngs.buffer, q)

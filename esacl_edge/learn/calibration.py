@@ -30,7 +30,7 @@ from .buffer import sample
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
 
 
 def fit_offsets(logits: torch.Tensor, y: torch.Tensor, l2: float, iterations: int = 100) -> torch.Tensor:
@@ -64,7 +64,7 @@ class BiasCalibration(Part):
     samples: int = 1000   # buffered samples the offsets are fitted on (a random subset where the buffer holds more)
     l2: float = 1e-3      # pull of the offsets towards 0 (classes with few samples move little)
 
-    def end_task(self, learner: StreamingLearner) -> None:
+    def end_task(self, learner: Learner) -> None:
         buf = learner.buffer
         classifier = learner.trainable.get_submodule(classifier_name(learner.trainable))
         if buf.size == 0 or classifier.bias is None:

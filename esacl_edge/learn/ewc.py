@@ -20,7 +20,7 @@ from .parts import Part
 from .precision import gated
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import Batch
 
 
@@ -79,13 +79,13 @@ class EwcPenalty(Part):
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {"ewc_state": 3 * n_params * FLOAT_BYTES}
 
-    def loss(self, learner: StreamingLearner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
+    def loss(self, learner: Learner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
         return self.lam * penalty(learner.model, self.state) if self.state.fisher else None
 
-    def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
+    def after_backward(self, learner: Learner, batch: Batch) -> None:
         accumulate(learner.model, self.state, self.lam, learner.masks, learner.precision.grads_finite)
 
-    def end_task(self, learner: StreamingLearner) -> None:
+    def end_task(self, learner: Learner) -> None:
         consolidate(learner.model, self.state, self.gamma)
 
     def state_dict(self) -> dict[str, Any]:

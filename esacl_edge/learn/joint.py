@@ -16,7 +16,7 @@ from ..device.transfer import to_device
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import ChunkRecord
 
 
@@ -25,14 +25,14 @@ class Joint(Part):
     x: list[np.ndarray] = field(default_factory=list)
     y: list[np.ndarray] = field(default_factory=list)
 
-    def active_samples(self, learner: StreamingLearner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
+    def active_samples(self, learner: Learner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
         return active[:0]  # nothing is trained while the task streams in
 
-    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
         self.x.append(chunk.x.copy())
         self.y.append(np.asarray(chunk.y))
 
-    def end_task(self, learner: StreamingLearner) -> None:
+    def end_task(self, learner: Learner) -> None:
         from .step import run_passes
 
         if not self.x:

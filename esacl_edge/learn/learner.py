@@ -1,7 +1,9 @@
-"""StreamingLearner: learns classification tasks chunk by chunk with a sparse model and a small buffer.
+"""The learner: learns classification tasks chunk by chunk with a sparse model and a small buffer.
 
 The learner owns the model, the optimizer, the buffer, the generators and the task driver;
-what a method does lives in its parts (``methods.py``), run by the step in ``step.py``.
+what a method does lives in its parts (``methods.py``), run by the step in ``step.py``. Its
+per-task snapshots are kept in memory (``packing.py``); writing them, saving the learner's state
+and exporting are the public :class:`esacl_edge.StreamingLearner`'s (``streaming.py``).
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..deploy import snapshot as snap
-from ..deploy.snapshot import ModelSpec, pack
-from ..device.budget import plan
+from .plan import plan
 from ..device.profiles import Profile, load_profile
 from ..device.selection import autocast_dtype, select_device
 from ..device.transfer import to_device
 from ..errors import DivergenceError, EsaclError
-from ..models import layer_sparsity, prunable_parameters, split_model
+from ..models import ModelSpec, layer_sparsity, prunable_parameters, split_model
 from ..weights import load_init
 from . import buffer as rb
 from . import latent, persistence, sdp
+from .packing import dense_bytes, pack, packed_bytes, unpack
 from .cost import CostMeter, forward_flops, layer_forward_flops
 from .forward import accuracies, infer_logits, task_logits
 from .methods import Method, get_method
@@ -41,7 +42,7 @@ INPUT_DTYPES = ("uint8", "float32")
 DIVERGED_LOSS = 1e6
 
 
-class StreamingLearner:
+class Learner:
     """Learn classification tasks from streaming chunks with a sparse model and a small buffer.
 
     Args:
@@ -128,8 +129,6 @@ class StreamingLearner:
         self.progress = TaskProgress()
         self.task_classes: dict[int, list[int]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
-        self.snapshot_files: dict[int, str] = {}  # SHA-256 of each snapshot written to snapshot_folder
-        self.snapshot_folder: Path | None = None
         self.calibration: dict[int, np.ndarray] = {}  # buffer samples kept with each snapshot (INT8 export)
         self.samples_trained = 0
         self.on_task_end: list[Callable[[int], None]] = []  # called with the task just finished
@@ -319,57 +318,24 @@ class StreamingLearner:
         if task not in self.snapshots:
             have = ", ".join(map(str, sorted(self.snapshots))) or "none"
             raise EsaclError(f"no snapshot for task {task} (tasks count from 0; finished tasks: {have})")
-        return snap.unpack(self.snapshots[task], self.spec.build()).eval()
-
-    def write_snapshot(self, folder: str | Path, task: int, extra: dict | None = None) -> None:
-        """Write ``task``'s snapshot (and its calibration samples) to ``folder/snapshots/``."""
-        folder = Path(folder).resolve()
-        if folder != self.snapshot_folder:
-            self.snapshot_folder, self.snapshot_files = folder, {}
-        self.snapshot_files[task] = snap.save_snapshot(
-            folder, task, self.snapshots[task], self.spec, [self.task_classes[t] for t in sorted(self.task_classes)],
-            self.sparsity(), self.calibration.get(task), extra)
-
-    def export_onnx(self, task: int, path: str | Path, variant: str = "sparse", opset: int | None = None,
-                    test: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-        """Export the model of ``task`` to one ONNX file (+ sidecar JSON), checked against PyTorch.
-
-        ``variant``: ``sparse`` (default), ``dense``, ``structured`` or ``int8``; ``test`` (x, y)
-        adds accuracy before and after export to the report.
-        """
-        from ..deploy.export import export_variant
-
-        meta = {"task": task, "task_classes": [self.task_classes[t] for t in sorted(self.task_classes) if t <= task],
-                "pattern": None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}",
-                "providers": list(self.profile.providers)}
-        return export_variant(self.snapshot_model(task), self.spec, path, variant, meta,
-                              calibration=self.calibration.get(task), opset=opset or self.profile.opset, test=test)
+        return unpack(self.snapshots[task], self.spec.build()).eval()
 
     # ------------------------------------------------------------------ state (see persistence.py)
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly here, as tensors, arrays and JSON; snapshots by file hash."""
+        """Everything needed to continue exactly here, as tensors, arrays and JSON, except the snapshots."""
         return persistence.state_dict(self)
 
-    def load_state_dict(self, state: dict[str, Any], folder: Path, where: str) -> None:
-        """Put the learner (built with the same settings) into ``state``; snapshots are read from ``folder``."""
-        persistence.load_state_dict(self, state, folder, where)
-
-    def save_state(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Save the state crash-safely in ``folder/state`` (finished tasks' snapshots in ``folder/snapshots``)."""
-        return persistence.save_state(self, folder, extra)
-
-    def load_state(self, folder: str | Path, check: Callable[[dict], None] | None = None) -> bool:
-        """Continue from the latest state saved in ``folder`` by a learner built with the same settings.
-
-        Returns False (changing nothing) when ``folder`` holds no saved state. ``check(extra)`` gets
-        the extra JSON saved with the state before anything is restored, to read it or refuse it.
-        """
-        return persistence.load_state(self, folder, check)
+    def load_state_dict(self, state: dict[str, Any], snapshots: dict[int, dict[str, torch.Tensor]],
+                        calibration: dict[int, np.ndarray], where: str) -> None:
+        """Put the learner (built with the same settings) into ``state`` with these task ``snapshots`` and their
+        ``calibration`` samples."""
+        persistence.load_state_dict(self, state, where)
+        self.snapshots, self.calibration = snapshots, calibration
 
     # ------------------------------------------------------------------ sizes
     def model_bytes(self) -> dict[str, int]:
         """Bytes of the model as dense float32 and in the compact snapshot encoding."""
-        return {"dense": snap.dense_bytes(self.model), "sparse": snap.packed_bytes(pack(self.model, self.masks))}
+        return {"dense": dense_bytes(self.model), "sparse": packed_bytes(pack(self.model, self.masks))}
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of exactly-zero weights per prunable layer."""

@@ -2,8 +2,8 @@
 
 A method fills the slots of one fixed training step (``step.py``): which samples to train on,
 the loss terms beside cross-entropy, the optimizer, the sparsity parts, what the buffer keeps,
-what a task's end calibrates, and whether chunks are trained as they arrive. A new variant is a new part or
-a new line here.
+what a task's end calibrates, and whether chunks are trained as they arrive. ``METHODS`` are the
+methods a user chooses; ``ablations.py`` holds the variants the benchmarks compare them with.
 """
 
 from __future__ import annotations
@@ -95,18 +95,14 @@ class Method:
 
 
 def esacl(name: str = "esacl", **changes) -> Method:
-    """EsaCL = IDS step selection + SAM(ρ) on every 4th step (since 0.10) + DER++ + SDP pruning + a reservoir buffer.
+    """EsaCL = IDS step selection + SAM(ρ) on every 4th step + DER++ + SDP pruning + a reservoir buffer.
 
-    DER++ replays 1.5 buffered samples per new sample trained (since 0.11; 0.10 replayed a whole minibatch, 2 per
-    new sample, DER++ itself replays 1).
-
-    The current samples' cross-entropy competes over the classes present in the minibatch (since 0.8) for
-    three quarters and over all classes for a quarter (since 0.12), each task's end calibrates the
-    classifier's bias on the buffer against the bias that loss leaves (0.9),
-    SDP ranks weights by magnitude within each layer's budget (since 0.5; the directional score lost on
-    colour photographs) and follows its cubic schedule from the first chunk, regrowing at a task start
-    from one step's dense gradient (since 0.8), and the buffer is reservoir (since 0.3; the IDS buffer
-    lost at equal bytes): docs/method.md.
+    IDS trains each step on the half of the minibatch it selects; DER++ replays 1.5 buffered samples
+    per new sample trained. The current samples' cross-entropy competes over the classes present in
+    the minibatch for three quarters and over all classes for a quarter, and each task's end
+    calibrates the classifier's bias on the buffer. SDP ranks weights by magnitude within each
+    layer's budget and follows its cubic schedule from the first chunk, regrowing at a task start
+    from one step's dense gradient. The measurements behind each choice: docs/method.md.
     """
     return Method(name, select=IdsSelect(keep=0.5), replay=Replay(alpha=0.3, beta=1.0, ratio=1.5),
                   optimizer=Sam(rho=0.05, every=4), buffer=ReservoirBuffer(),
@@ -124,58 +120,30 @@ def sparcl(name: str = "sparcl", **changes) -> Method:
                   sparsity_extras=(MaskUpdates(every=2, frac=0.1), GradientMasks(keep=0.8))).replace(**changes)
 
 
-# The names and their descriptions are listed, torch-free, in ``esacl_edge.names``; the keys here are the same.
+# The methods a user chooses; their descriptions, torch-free for the command line, are
+# ``names.METHOD_DESCRIPTIONS`` (same keys, same order).
 METHODS: dict[str, Callable[[], Method]] = {
     "esacl": esacl,
-    # Ablations: each switches off one part of EsaCL.
-    "esacl-noids": lambda: esacl("esacl-noids", select=AllSamples()),
-    "esacl-nosam": lambda: esacl("esacl-nosam", optimizer=Sgd()),
-    "esacl-allclasses": lambda: esacl("esacl-allclasses", current_classes="all"),
-    "esacl-present": lambda: esacl("esacl-present", all_classes_share=0.0),
-    "esacl-sam2": lambda: esacl("esacl-sam2", optimizer=Sam(rho=0.05, every=2)),
-    "esacl-nocalib": lambda: esacl("esacl-nocalib", calibration=None),
-    "esacl-replay1": lambda: esacl("esacl-replay1", replay=Replay(alpha=0.3, beta=1.0, ratio=1.0)),
-    "esacl-replay2": lambda: esacl("esacl-replay2", replay=Replay(alpha=0.3, beta=1.0, ratio=2.0)),
-    "esacl-warmup": lambda: esacl("esacl-warmup", pruning=Pruning(score="magnitude", warmup=0.5, regrow_steps=4)),
-    "esacl-directional": lambda: esacl("esacl-directional", pruning=Pruning(score="directional")),  # + its warm-up
-    "esacl-magnitude": lambda: esacl("esacl-magnitude"),  # esacl since 0.5
-    "esacl-reservoir": lambda: esacl("esacl-reservoir", buffer=ReservoirBuffer()),  # the default since 0.3
-    "esacl-idsbuffer": lambda: esacl("esacl-idsbuffer", buffer=IdsBuffer(spread=0.25)),
-    "esacl-erk": lambda: esacl("esacl-erk", pruning=dataclasses.replace(esacl().pruning, allocation="erk")),
-    "esacl-global": lambda: esacl("esacl-global", pruning=dataclasses.replace(esacl().pruning, allocation="global")),
-    "esacl-layerregrow": lambda: esacl("esacl-layerregrow", pruning=dataclasses.replace(
-        esacl().pruning, regrow_within_layers=True)),
-    "esacl-early": lambda: esacl("esacl-early", pruning=dataclasses.replace(esacl().pruning, first_until=0.6)),
-    "esacl-layerregrow-early": lambda: esacl("esacl-layerregrow-early", pruning=dataclasses.replace(
-        esacl().pruning, regrow_within_layers=True, first_until=0.6)),
-    "esacl-channels": lambda: esacl("esacl-channels", pruning=dataclasses.replace(
-        esacl().pruning, structure="channel")),
-    "esacl-channels-sqrt": lambda: esacl("esacl-channels-sqrt", pruning=dataclasses.replace(
-        esacl().pruning, structure="channel", channel_exponent=0.5)),
-    # Dense baselines: plain SGD steps on whole minibatches.
     "finetune": lambda: Method("finetune"),
     "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),
     "er": lambda: Method("er", replay=Replay(alpha=0.0, beta=1.0), buffer=ReservoirBuffer()),
     "derpp": lambda: Method("derpp", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer()),
-    "derpp-ace": lambda: Method("derpp-ace", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer(),
-                                current_classes="present"),
-    "derpp-calib": lambda: Method("derpp-calib", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer(),
-                                  calibration=BiasCalibration()),
     "joint": lambda: Method("joint", data=Joint()),
-    # SparCL-style sparse baselines.
     "sparcl": sparcl,
-    "sparcl-er": lambda: sparcl("sparcl-er", replay=Replay(alpha=0.0, beta=1.0)),
-    "sparcl-ewc": lambda: sparcl("sparcl-ewc", replay=None, buffer=None, penalty=EwcPenalty(lam=10.0)),
-    "sparcl-ace": lambda: sparcl("sparcl-ace", current_classes="present"),
 }
 
 
 def get_method(name: str) -> Method:
-    """A fresh :class:`Method` (its parts hold no state yet)."""
-    try:
+    """A fresh :class:`Method` (its parts hold no state yet): a product method, or an ablation of
+    ``ablations.ABLATIONS`` (which bench runs and runs saved under it resume with)."""
+    if name in METHODS:
         return METHODS[name]()
-    except KeyError:
-        raise EsaclError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") from None
+    from .ablations import ABLATIONS
+
+    if name in ABLATIONS:
+        return ABLATIONS[name]()
+    raise EsaclError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)} "
+                     "(or an ablation of 'esacl-edge bench --help')")
 
 
 def with_lr(method: Method, lr: float) -> Method:

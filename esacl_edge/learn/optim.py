@@ -26,7 +26,7 @@ from .forward import norm_stats_untouched
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import Batch
 
 Closure = Callable[["Batch"], tuple[torch.Tensor, torch.Tensor]]  # batch -> (loss, selected samples' logits)
@@ -48,7 +48,7 @@ class Sgd(Part):
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {"optimizer_state": n_params * FLOAT_BYTES if self.momentum > 0 else 0}
 
-    def gradients(self, learner: StreamingLearner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradients(self, learner: Learner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill ``.grad`` with the gradient of ``closure(batch)``'s loss; returns (loss, selected samples' logits)."""
         learner.optimizer.zero_grad(set_to_none=True)
         loss, out = closure(batch)
@@ -76,7 +76,7 @@ class Sam(Part):
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {**self.base.memory_terms(n_params, n_prunable), "sam_perturbation": n_params * FLOAT_BYTES}
 
-    def gradients(self, learner: StreamingLearner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradients(self, learner: Learner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps += 1
         if (self.steps - 1) % self.every:
             return self.base.gradients(learner, batch, closure)

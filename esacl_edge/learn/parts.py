@@ -20,43 +20,43 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import Batch, ChunkRecord
 
 
 class Part:
     """Base of every part: no-op hooks (one level of inheritance, no deeper)."""
 
-    def bind(self, learner: StreamingLearner) -> None:
+    def bind(self, learner: Learner) -> None:
         """Allocate state for ``learner``'s model (called once, when the learner is built)."""
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         """Bytes of training state this part adds (the budget arithmetic sums them)."""
         return {}
 
-    def begin_task(self, learner: StreamingLearner) -> None: ...
+    def begin_task(self, learner: Learner) -> None: ...
 
-    def begin_chunk(self, learner: StreamingLearner, n: int) -> None: ...
+    def begin_chunk(self, learner: Learner, n: int) -> None: ...
 
-    def active_samples(self, learner: StreamingLearner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
+    def active_samples(self, learner: Learner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
         """Which chunk samples the next pass trains on (all by default)."""
         return active
 
-    def loss(self, learner: StreamingLearner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
+    def loss(self, learner: Learner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
         """This part's loss term for the forward output ``out`` of ``batch`` (None: no term)."""
         return None
 
-    def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
+    def after_backward(self, learner: Learner, batch: Batch) -> None:
         """Read or mask the gradients the update is about to apply."""
 
-    def after_update(self, learner: StreamingLearner, batch: Batch) -> None: ...
+    def after_update(self, learner: Learner, batch: Batch) -> None: ...
 
-    def masks_changed(self, learner: StreamingLearner) -> None:
+    def masks_changed(self, learner: Learner) -> None:
         """The pruning masks changed (pruned, regrown or moved): refresh what depends on them."""
 
-    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None: ...
+    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None: ...
 
-    def end_task(self, learner: StreamingLearner) -> None: ...
+    def end_task(self, learner: Learner) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {}

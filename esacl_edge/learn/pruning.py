@@ -7,7 +7,7 @@
 * after the first ``regrow_steps`` steps of every task but the first: regrow at zero, where
   |grad| is largest over all layers (EsaCL) or within each layer's budget (``regrow_within_layers``);
 * after each chunk: prune to the schedule's density (no fine-tuning afterwards). The first
-  task trains dense for its first ``warmup`` share of chunks (EsaCL: none since 0.8, the
+  task trains dense for its first ``warmup`` share of chunks (EsaCL: none, the
   magnitude score needs no statistics; the directional score's mean needs a trained model),
   then follows a cubic schedule to the target by ``first_until`` of its chunks (EsaCL: its end);
   a later task prunes its regrown weights by ``prune_until`` of its chunks;
@@ -32,7 +32,7 @@ from . import channels, sdp
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import Batch, ChunkRecord
 
 
@@ -42,7 +42,7 @@ STRUCTURES = ("weight", "channel")
 
 @dataclass
 class Pruning(Part):
-    score: str = "directional"       # "directional", "magnitude" (EsaCL's since 0.5) or "sparcl"
+    score: str = "directional"       # "directional", "magnitude" (EsaCL's) or "sparcl"
     allocation: str = "uniform"      # live weights per layer: "uniform", "erk" or "global" (one ranking)
     structure: str = "weight"        # what is pruned: single "weight"s or whole "channel"s
     channel_exponent: float = 1.0    # "channel": density d keeps d**e of the channels (e < 1: weights within)
@@ -83,7 +83,7 @@ class Pruning(Part):
         """The running averages a and f are kept only for the scores that read them."""
         return self.score != "magnitude"
 
-    def bind(self, learner: StreamingLearner) -> None:
+    def bind(self, learner: Learner) -> None:
         self.state = sdp.init_state(learner.model, self.stat_decay, statistics=self.keeps_statistics)
         if self.structure == "channel":
             if learner.pattern is not None:
@@ -100,7 +100,7 @@ class Pruning(Part):
         floats = 3 if self.keeps_statistics else 1
         return {"masks_and_pruning_stats": n_prunable * (1 + floats * FLOAT_BYTES)}
 
-    def masks_changed(self, learner: StreamingLearner) -> None:
+    def masks_changed(self, learner: Learner) -> None:
         self._refresh()
 
     def _refresh(self) -> None:
@@ -110,15 +110,15 @@ class Pruning(Part):
         if self.groups:
             channels.set_live(self.model, self.groups, self.state.masks)
 
-    def _in_regrow_window(self, learner: StreamingLearner) -> bool:
+    def _in_regrow_window(self, learner: Learner) -> bool:
         return bool(learner.snapshots) and learner.progress.steps < self.regrow_steps
 
-    def _pruning_ahead(self, learner: StreamingLearner) -> bool:
+    def _pruning_ahead(self, learner: Learner) -> bool:
         """Statistics are needed: this task still prunes (more weights live than the target keeps)."""
         keep = round((1.0 - learner.target_sparsity) * sdp.size(self.state))
         return self.live > keep or self._in_regrow_window(learner)
 
-    def _window(self, learner: StreamingLearner) -> tuple[int, int]:
+    def _window(self, learner: Learner) -> tuple[int, int]:
         """The chunks (first, last) of the current task over which the schedule prunes."""
         n = learner.progress.n_chunks
         if not learner.snapshots:   # the first task: dense warm-up, then to the target by its end
@@ -126,12 +126,12 @@ class Pruning(Part):
         return 0, max(1, math.ceil(self.prune_until * n))
 
     # ------------------------------------------------------------------ hooks
-    def begin_task(self, learner: StreamingLearner) -> None:
+    def begin_task(self, learner: Learner) -> None:
         self.start_density = self.density
         if not self.grads_every_step:  # regrowth evidence comes from this task's first steps only
             self.state.grad_abs = {}
 
-    def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
+    def after_backward(self, learner: Learner, batch: Batch) -> None:
         if self.grads_every_step or self._in_regrow_window(learner):
             sdp.record_grad_abs(learner.model, self.state, learner.precision.grads_finite)
             learner.cost.dense_weight_grads(batch.n_train)
@@ -139,7 +139,7 @@ class Pruning(Part):
         if self.keeps_statistics and (self.grads_every_step or self._pruning_ahead(learner)):
             sdp.accumulate(learner.model, self.state, learner.precision.grads_finite)
 
-    def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
+    def after_update(self, learner: Learner, batch: Batch) -> None:
         if learner.snapshots and learner.progress.steps == self.regrow_steps:
             if self.groups:   # whole channels are not regrown, the layers outside them are (channels.py)
                 grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer, self.allocation,
@@ -153,7 +153,7 @@ class Pruning(Part):
                 self.events.append({"task": learner.progress.task, "chunk": learner.progress.chunks_done,
                                     "regrown": grown, "density_after": self.density})
 
-    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
         prog, target = learner.progress, 1.0 - learner.target_sparsity
         if prog.n_chunks is not None:
             first, last = self._window(learner)
@@ -171,10 +171,10 @@ class Pruning(Part):
         self.events.append({"task": prog.task, "chunk": prog.chunks_done - 1, "density_before": before,
                             "density_after": self.density, "removed": removed})
 
-    def end_task(self, learner: StreamingLearner) -> None:
+    def end_task(self, learner: Learner) -> None:
         self.prune(learner, 1.0 - learner.target_sparsity)
 
-    def prune(self, learner: StreamingLearner, target_density: float) -> int:
+    def prune(self, learner: Learner, target_density: float) -> int:
         """Prune the lowest-scoring live weights (or whole channels) down to ``target_density``; returns how many
         were removed."""
         score = sdp.scores(learner.model, self.state, self.score, self.importance_lambda)

@@ -1,7 +1,7 @@
 """Replay loss terms: DER++ (Buzzega et al., 2020) and ER, on a batch drawn from the buffer.
 
 A replay batch of ``ratio`` × the new samples the step trains (the whole minibatch, or the
-samples IDS selected: since 0.11 EsaCL replays three buffered samples for every two new ones)
+samples IDS selected: EsaCL replays three buffered samples for every two new ones)
 is drawn once per step (the same batch in both SAM passes; on a GPU gathered from the
 buffer's device copy where the budget allows it) and forwarded together with them. DER++ adds
 α·MSE(logits, logits stored at insertion) + β·CE(labels); ER is DER++ with α = 0.
@@ -21,7 +21,7 @@ from .buffer import sample
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import Batch
 
 
@@ -31,7 +31,7 @@ class Replay(Part):
     beta: float = 1.0    # cross-entropy on replayed labels
     ratio: float = 1.0   # replay batch size / new samples trained in the step
 
-    def draw(self, learner: StreamingLearner, batch: Batch, n_new: int) -> None:
+    def draw(self, learner: Learner, batch: Batch, n_new: int) -> None:
         """Attach ``ratio`` × ``n_new`` buffered samples to ``batch`` (none while the buffer is empty)."""
         buf = learner.buffer
         if buf.size == 0:
@@ -46,7 +46,7 @@ class Replay(Part):
                 to_device(buf.logits[idx], learner.device), buf.qparams[idx]
         batch.replay_x, batch.replay_y, batch.replay_logits = learner.replay_inputs(x, q), y, logits
 
-    def loss(self, learner: StreamingLearner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
+    def loss(self, learner: Learner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
         if batch.replay_y is None:
             return None
         old = out[len(batch.y):]

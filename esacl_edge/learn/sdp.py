@@ -5,7 +5,7 @@ masked SAM ascent itself is in ``optim.py``):
 
 * :func:`mask_grads`: the descent gradient is applied to live weights only, so pruned
   weights (zero, with zero momentum) stay exactly zero.
-* :func:`scores`: lowest pruned first. EsaCL's since 0.5 is |theta_i|; the directional score
+* :func:`scores`: lowest pruned first. EsaCL's is |theta_i|; the directional score
   is |Delta_i|, where removing weight i moves theta by -theta_i e_i and the second-order loss
   change is Delta_i = -a_i + 0.5 * theta_i^2 * f_i;
 * :func:`accumulate`: the directional score's running averages a = E[theta * g~] and
@@ -105,7 +105,7 @@ def record_grad_abs(model: nn.Module, state: SdpState, finite: torch.Tensor | No
 def scores(model: nn.Module, state: SdpState, kind: str = "directional", lam: float = 0.5) -> dict[str, torch.Tensor]:
     """Pruning scores per prunable weight; lower means safer to remove.
 
-    ``directional`` is |Delta| (EsaCL's before 0.5); ``magnitude`` is |theta| (EsaCL's since 0.5: under
+    ``directional`` is |Delta|; ``magnitude`` is |theta| (EsaCL's: under
     SAM the loss is flat, so within a layer the cost of removing theta_i grows with theta_i^2); ``sparcl`` is SparCL's
     importance |theta| + lam * |grad| (|grad| as the root of the running mean of g^2).
     """

@@ -22,7 +22,7 @@ from .forward import norm_stats_untouched, restrict
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
 
 Selection = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 Prior = tuple[torch.Tensor, torch.Tensor] | None   # the minibatch's (logits, scores) from the previous pass
@@ -34,7 +34,7 @@ class AllSamples(Part):
 
     score: str = "loss"
 
-    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
+    def select(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
                present: torch.Tensor | None = None) -> Selection:
         """(positions to train on or None for all, and the whole minibatch's logits and scores if known)."""
         return None, None, None
@@ -48,7 +48,7 @@ class IdsSelect(Part):
     score: str = "loss"
     rescore_every_pass: bool = False   # a scoring forward on every pass, not only the first
 
-    def select(self, learner: StreamingLearner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
+    def select(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
                present: torch.Tensor | None = None) -> Selection:
         if prior is not None and not self.rescore_every_pass:
             logits, scores = prior

@@ -23,7 +23,7 @@ from . import sdp
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
     from .step import Batch, ChunkRecord
 
 
@@ -67,7 +67,7 @@ class MaskUpdates(Part):
     every: int = 2
     frac: float = 0.1
 
-    def after_chunk(self, learner: StreamingLearner, chunk: ChunkRecord) -> None:
+    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
         prog, pruning = learner.progress, learner.method.pruning
         last_chunk = prog.chunks_done == prog.n_chunks  # weights regrown now would stay zero in the snapshot
         warm_up = pruning.density >= 1.0  # nothing is pruned yet: a move would only zero weights
@@ -83,12 +83,12 @@ class GradientMasks(Part):
     keep: float = 0.8
     masks: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
 
-    def masks_changed(self, learner: StreamingLearner) -> None:
+    def masks_changed(self, learner: Learner) -> None:
         pruning = learner.method.pruning
         self.masks = gradient_masks(learner.model, pruning.state, pruning.importance_lambda, self.keep)
         learner.cost.set_grad_density({n: float(m.float().mean()) for n, m in self.masks.items()})
 
-    def after_backward(self, learner: StreamingLearner, batch: Batch) -> None:
+    def after_backward(self, learner: Learner, batch: Batch) -> None:
         if self.masks:
             sdp.mask_grads(learner.model, learner.method.pruning.state, self.masks)
 
@@ -134,13 +134,13 @@ class DataRemoval(Part):
     after: float = 0.5
     tracker: ForgettingTracker | None = field(init=False, default=None, repr=False)
 
-    def begin_chunk(self, learner: StreamingLearner, n: int) -> None:
+    def begin_chunk(self, learner: Learner, n: int) -> None:
         self.tracker = ForgettingTracker.new(n, learner.device)
 
-    def active_samples(self, learner: StreamingLearner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
+    def active_samples(self, learner: Learner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
         if pass_index == int(self.after * learner.profile.passes_per_chunk):
             return self.tracker.keep(active, self.frac)
         return active
 
-    def after_update(self, learner: StreamingLearner, batch: Batch) -> None:
+    def after_update(self, learner: Learner, batch: Batch) -> None:
         self.tracker.update(batch.index, batch.logits.argmax(1) == batch.labels)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..deploy.snapshot import ModelSpec
+from ..models import ModelSpec
 from ..errors import CheckpointError
 
 

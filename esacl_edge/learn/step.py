@@ -27,7 +27,7 @@ from . import ids
 from .forward import minibatches, present_classes, restrict
 
 if TYPE_CHECKING:
-    from .learner import StreamingLearner
+    from .learner import Learner
 
 
 @dataclass
@@ -76,7 +76,7 @@ def current_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | 
     return loss
 
 
-def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_terms(learner: Learner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the selected samples + every part's term; returns (loss, their logits)."""
     x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
     with learner.precision.autocast():
@@ -89,7 +89,7 @@ def loss_terms(learner: StreamingLearner, batch: Batch) -> tuple[torch.Tensor, t
     return loss, out[: len(batch.y)]
 
 
-def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, index: torch.Tensor,
+def train_step(learner: Learner, xb: torch.Tensor, yb: torch.Tensor, index: torch.Tensor,
                prior: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step on minibatch ``(xb, yb)``; ``prior``: its samples' (logits, scores) from the previous pass.
@@ -126,7 +126,7 @@ def train_step(learner: StreamingLearner, xb: torch.Tensor, yb: torch.Tensor, in
     return loss.detach(), batch.logits, scores
 
 
-def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, record: ChunkRecord | None = None,
+def run_passes(learner: Learner, xt: torch.Tensor, yt: torch.Tensor, record: ChunkRecord | None = None,
                filter_samples: bool = True) -> list[torch.Tensor]:
     """``passes_per_chunk`` passes over ``(xt, yt)`` in shuffled minibatches; returns the step losses.
 
@@ -149,7 +149,7 @@ def run_passes(learner: StreamingLearner, xt: torch.Tensor, yt: torch.Tensor, re
     return losses
 
 
-def train_chunk(learner: StreamingLearner, x: np.ndarray, y: np.ndarray, task: int) -> float:
+def train_chunk(learner: Learner, x: np.ndarray, y: np.ndarray, task: int) -> float:
     """Learn one chunk: its passes, then the parts' after-chunk work (buffer, pruning schedule…).
 
     Returns the mean step loss (:func:`mean_loss`).

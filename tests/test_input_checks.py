@@ -15,8 +15,8 @@ from esacl_edge.data.stream import load_chunk, read_manifest
 from esacl_edge.device.profiles import load_profile, to_yaml
 from esacl_edge.errors import EsaclError, ProfileError, StreamError
 
-from . import formats
-from .conftest import write_chunk
+from tests import formats
+from tests.support import write_chunk
 
 
 def one_error_line(capsys) -> str:

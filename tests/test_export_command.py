@@ -19,7 +19,7 @@ from esacl_edge.device.profiles import load_profile, to_yaml
 from esacl_edge.errors import ExportError
 from esacl_edge.runner import learn
 
-from .conftest import RUNNER, run_without_torch
+from tests.support import RUNNER, run_without_torch
 
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
