@@ -249,11 +249,11 @@ def host_syncs(args: argparse.Namespace, manifest: Manifest, method: str, precis
         learner.begin_task(c.task, c.n_chunks, list(manifest.tasks[c.task].classes))
     xt, yt = learner.to_device(c.x), to_device(c.y, learner.device)
     for part in learner.method.parts:
-        part.begin_chunk(learner, len(c.y))
+        part.begin_chunk(learner.ctx, len(c.y))
     learner.model.train()
     order = to_device(learner.rngs.order.permutation(len(c.y)), learner.device)
     batches = minibatches(order, learner.profile.batch_size)
-    train_step(learner, xt[batches[0]], yt[batches[0]], batches[0])  # warm-up: lazy initialisation
+    train_step(learner.ctx, learner.method, xt[batches[0]], yt[batches[0]], batches[0])  # warm-up: lazy initialisation
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -261,7 +261,7 @@ def host_syncs(args: argparse.Namespace, manifest: Manifest, method: str, precis
         try:
             for step in range(args.sync_steps):
                 idx = batches[step % len(batches)]
-                train_step(learner, xt[idx], yt[idx], idx)
+                train_step(learner.ctx, learner.method, xt[idx], yt[idx], idx)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

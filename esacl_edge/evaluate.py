@@ -12,7 +12,7 @@ from .data.stream import load_test, read_manifest
 from .deploy.snapshot import available_tasks, load_snapshot
 from .models import ModelSpec
 from .errors import SnapshotError, StreamError
-from .learn.forward import accuracies, infer_logits
+from .learn.forward import accuracies, infer_logits, nchw
 from .metrics import final_accuracy
 
 
@@ -38,7 +38,7 @@ def stream_tests(stream: str | Path, task: int, spec: ModelSpec
 
 def task_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]) -> dict[str, float]:
     """Class-IL (all classes compete) and Task-IL (only ``classes`` compete) accuracy, as the learner measures it."""
-    logits = infer_logits(model, torch.as_tensor(x).to(torch.float32).permute(0, 3, 1, 2).contiguous())
+    logits = infer_logits(model, nchw(x))
     return accuracies(logits, torch.as_tensor(y), classes)
 
 

@@ -69,7 +69,7 @@ def fast():
     return load_profile("cpu").replace(passes_per_chunk=2, batch_size=16)
 
 
-@pytest.mark.parametrize("name", ("resnet18_reduced",) + TORCHVISION_MODELS)
+@pytest.mark.parametrize("name", ["resnet18_reduced", *(pytest.param(m, marks=pytest.mark.slow) for m in TORCHVISION_MODELS)])
 def test_every_backbone_learns_a_tiny_colour_stream_and_exports_with_parity(tmp_path, colour_stream, name):
     # From scratch, BatchNorm-deep networks need some dozens of steps before eval mode works; EfficientNet-B0
     # with DER++'s logit matching also needs a lower rate (it is meant to start from pretrained weights).
@@ -87,6 +87,7 @@ def test_every_backbone_learns_a_tiny_colour_stream_and_exports_with_parity(tmp_
     assert meta["variant"] == "sparse"
 
 
+@pytest.mark.slow
 def test_torchvision_backbone_exports_dense_and_int8_and_structured_refuses_in_one_line(tmp_path, colour_stream, capsys):
     learn(colour_stream, profile=fast(), run_dir=tmp_path / "run", method="derpp", model="mobilenet_v3_small",
           progress=False, lr=0.02)  # a buffer: its samples calibrate the INT8 export
@@ -202,6 +203,7 @@ def test_a_mis_shaped_layer_names_the_key(tmp_path):
         load_init(build_model("resnet18_reduced", SHAPE, 4), path, "resnet18_reduced")
 
 
+@pytest.mark.slow
 def test_download_weights_is_opt_in_and_uses_torchvision_s_file(tmp_path, monkeypatch, colour_stream):
     import torch.hub
 

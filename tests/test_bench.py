@@ -17,6 +17,7 @@ def test_parse_method():
         parse_method("esacl@x", 0.9)
 
 
+@pytest.mark.slow
 def test_bench_runs_methods_over_seeds_and_writes_json_and_plots(tiny_stream, fast_profile, tmp_path):
     report = bench(tiny_stream.root, ["esacl", "finetune"], fast_profile.replace(passes_per_chunk=1), tmp_path,
                    sparsity=0.8, seeds=2, buffer_bytes=2240)

@@ -56,7 +56,7 @@ def test_calibration_lifts_underpredicted_classes_and_shifts_the_stored_logits(f
     loss = lambda: float(torch.nn.functional.cross_entropy(learner.logits(buf.x[:n])[:, :4], y))  # seen classes
     loss_before = loss()
     learner.begin_task(0)
-    BiasCalibration().end_task(learner)
+    BiasCalibration().end_task(learner.ctx)
     moved = (head.bias.detach() - bias).numpy()
     assert moved[2:4].min() > moved[:2].max() + 1.0   # the under-predicted classes rise against the others
     assert np.all(moved[4:] == 0.0)                    # classes the buffer does not hold keep their bias

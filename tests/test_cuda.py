@@ -40,12 +40,12 @@ def test_a_gpu_step_makes_no_host_sync(tiny_stream, precision):
     learner.observe(chunks[0].x, chunks[0].y, 0, n_chunks=2)
     x, y = learner.to_device(chunks[1].x), torch.as_tensor(chunks[1].y).to("cuda")
     idx = torch.arange(16, device="cuda")
-    train_step(learner, x[idx], y[idx], idx)   # warm-up: the device copy of the buffer syncs here
+    train_step(learner.ctx, learner.method, x[idx], y[idx], idx)   # warm-up: the device copy of the buffer syncs here
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(4):
-            train_step(learner, x[idx], y[idx], idx)
+            train_step(learner.ctx, learner.method, x[idx], y[idx], idx)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

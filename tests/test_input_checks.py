@@ -198,7 +198,7 @@ def test_weights_that_do_not_fit_in_memory_are_one_error(monkeypatch):
 def test_profiles_check_validates_sizes_before_building(capsys, monkeypatch, args, expected):
     def must_not_build(*a, **kw):
         raise AssertionError("built a model from unchecked sizes")
-    monkeypatch.setattr("esacl_edge.device.budget.build_model", must_not_build)
+    monkeypatch.setattr("esacl_edge.learn.plan.build_model", must_not_build)
     assert main(["profiles", "check", "cpu", *args]) == 2
     assert one_error_line(capsys) == f"esacl-edge: error: {expected}"
 

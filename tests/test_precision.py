@@ -179,7 +179,7 @@ def test_a_training_step_never_waits_for_the_device(tiny_stream, fast_profile, m
     idx = torch.arange(16)
     with HostSyncs() as syncs:
         for _ in range(3):   # SAM and plain steps alternate; IDS scores and selects on the device
-            train_step(learner, x[idx], y[idx], idx)
+            train_step(learner.ctx, learner.method, x[idx], y[idx], idx)
     assert syncs.calls == []
 
 

@@ -231,6 +231,7 @@ def test_jetson_detection_from_platform_files(tmp_path):
     assert detect_jetson(tmp_path) == "NVIDIA Jetson Orin Nano Developer Kit"
 
 
+@pytest.mark.slow
 def test_profiles_ship_inside_the_wheel(tmp_path):
     """A non-editable install must find the profiles: they are package data."""
     root = __import__("pathlib").Path(__file__).resolve().parent.parent

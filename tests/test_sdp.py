@@ -309,7 +309,7 @@ def test_esacl_prunes_the_smallest_weights_of_each_layer_and_keeps_no_statistics
     assert pruning.state.a == {} and pruning.state.f == {}
     params = prunable_parameters(learner.model)
     before = {n: p.detach().abs().clone() for n, p in params.items()}
-    pruning.prune(learner, 0.3)
+    pruning.prune(learner.ctx, 0.3)
     budgets = sdp.layer_budgets(pruning.state.masks, 0.3, "uniform")
     names = list(pruning.state.masks)
     for name, m in pruning.state.masks.items():

@@ -40,8 +40,8 @@ from torch import nn
 from .. import __version__
 from ..errors import ExportError
 from ..files import temp_file_beside, write_json
-from ..models import layer_sparsity
-from ..models import ModelSpec
+from ..learn.forward import nchw
+from ..models import ModelSpec, layer_sparsity
 
 PARITY_TOLERANCE = 1e-4
 VARIANTS = ("sparse", "dense", "structured", "int8")
@@ -291,7 +291,7 @@ def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256,
 
 def torch_logits(model: nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.from_numpy(_nchw(x_nhwc))).numpy()
+        return model(nchw(x_nhwc)).numpy()
 
 
 def deployment_info(spec: ModelSpec, meta: dict, variant: str, opset: int) -> dict:

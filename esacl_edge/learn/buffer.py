@@ -16,6 +16,7 @@ ids, the logits at insertion (for DER++) and the insertion score (for IDS). On a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +24,11 @@ import numpy as np
 import torch
 
 from ..device.transfer import to_device
-from . import ids
+from . import ids, latent
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
     from .step import Batch, ChunkRecord
 
 ARRAYS = ("x", "y", "task", "logits", "score", "qparams")
@@ -207,13 +208,33 @@ def sample(buf: ReplayBuffer, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(buf.size, size=min(n, buf.size), replace=False)
 
 
+@dataclass
+class BufferStore:
+    """The replay buffer as parts reach it: its arrays, the device copy replay gathers from (on a GPU), and the
+    encoding of a chunk's samples into what it keeps (images as stored, or latents) and back into what the
+    trainable part takes."""
+
+    buffer: ReplayBuffer
+    layout: BufferLayout
+    device: torch.device
+    train_inputs: Callable[[np.ndarray | torch.Tensor], torch.Tensor]  # stored images -> the trainable part's input
+    device_copy: DeviceCopy | None = None
+
+    def rows(self, x: np.ndarray, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """What the buffer keeps of chunk samples ``x`` (``z`` = ``train_inputs(x)``): (inputs, parameters)."""
+        if self.layout.latent is None:
+            return x, np.zeros((len(x), 0), np.float32)
+        return latent.encode(z, self.layout.latent)
+
+    def inputs(self, x: np.ndarray | torch.Tensor, qparams: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Buffered inputs -> what the trainable part takes (latents decoded, images through the frozen prefix)."""
+        if self.layout.latent is None:
+            return self.train_inputs(x)
+        return latent.decode(to_device(x, self.device), to_device(qparams, self.device), self.layout.latent)
+
+
 def _chunk_arrays(chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
     return chunk.logits.cpu().numpy(), chunk.scores.cpu().numpy()
-
-
-def _chunk_rows(learner: Learner, chunk: ChunkRecord) -> tuple[np.ndarray, np.ndarray]:
-    """What the buffer keeps of the chunk's samples: (images or encoded latents, quantisation parameters)."""
-    return learner.buffer_rows(chunk.x, chunk.inputs)
 
 
 @dataclass
@@ -223,31 +244,32 @@ class IdsBuffer(Part):
     spread: float = 0.25  # share of each class quota filled at random
     prefer: str = "low"   # keep the lowest scores (most typical samples) or the highest (hardest)
     refreshed: list[tuple[np.ndarray, torch.Tensor]] = field(init=False, default_factory=list, repr=False)
+    score: str = field(init=False, default="loss")  # the step selection's score, handed when the method is built
 
     def __post_init__(self) -> None:
         if self.prefer not in ("low", "high"):
             raise ValueError(f"IdsBuffer prefer must be 'low' or 'high', got {self.prefer!r}")
 
-    def after_update(self, learner: Learner, batch: Batch) -> None:
+    def after_update(self, ctx: Context, batch: Batch) -> None:
         if batch.replay_out is not None:  # kept on the device until the chunk ends (no sync per step)
             self.refreshed.append((batch.replay_index, ids.sample_scores(batch.replay_out, batch.replay_y,
-                                                                        learner.method.select.score)))
+                                                                        self.score)))
 
-    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
-        buf = learner.buffer
+    def after_chunk(self, ctx: Context, chunk: ChunkRecord) -> None:
+        buf = ctx.store.buffer
         if self.refreshed:  # one copy from the device; a sample replayed twice keeps its latest score
             buf.score[np.concatenate([i for i, _ in self.refreshed])] = torch.cat(
                 [s for _, s in self.refreshed]).cpu().numpy()
         self.refreshed = []
-        x, q = _chunk_rows(learner, chunk)
-        offer_ids(learner.buffer, x, chunk.y, chunk.task, *_chunk_arrays(chunk), self.spread,
-                  learner.rngs.buffer, self.prefer, q)
+        x, q = ctx.store.rows(chunk.x, chunk.inputs)
+        offer_ids(ctx.store.buffer, x, chunk.y, chunk.task, *_chunk_arrays(chunk), self.spread,
+                  ctx.rngs.buffer, self.prefer, q)
 
 
 @dataclass
 class ReservoirBuffer(Part):
     """After each chunk, offer its samples to the buffer by reservoir sampling."""
 
-    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
-        x, q = _chunk_rows(learner, chunk)
-        offer_reservoir(learner.buffer, x, chunk.y, chunk.task, *_chunk_arrays(chunk), learner.rngs.buffer, q)
+    def after_chunk(self, ctx: Context, chunk: ChunkRecord) -> None:
+        x, q = ctx.store.rows(chunk.x, chunk.inputs)
+        offer_reservoir(ctx.store.buffer, x, chunk.y, chunk.task, *_chunk_arrays(chunk), ctx.rngs.buffer, q)

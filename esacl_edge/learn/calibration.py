@@ -30,7 +30,7 @@ from .buffer import sample
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
 
 
 def fit_offsets(logits: torch.Tensor, y: torch.Tensor, l2: float, iterations: int = 100) -> torch.Tensor:
@@ -64,16 +64,16 @@ class BiasCalibration(Part):
     samples: int = 1000   # buffered samples the offsets are fitted on (a random subset where the buffer holds more)
     l2: float = 1e-3      # pull of the offsets towards 0 (classes with few samples move little)
 
-    def end_task(self, learner: Learner) -> None:
-        buf = learner.buffer
-        classifier = learner.trainable.get_submodule(classifier_name(learner.trainable))
+    def end_task(self, ctx: Context) -> None:
+        buf = ctx.store.buffer
+        classifier = ctx.trainable.get_submodule(classifier_name(ctx.trainable))
         if buf.size == 0 or classifier.bias is None:
             return
-        rng = np.random.default_rng([learner.seed, learner.progress.task, 0xB1A5])
+        rng = np.random.default_rng([ctx.seed, ctx.progress.task, 0xB1A5])
         pick = np.sort(sample(buf, self.samples, rng))
-        with learner.precision.autocast():   # a training-time forward, in the training precision
-            logits = infer_logits(learner.trainable, learner.replay_inputs(buf.x[pick], buf.qparams[pick]))
-        learner.cost.forward(len(pick))
+        with ctx.precision.autocast():   # a training-time forward, in the training precision
+            logits = infer_logits(ctx.trainable, ctx.store.inputs(buf.x[pick], buf.qparams[pick]))
+        ctx.cost.forward(len(pick))
         y = torch.as_tensor(buf.y[pick].astype(np.int64))
         seen = np.unique(y.numpy())   # the classes the fit sees; the others keep their bias
         index = torch.as_tensor(np.searchsorted(seen, y.numpy()))

@@ -20,7 +20,7 @@ from .parts import Part
 from .precision import gated
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
     from .step import Batch
 
 
@@ -79,14 +79,14 @@ class EwcPenalty(Part):
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {"ewc_state": 3 * n_params * FLOAT_BYTES}
 
-    def loss(self, learner: Learner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
-        return self.lam * penalty(learner.model, self.state) if self.state.fisher else None
+    def loss(self, ctx: Context, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
+        return self.lam * penalty(ctx.model, self.state) if self.state.fisher else None
 
-    def after_backward(self, learner: Learner, batch: Batch) -> None:
-        accumulate(learner.model, self.state, self.lam, learner.masks, learner.precision.grads_finite)
+    def after_backward(self, ctx: Context, batch: Batch) -> None:
+        accumulate(ctx.model, self.state, self.lam, ctx.masks, ctx.precision.grads_finite)
 
-    def end_task(self, learner: Learner) -> None:
-        consolidate(learner.model, self.state, self.gamma)
+    def end_task(self, ctx: Context) -> None:
+        consolidate(ctx.model, self.state, self.gamma)
 
     def state_dict(self) -> dict[str, Any]:
         s = self.state

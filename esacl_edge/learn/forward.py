@@ -12,10 +12,14 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
-_NORMS = (nn.modules.batchnorm._BatchNorm,)
+from ..device.transfer import to_device
+
+# Normalisation layers that keep running statistics.
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @contextlib.contextmanager
@@ -38,6 +42,12 @@ def minibatches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...
 
 
 @torch.no_grad()
+def nchw(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stored samples (NHWC, any dtype) -> float32 NCHW on ``device``, copied in the stored dtype and converted
+    there."""
+    return to_device(x, torch.device(device)).to(torch.float32).permute(0, 3, 1, 2).contiguous()
+
+
 def infer_logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """Float32 logits of ``x`` (NCHW, on the model's device) in eval mode; the model's mode is restored."""
     was_training = model.training

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..device.transfer import to_device
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
     from .step import ChunkRecord
 
 
@@ -25,20 +24,16 @@ class Joint(Part):
     x: list[np.ndarray] = field(default_factory=list)
     y: list[np.ndarray] = field(default_factory=list)
 
-    def active_samples(self, learner: Learner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
+    def active_samples(self, ctx: Context, pass_index: int, active: torch.Tensor) -> torch.Tensor:
         return active[:0]  # nothing is trained while the task streams in
 
-    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
+    def after_chunk(self, ctx: Context, chunk: ChunkRecord) -> None:
         self.x.append(chunk.x.copy())
         self.y.append(np.asarray(chunk.y))
 
-    def end_task(self, learner: Learner) -> None:
-        from .step import run_passes
-
-        if not self.x:
-            return
-        x, y = np.concatenate(self.x), np.concatenate(self.y)
-        run_passes(learner, learner.train_inputs(x), to_device(y, learner.device), filter_samples=False)
+    def end_task(self, ctx: Context) -> None:
+        if self.x:
+            ctx.train_offline(np.concatenate(self.x), np.concatenate(self.y))
 
     def state_dict(self) -> dict[str, Any]:
         if not self.x:

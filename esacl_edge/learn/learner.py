@@ -28,12 +28,13 @@ from ..weights import load_init
 from . import buffer as rb
 from . import latent, persistence, sdp
 from .packing import dense_bytes, pack, packed_bytes, unpack
+from .context import Context
 from .cost import CostMeter, forward_flops, layer_forward_flops
-from .forward import accuracies, infer_logits, task_logits
+from .forward import accuracies, infer_logits, nchw, task_logits
 from .methods import Method, get_method
 from .precision import MixedPrecision
 from .state import Generators, TaskProgress
-from .step import train_chunk
+from .step import run_passes, train_chunk
 
 CALIBRATION_SAMPLES = 256
 INPUT_DTYPES = ("uint8", "float32")
@@ -126,21 +127,45 @@ class Learner:
                           f"{self.method.name} runs without replay", RuntimeWarning, stacklevel=2)
         self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape),
                               frozen_flops=forward_flops(self.frozen, self.spec.input_shape) if self.frozen else 0)
-        self.progress = TaskProgress()
         self.task_classes: dict[int, list[int]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.calibration: dict[int, np.ndarray] = {}  # buffer samples kept with each snapshot (INT8 export)
-        self.samples_trained = 0
         self.on_task_end: list[Callable[[int], None]] = []  # called with the task just finished
+        # What the parts may use: the resources above, not the learner.
+        store = rb.BufferStore(self.buffer, self.layout, self.device, self.train_inputs, self.buffer_copy)
+        self.ctx = Context(self.model, self.trainable, self.optimizer, self.precision, self.cost, self.device,
+                           self.rngs, num_classes, self.target_sparsity, self.pattern, self.profile.passes_per_chunk,
+                           self.profile.batch_size, seed, self.method.name, store, self.train_inputs,
+                           on_masks_changed=lambda: self.masks_changed(), train_offline=self._train_offline)
         for part in self.method.parts:
-            part.bind(self)
+            part.bind(self.ctx)
+        if self.method.pruning is not None:
+            self.ctx.masks = self.method.pruning.state.masks
+
+    @property
+    def progress(self) -> TaskProgress:
+        """Where the learner is within the current task."""
+        return self.ctx.progress
+
+    @progress.setter
+    def progress(self, value: TaskProgress) -> None:
+        self.ctx.progress = value
+
+    @property
+    def samples_trained(self) -> int:
+        """Samples trained on so far (each time it is trained)."""
+        return self.ctx.samples_trained
+
+    @samples_trained.setter
+    def samples_trained(self, value: int) -> None:
+        self.ctx.samples_trained = value
 
     # ------------------------------------------------------------------ helpers for the parts
     def to_device(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Stored NHWC samples -> float32 NCHW on the training device (copied in the stored dtype, then
         converted there)."""
         self._check_shape(tuple(x.shape))
-        return to_device(x, self.device).to(torch.float32).permute(0, 3, 1, 2).contiguous()
+        return nchw(x, self.device)
 
     def train_inputs(self, x: np.ndarray | torch.Tensor, batch: int = 256) -> torch.Tensor:
         """Stored samples -> what ``trainable`` takes: the inputs on the device, through the frozen prefix if any
@@ -154,17 +179,9 @@ class Learner:
         self.cost.frozen_forward(len(xt))
         return z
 
-    def buffer_rows(self, x: np.ndarray, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """What the buffer keeps of chunk samples ``x`` (with ``z`` = ``train_inputs(x)``): (inputs, parameters)."""
-        if self.layout.latent is None:
-            return x, np.zeros((len(x), 0), np.float32)
-        return latent.encode(z, self.layout.latent)
-
-    def replay_inputs(self, x: np.ndarray | torch.Tensor, qparams: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Buffered inputs -> what ``trainable`` takes (latents decoded, images through the frozen prefix)."""
-        if self.layout.latent is None:
-            return self.train_inputs(x)
-        return latent.decode(to_device(x, self.device), to_device(qparams, self.device), self.layout.latent)
+    def _train_offline(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Train the method's passes on stored samples ``(x, y)`` at once, no sample dropped (the joint bound)."""
+        run_passes(self.ctx, self.method, self.train_inputs(x), to_device(y, self.device), filter_samples=False)
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 4 or tuple(shape[1:]) != tuple(self.spec.input_shape):
@@ -214,7 +231,7 @@ class Learner:
         """Refresh what depends on the masks: the FLOP densities, then every part's derived state."""
         self.cost.set_density({n: float(m.float().mean()) for n, m in self.masks.items()})
         for part in self.method.parts:
-            part.masks_changed(self)
+            part.masks_changed(self.ctx)
 
     # ------------------------------------------------------------------ the task driver
     def begin_task(self, task: int, n_chunks: int | None = None, classes: list[int] | None = None) -> None:
@@ -224,10 +241,11 @@ class Learner:
             raise EsaclError(f"task {task} was already learned; tasks must arrive in order")
         if self.progress.task >= 0 and task != self.progress.task:
             self.end_task()
-        self.progress = TaskProgress(task=task, n_chunks=n_chunks, fixed_classes=bool(classes))
+        self.progress = TaskProgress(task=task, n_chunks=n_chunks, fixed_classes=bool(classes),
+                                     first_task=not self.snapshots)
         self.task_classes[task] = sorted(classes) if classes else []
         for part in self.method.parts:
-            part.begin_task(self)
+            part.begin_task(self.ctx)
 
     def end_task(self) -> dict[str, torch.Tensor]:
         """Finish the current task (its parts' end-of-task work, e.g. the last pruning), then snapshot the model."""
@@ -237,7 +255,7 @@ class Learner:
                 return self.snapshots[max(self.snapshots)]
             raise EsaclError("end_task() called before any task was observed")
         for part in self.method.parts:
-            part.end_task(self)
+            part.end_task(self.ctx)
         self._check_diverged(None, "at the end")  # parts may train there (joint)
         self.snapshots[task] = pack(self.model, self.masks)
         if self.layout.latent is not None:  # the buffer holds no images: the task's last chunk calibrates
@@ -268,7 +286,7 @@ class Learner:
         trained = self.samples_trained
         if self.layout.latent is not None:
             self.last_chunk = x_np
-        loss = train_chunk(self, x_np, y_np, task)
+        loss = train_chunk(self.ctx, self.method, x_np, y_np, task)
         self._check_diverged(loss if self.samples_trained > trained else None, "on this chunk")
         info = {"loss": loss, "density": self.density}
         if self.progress.chunks_done == self.progress.n_chunks:

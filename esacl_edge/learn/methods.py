@@ -56,6 +56,11 @@ class Method:
             raise ValueError(f"current_classes must be one of {', '.join(CURRENT_CLASSES)}, got {self.current_classes!r}")
         if not 0.0 <= self.all_classes_share <= 1.0:
             raise ValueError(f"all_classes_share must be in [0, 1], got {self.all_classes_share!r}")
+        # Siblings a part depends on, handed to it here rather than looked up while learning.
+        if isinstance(self.buffer, IdsBuffer):   # it refreshes replayed samples' scores by the selection's score
+            self.buffer.score = self.select.score
+        for extra in self.sparsity_extras:       # SparCL's mask updates and gradient masks act on the pruning's masks
+            extra.pruning = self.pruning
 
     def named_parts(self) -> list[tuple[str, Part]]:
         """(slot, part) for every part present, in the order hooks run in."""

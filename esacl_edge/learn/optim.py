@@ -26,7 +26,7 @@ from .forward import norm_stats_untouched
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
     from .step import Batch
 
 Closure = Callable[["Batch"], tuple[torch.Tensor, torch.Tensor]]  # batch -> (loss, selected samples' logits)
@@ -48,12 +48,12 @@ class Sgd(Part):
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {"optimizer_state": n_params * FLOAT_BYTES if self.momentum > 0 else 0}
 
-    def gradients(self, learner: Learner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradients(self, ctx: Context, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill ``.grad`` with the gradient of ``closure(batch)``'s loss; returns (loss, selected samples' logits)."""
-        learner.optimizer.zero_grad(set_to_none=True)
+        ctx.optimizer.zero_grad(set_to_none=True)
         loss, out = closure(batch)
-        learner.precision.backward(loss)
-        learner.cost.train_pass(batch.n_train)
+        ctx.precision.backward(loss)
+        ctx.cost.train_pass(batch.n_train)
         return loss, out
 
 
@@ -76,19 +76,19 @@ class Sam(Part):
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {**self.base.memory_terms(n_params, n_prunable), "sam_perturbation": n_params * FLOAT_BYTES}
 
-    def gradients(self, learner: Learner, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradients(self, ctx: Context, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps += 1
         if (self.steps - 1) % self.every:
-            return self.base.gradients(learner, batch, closure)
+            return self.base.gradients(ctx, batch, closure)
         current = dataclasses.replace(batch, replay_x=None, replay_y=None, replay_logits=None)
-        with norm_stats_untouched(learner.model):
-            _, out = self.base.gradients(learner, current, closure)
-        finite = learner.precision.unscale_ascent([p.grad for p in learner.model.parameters() if p.grad is not None])
-        eps = perturb(learner.model, learner.masks, self.rho, finite)
+        with norm_stats_untouched(ctx.model):
+            _, out = self.base.gradients(ctx, current, closure)
+        finite = ctx.precision.unscale_ascent([p.grad for p in ctx.model.parameters() if p.grad is not None])
+        eps = perturb(ctx.model, ctx.masks, self.rho, finite)
         try:
-            loss, _ = self.base.gradients(learner, batch, closure)
+            loss, _ = self.base.gradients(ctx, batch, closure)
         finally:
-            restore(learner.model, eps)
+            restore(ctx.model, eps)
         return loss, out
 
     def state_dict(self) -> dict[str, Any]:

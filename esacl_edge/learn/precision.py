@@ -82,9 +82,8 @@ class MixedPrecision:
         if self.scaler is None:
             return
         self.scaler.unscale_(optimizer)
-        # The flag unscale_ just computed (one per device; this learner trains on one).
-        found_inf = sum(self.scaler._found_inf_per_device(optimizer).values())
-        self.grads_finite = found_inf == 0
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.grads_finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         self._counts[0] += ~self.grads_finite
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:

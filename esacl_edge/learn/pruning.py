@@ -32,7 +32,7 @@ from . import channels, sdp
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
     from .step import Batch, ChunkRecord
 
 
@@ -83,16 +83,16 @@ class Pruning(Part):
         """The running averages a and f are kept only for the scores that read them."""
         return self.score != "magnitude"
 
-    def bind(self, learner: Learner) -> None:
-        self.state = sdp.init_state(learner.model, self.stat_decay, statistics=self.keeps_statistics)
+    def bind(self, ctx: Context) -> None:
+        self.state = sdp.init_state(ctx.model, self.stat_decay, statistics=self.keeps_statistics)
         if self.structure == "channel":
-            if learner.pattern is not None:
-                raise EsaclError(f"{learner.method.name} prunes whole channels; it takes no N:M --pattern")
+            if ctx.pattern is not None:
+                raise EsaclError(f"{ctx.method_name} prunes whole channels; it takes no N:M --pattern")
             try:
-                self.groups = channels.channel_groups(learner.model)
+                self.groups = channels.channel_groups(ctx.model)
             except ValueError as exc:
-                raise EsaclError(f"{learner.method.name}: {exc}") from None
-            self.model = learner.model
+                raise EsaclError(f"{ctx.method_name}: {exc}") from None
+            self.model = ctx.model
         self._refresh()
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
@@ -100,7 +100,7 @@ class Pruning(Part):
         floats = 3 if self.keeps_statistics else 1
         return {"masks_and_pruning_stats": n_prunable * (1 + floats * FLOAT_BYTES)}
 
-    def masks_changed(self, learner: Learner) -> None:
+    def masks_changed(self, ctx: Context) -> None:
         self._refresh()
 
     def _refresh(self) -> None:
@@ -110,84 +110,84 @@ class Pruning(Part):
         if self.groups:
             channels.set_live(self.model, self.groups, self.state.masks)
 
-    def _in_regrow_window(self, learner: Learner) -> bool:
-        return bool(learner.snapshots) and learner.progress.steps < self.regrow_steps
+    def _in_regrow_window(self, ctx: Context) -> bool:
+        return not ctx.progress.first_task and ctx.progress.steps < self.regrow_steps
 
-    def _pruning_ahead(self, learner: Learner) -> bool:
+    def _pruning_ahead(self, ctx: Context) -> bool:
         """Statistics are needed: this task still prunes (more weights live than the target keeps)."""
-        keep = round((1.0 - learner.target_sparsity) * sdp.size(self.state))
-        return self.live > keep or self._in_regrow_window(learner)
+        keep = round((1.0 - ctx.target_sparsity) * sdp.size(self.state))
+        return self.live > keep or self._in_regrow_window(ctx)
 
-    def _window(self, learner: Learner) -> tuple[int, int]:
+    def _window(self, ctx: Context) -> tuple[int, int]:
         """The chunks (first, last) of the current task over which the schedule prunes."""
-        n = learner.progress.n_chunks
-        if not learner.snapshots:   # the first task: dense warm-up, then to the target by its end
+        n = ctx.progress.n_chunks
+        if ctx.progress.first_task:   # the first task: dense warm-up, then to the target by its end
             return math.ceil(self.warmup * n), max(1, math.ceil(self.first_until * n))
         return 0, max(1, math.ceil(self.prune_until * n))
 
     # ------------------------------------------------------------------ hooks
-    def begin_task(self, learner: Learner) -> None:
+    def begin_task(self, ctx: Context) -> None:
         self.start_density = self.density
         if not self.grads_every_step:  # regrowth evidence comes from this task's first steps only
             self.state.grad_abs = {}
 
-    def after_backward(self, learner: Learner, batch: Batch) -> None:
-        if self.grads_every_step or self._in_regrow_window(learner):
-            sdp.record_grad_abs(learner.model, self.state, learner.precision.grads_finite)
-            learner.cost.dense_weight_grads(batch.n_train)
-        sdp.mask_grads(learner.model, self.state, self.float_masks)
-        if self.keeps_statistics and (self.grads_every_step or self._pruning_ahead(learner)):
-            sdp.accumulate(learner.model, self.state, learner.precision.grads_finite)
+    def after_backward(self, ctx: Context, batch: Batch) -> None:
+        if self.grads_every_step or self._in_regrow_window(ctx):
+            sdp.record_grad_abs(ctx.model, self.state, ctx.precision.grads_finite)
+            ctx.cost.dense_weight_grads(batch.n_train)
+        sdp.mask_grads(ctx.model, self.state, self.float_masks)
+        if self.keeps_statistics and (self.grads_every_step or self._pruning_ahead(ctx)):
+            sdp.accumulate(ctx.model, self.state, ctx.precision.grads_finite)
 
-    def after_update(self, learner: Learner, batch: Batch) -> None:
-        if learner.snapshots and learner.progress.steps == self.regrow_steps:
+    def after_update(self, ctx: Context, batch: Batch) -> None:
+        if not ctx.progress.first_task and ctx.progress.steps == self.regrow_steps:
             if self.groups:   # whole channels are not regrown, the layers outside them are (channels.py)
-                grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer, self.allocation,
+                grown = sdp.regrow(ctx.model, self.state, self.regrow_frac, ctx.optimizer, self.allocation,
                                    self.dense_classifier, layers=channels.outside(self.state.masks, self.groups))
             else:
-                grown = sdp.regrow(learner.model, self.state, self.regrow_frac, learner.optimizer,
+                grown = sdp.regrow(ctx.model, self.state, self.regrow_frac, ctx.optimizer,
                                    self.allocation if self.regrow_within_layers else "global", self.dense_classifier)
-            learner.masks_changed()
+            ctx.masks_changed()
             self.start_density = self.density  # this task's schedule starts from the regrown density
             if grown:
-                self.events.append({"task": learner.progress.task, "chunk": learner.progress.chunks_done,
+                self.events.append({"task": ctx.progress.task, "chunk": ctx.progress.chunks_done,
                                     "regrown": grown, "density_after": self.density})
 
-    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
-        prog, target = learner.progress, 1.0 - learner.target_sparsity
+    def after_chunk(self, ctx: Context, chunk: ChunkRecord) -> None:
+        prog, target = ctx.progress, 1.0 - ctx.target_sparsity
         if prog.n_chunks is not None:
-            first, last = self._window(learner)
+            first, last = self._window(ctx)
             if prog.chunks_done <= first:
                 return
             want = sdp.cubic_density(self.start_density, target, prog.chunks_done - first, last - first)
-        elif learner.snapshots:
+        elif not ctx.progress.first_task:
             want = self.density - self.gap_per_chunk * (self.density - target)
         else:   # the first task of unknown length is pruned at its end, once it has been learned
             return
         if round(want * sdp.size(self.state)) >= self.live:
             return
         before = self.density
-        removed = self.prune(learner, want)
+        removed = self.prune(ctx, want)
         self.events.append({"task": prog.task, "chunk": prog.chunks_done - 1, "density_before": before,
                             "density_after": self.density, "removed": removed})
 
-    def end_task(self, learner: Learner) -> None:
-        self.prune(learner, 1.0 - learner.target_sparsity)
+    def end_task(self, ctx: Context) -> None:
+        self.prune(ctx, 1.0 - ctx.target_sparsity)
 
-    def prune(self, learner: Learner, target_density: float) -> int:
+    def prune(self, ctx: Context, target_density: float) -> int:
         """Prune the lowest-scoring live weights (or whole channels) down to ``target_density``; returns how many
         were removed."""
-        score = sdp.scores(learner.model, self.state, self.score, self.importance_lambda)
+        score = sdp.scores(ctx.model, self.state, self.score, self.importance_lambda)
         if self.groups:
-            removed = channels.prune(learner.model, self.state, self.groups, target_density, score,
-                                     learner.optimizer, allocation=self.allocation,
+            removed = channels.prune(ctx.model, self.state, self.groups, target_density, score,
+                                     ctx.optimizer, allocation=self.allocation,
                                      dense_classifier=self.dense_classifier, exponent=self.channel_exponent)
         else:
-            removed = sdp.prune_to(learner.model, self.state, target_density, score, learner.optimizer,
-                                   pattern=learner.pattern, allocation=self.allocation,
+            removed = sdp.prune_to(ctx.model, self.state, target_density, score, ctx.optimizer,
+                                   pattern=ctx.pattern, allocation=self.allocation,
                                    dense_classifier=self.dense_classifier)
         if removed:
-            learner.masks_changed()
+            ctx.masks_changed()
         return removed
 
     # ------------------------------------------------------------------ state

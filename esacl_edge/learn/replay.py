@@ -21,7 +21,7 @@ from .buffer import sample
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
     from .step import Batch
 
 
@@ -31,22 +31,22 @@ class Replay(Part):
     beta: float = 1.0    # cross-entropy on replayed labels
     ratio: float = 1.0   # replay batch size / new samples trained in the step
 
-    def draw(self, learner: Learner, batch: Batch, n_new: int) -> None:
+    def draw(self, ctx: Context, batch: Batch, n_new: int) -> None:
         """Attach ``ratio`` × ``n_new`` buffered samples to ``batch`` (none while the buffer is empty)."""
-        buf = learner.buffer
+        buf, device_copy = ctx.store.buffer, ctx.store.device_copy
         if buf.size == 0:
             return
-        idx = sample(buf, round(self.ratio * n_new), learner.rngs.replay)
+        idx = sample(buf, round(self.ratio * n_new), ctx.rngs.replay)
         batch.replay_index = idx
-        if learner.buffer_copy is not None:  # gathered on the device
-            learner.buffer_copy.sync(buf)
-            x, y, logits, q = learner.buffer_copy.gather(idx)
+        if device_copy is not None:  # gathered on the device
+            device_copy.sync(buf)
+            x, y, logits, q = device_copy.gather(idx)
         else:
-            x, y, logits, q = buf.x[idx], to_device(buf.y[idx].astype(np.int64), learner.device), \
-                to_device(buf.logits[idx], learner.device), buf.qparams[idx]
-        batch.replay_x, batch.replay_y, batch.replay_logits = learner.replay_inputs(x, q), y, logits
+            x, y, logits, q = buf.x[idx], to_device(buf.y[idx].astype(np.int64), ctx.device), \
+                to_device(buf.logits[idx], ctx.device), buf.qparams[idx]
+        batch.replay_x, batch.replay_y, batch.replay_logits = ctx.store.inputs(x, q), y, logits
 
-    def loss(self, learner: Learner, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
+    def loss(self, ctx: Context, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
         if batch.replay_y is None:
             return None
         old = out[len(batch.y):]

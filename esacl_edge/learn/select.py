@@ -22,7 +22,7 @@ from .forward import norm_stats_untouched, restrict
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
 
 Selection = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 Prior = tuple[torch.Tensor, torch.Tensor] | None   # the minibatch's (logits, scores) from the previous pass
@@ -34,7 +34,7 @@ class AllSamples(Part):
 
     score: str = "loss"
 
-    def select(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
+    def select(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
                present: torch.Tensor | None = None) -> Selection:
         """(positions to train on or None for all, and the whole minibatch's logits and scores if known)."""
         return None, None, None
@@ -48,13 +48,13 @@ class IdsSelect(Part):
     score: str = "loss"
     rescore_every_pass: bool = False   # a scoring forward on every pass, not only the first
 
-    def select(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
+    def select(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, prior: Prior = None,
                present: torch.Tensor | None = None) -> Selection:
         if prior is not None and not self.rescore_every_pass:
             logits, scores = prior
         else:
-            with torch.no_grad(), norm_stats_untouched(learner.model), learner.precision.autocast():
-                logits = learner.trainable(x).float()
-            learner.cost.forward(len(y))
+            with torch.no_grad(), norm_stats_untouched(ctx.model), ctx.precision.autocast():
+                logits = ctx.trainable(x).float()
+            ctx.cost.forward(len(y))
             scores = ids.sample_scores(restrict(logits, present), y, self.score)
-        return ids.select_step(scores, y, self.keep, learner.spec.num_classes), logits, scores
+        return ids.select_step(scores, y, self.keep, ctx.num_classes), logits, scores

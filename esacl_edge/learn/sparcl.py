@@ -23,7 +23,8 @@ from . import sdp
 from .parts import Part
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
+    from .pruning import Pruning
     from .step import Batch, ChunkRecord
 
 
@@ -66,14 +67,15 @@ class MaskUpdates(Part):
 
     every: int = 2
     frac: float = 0.1
+    pruning: Pruning | None = field(init=False, default=None, repr=False)  # the method's, handed when it is built
 
-    def after_chunk(self, learner: Learner, chunk: ChunkRecord) -> None:
-        prog, pruning = learner.progress, learner.method.pruning
+    def after_chunk(self, ctx: Context, chunk: ChunkRecord) -> None:
+        prog, pruning = ctx.progress, self.pruning
         last_chunk = prog.chunks_done == prog.n_chunks  # weights regrown now would stay zero in the snapshot
         warm_up = pruning.density >= 1.0  # nothing is pruned yet: a move would only zero weights
         if prog.chunks_done % self.every == 0 and not last_chunk and not warm_up:
-            update_masks(learner.model, pruning.state, pruning.importance_lambda, self.frac, learner.optimizer)
-            learner.masks_changed()
+            update_masks(ctx.model, pruning.state, pruning.importance_lambda, self.frac, ctx.optimizer)
+            ctx.masks_changed()
 
 
 @dataclass
@@ -82,15 +84,16 @@ class GradientMasks(Part):
 
     keep: float = 0.8
     masks: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
+    pruning: Pruning | None = field(init=False, default=None, repr=False)  # the method's, handed when it is built
 
-    def masks_changed(self, learner: Learner) -> None:
-        pruning = learner.method.pruning
-        self.masks = gradient_masks(learner.model, pruning.state, pruning.importance_lambda, self.keep)
-        learner.cost.set_grad_density({n: float(m.float().mean()) for n, m in self.masks.items()})
+    def masks_changed(self, ctx: Context) -> None:
+        pruning = self.pruning
+        self.masks = gradient_masks(ctx.model, pruning.state, pruning.importance_lambda, self.keep)
+        ctx.cost.set_grad_density({n: float(m.float().mean()) for n, m in self.masks.items()})
 
-    def after_backward(self, learner: Learner, batch: Batch) -> None:
+    def after_backward(self, ctx: Context, batch: Batch) -> None:
         if self.masks:
-            sdp.mask_grads(learner.model, learner.method.pruning.state, self.masks)
+            sdp.mask_grads(ctx.model, self.pruning.state, self.masks)
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": dict(self.masks)}
@@ -134,13 +137,13 @@ class DataRemoval(Part):
     after: float = 0.5
     tracker: ForgettingTracker | None = field(init=False, default=None, repr=False)
 
-    def begin_chunk(self, learner: Learner, n: int) -> None:
-        self.tracker = ForgettingTracker.new(n, learner.device)
+    def begin_chunk(self, ctx: Context, n: int) -> None:
+        self.tracker = ForgettingTracker.new(n, ctx.device)
 
-    def active_samples(self, learner: Learner, pass_index: int, active: torch.Tensor) -> torch.Tensor:
-        if pass_index == int(self.after * learner.profile.passes_per_chunk):
+    def active_samples(self, ctx: Context, pass_index: int, active: torch.Tensor) -> torch.Tensor:
+        if pass_index == int(self.after * ctx.passes_per_chunk):
             return self.tracker.keep(active, self.frac)
         return active
 
-    def after_update(self, learner: Learner, batch: Batch) -> None:
+    def after_update(self, ctx: Context, batch: Batch) -> None:
         self.tracker.update(batch.index, batch.logits.argmax(1) == batch.labels)

@@ -22,6 +22,7 @@ class TaskProgress:
     chunks_done: int = 0
     steps: int = 0
     fixed_classes: bool = False  # classes given at begin_task: other labels (blurry chunks) do not join the task
+    first_task: bool = True      # no task has ended before this one
 
 
 @dataclass

@@ -27,7 +27,8 @@ from . import ids
 from .forward import minibatches, present_classes, restrict
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    from .context import Context
+    from .methods import Method
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ChunkRecord:
     task: int
     logits: torch.Tensor
     scores: torch.Tensor
-    inputs: torch.Tensor   # what the trainable part took (``learner.train_inputs(x)``)
+    inputs: torch.Tensor   # what the trainable part took (``ctx.train_inputs(x)``)
 
 
 def current_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None,
@@ -76,20 +77,20 @@ def current_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | 
     return loss
 
 
-def loss_terms(learner: Learner, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_terms(ctx: Context, method: Method, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the selected samples + every part's term; returns (loss, their logits)."""
     x = batch.x if batch.replay_x is None else torch.cat([batch.x, batch.replay_x])
-    with learner.precision.autocast():
-        out = learner.trainable(x).float()
-    loss = current_loss(out[: len(batch.y)], batch.y, batch.present, learner.method.all_classes_share)
-    for part in learner.method.parts:
-        term = part.loss(learner, batch, out)
+    with ctx.precision.autocast():
+        out = ctx.trainable(x).float()
+    loss = current_loss(out[: len(batch.y)], batch.y, batch.present, method.all_classes_share)
+    for part in method.parts:
+        term = part.loss(ctx, batch, out)
         if term is not None:
             loss = loss + term
     return loss, out[: len(batch.y)]
 
 
-def train_step(learner: Learner, xb: torch.Tensor, yb: torch.Tensor, index: torch.Tensor,
+def train_step(ctx: Context, method: Method, xb: torch.Tensor, yb: torch.Tensor, index: torch.Tensor,
                prior: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step on minibatch ``(xb, yb)``; ``prior``: its samples' (logits, scores) from the previous pass.
@@ -97,16 +98,15 @@ def train_step(learner: Learner, xb: torch.Tensor, yb: torch.Tensor, index: torc
     Returns the loss and every minibatch sample's logits and score (from the scoring forward, or, when
     scores are reused, the trained samples' from this step's forward and the others' from ``prior``).
     """
-    method = learner.method
-    present = present_classes(yb, learner.spec.num_classes) if method.current_classes == "present" else None
+    present = present_classes(yb, ctx.num_classes) if method.current_classes == "present" else None
     # 1. Select the samples to train on.
-    keep, logits, scores = method.select.select(learner, xb, yb, prior, present)
+    keep, logits, scores = method.select.select(ctx, xb, yb, prior, present)
     batch = Batch(xb if keep is None else xb[keep], yb if keep is None else yb[keep], index=index, labels=yb,
                   present=present)
     if method.replay is not None:
-        method.replay.draw(learner, batch, len(batch.y))
+        method.replay.draw(ctx, batch, len(batch.y))
     # 2-3. Loss terms, and the optimizer's gradients (one pass, or SAM's two).
-    loss, out = method.optimizer.gradients(learner, batch, lambda b: loss_terms(learner, b))
+    loss, out = method.optimizer.gradients(ctx, batch, lambda b: loss_terms(ctx, method, b))
     out = out.detach()
     if keep is None:  # every sample was trained: the training forward gives logits and scores
         logits, scores = out, ids.sample_scores(restrict(out, present), yb, method.select.score)
@@ -115,18 +115,18 @@ def train_step(learner: Learner, xb: torch.Tensor, yb: torch.Tensor, index: torc
         logits[keep], scores[keep] = out, ids.sample_scores(restrict(out, present), batch.y, method.select.score)
     batch.logits = logits
     # 4. After the backward pass (gradients unscaled under fp16): parts read and mask them; then the update.
-    learner.precision.unscale(learner.optimizer)
+    ctx.precision.unscale(ctx.optimizer)
     for part in method.parts:
-        part.after_backward(learner, batch)
-    learner.precision.step(learner.optimizer)
-    learner.progress.steps += 1
-    learner.samples_trained += len(batch.y)
+        part.after_backward(ctx, batch)
+    ctx.precision.step(ctx.optimizer)
+    ctx.progress.steps += 1
+    ctx.samples_trained += len(batch.y)
     for part in method.parts:
-        part.after_update(learner, batch)
+        part.after_update(ctx, batch)
     return loss.detach(), batch.logits, scores
 
 
-def run_passes(learner: Learner, xt: torch.Tensor, yt: torch.Tensor, record: ChunkRecord | None = None,
+def run_passes(ctx: Context, method: Method, xt: torch.Tensor, yt: torch.Tensor, record: ChunkRecord | None = None,
                filter_samples: bool = True) -> list[torch.Tensor]:
     """``passes_per_chunk`` passes over ``(xt, yt)`` in shuffled minibatches; returns the step losses.
 
@@ -134,37 +134,37 @@ def run_passes(learner: Learner, xt: torch.Tensor, yt: torch.Tensor, record: Chu
     logits and score from its last step.
     """
     active, losses = torch.arange(len(yt)), []
-    learner.trainable.train()
-    for p in range(learner.profile.passes_per_chunk):
+    ctx.trainable.train()
+    for p in range(ctx.passes_per_chunk):
         if filter_samples:
-            for part in learner.method.parts:
-                active = part.active_samples(learner, p, active)
-        order = to_device(learner.rngs.order.permutation(active.numpy()), learner.device)
-        for idx in minibatches(order, learner.profile.batch_size):
+            for part in method.parts:
+                active = part.active_samples(ctx, p, active)
+        order = to_device(ctx.rngs.order.permutation(active.numpy()), ctx.device)
+        for idx in minibatches(order, ctx.batch_size):
             prior = (record.logits[idx], record.scores[idx]) if p > 0 and record is not None else None
-            loss, logits, scores = train_step(learner, xt[idx], yt[idx], idx, prior)
+            loss, logits, scores = train_step(ctx, method, xt[idx], yt[idx], idx, prior)
             if record is not None:
                 record.logits[idx], record.scores[idx] = logits, scores
             losses.append(loss)
     return losses
 
 
-def train_chunk(learner: Learner, x: np.ndarray, y: np.ndarray, task: int) -> float:
+def train_chunk(ctx: Context, method: Method, x: np.ndarray, y: np.ndarray, task: int) -> float:
     """Learn one chunk: its passes, then the parts' after-chunk work (buffer, pruning schedule…).
 
     Returns the mean step loss (:func:`mean_loss`).
     """
-    xt, yt = learner.train_inputs(x), to_device(y, learner.device)
+    xt, yt = ctx.train_inputs(x), to_device(y, ctx.device)
     n = len(y)
-    record = ChunkRecord(x, y, task, torch.zeros(n, learner.spec.num_classes, device=learner.device),
-                         torch.zeros(n, device=learner.device), xt)
-    for part in learner.method.parts:
-        part.begin_chunk(learner, n)
-    losses = run_passes(learner, xt, yt, record)
-    learner.progress.chunks_done += 1
-    for part in learner.method.parts:
-        part.after_chunk(learner, record)
-    return mean_loss(losses, learner.precision.scales_loss)
+    record = ChunkRecord(x, y, task, torch.zeros(n, ctx.num_classes, device=ctx.device),
+                         torch.zeros(n, device=ctx.device), xt)
+    for part in method.parts:
+        part.begin_chunk(ctx, n)
+    losses = run_passes(ctx, method, xt, yt, record)
+    ctx.progress.chunks_done += 1
+    for part in method.parts:
+        part.after_chunk(ctx, record)
+    return mean_loss(losses, ctx.precision.scales_loss)
 
 
 def mean_loss(losses: list[torch.Tensor], finite_only: bool = False) -> float:
