@@ -49,7 +49,7 @@ import torch
 from esacl_edge import __version__
 from esacl_edge.cli import export_task
 from esacl_edge.data.stream import Manifest, iter_chunks, load_test, read_manifest
-from esacl_edge.deploy.export import max_abs_diff, onnx_logits, sample_inputs
+from esacl_edge.deploy.parity import max_abs_diff, onnx_logits, sample_inputs
 from esacl_edge.errors import EsaclError
 from esacl_edge.files import write_json
 from esacl_edge.names import ABLATION_NAMES, METHOD_NAMES, MODEL_NAMES

@@ -31,7 +31,7 @@ from .device.selection import autocast_dtype, select_device
 from .device.transfer import to_device
 from .errors import EsaclError
 from .files import atomic_write, write_json
-from .learn.forward import infer_logits, nchw
+from .learn.forward import infer_logits
 from .learn.methods import get_method
 from .learn.precision import MixedPrecision
 from .models import build_model
@@ -110,7 +110,7 @@ def pretrain(data: str | Path, model: str, out: str | Path, *, classes: str | li
 
     device = select_device(prof)
     precision = MixedPrecision(device, autocast_dtype(prof, device))
-    with torch.random.fork_rng(devices=[]):  # the initialisation draws from ``seed``, the global RNG is left alone
+    with torch.random.fork_rng():  # the initialisation draws from ``seed``; every global generator is restored after
         torch.manual_seed(seed)
         net = build_model(model, input_shape, len(chosen), norm)
     loaded = load_init(net, init, model) if init is not None else None
@@ -120,14 +120,14 @@ def pretrain(data: str | Path, model: str, out: str | Path, *, classes: str | li
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(label[y_tr])
-    x_held, y_held = nchw(x_te, device), to_device(label[y_te], device)
+    x_held, y_held = to_device(x_te, device).float().permute(0, 3, 1, 2), to_device(label[y_te], device)
     history, start = [], time.perf_counter()
     for epoch in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not progress):
         net.train()
         for idx in torch.randperm(len(yt), generator=gen).split(batch):
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
-            x = nchw(xt[idx], device)
+            x = to_device(xt[idx], device).float().permute(0, 3, 1, 2)
             if input_shape[2] == 3:
                 x = _augment(x.cpu(), gen).to(device)
             with precision.autocast():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -21,25 +18,19 @@ from .data.stream import (
     Chunk,
     Manifest,
     iter_chunks,
-    load_chunk,
     load_test,
     read_manifest,
-    sha256_of,
 )
-from . import chunk_log
-from .run_folder import write_run_profile
+from .run_folder import RunFolder
+from .stream_reader import StreamReader
 from .device.profiles import Profile, load_profile
-from .errors import DivergenceError, EsaclError, StreamError
+from .errors import DivergenceError, EsaclError
 from .files import write_json
 from .streaming import StreamingLearner
 from .learn.methods import Method, get_method, with_lr
-from .plots import RUN_PLOTS
 from .reports import fixed
 from .results import RunRecord, build_results
 from .runlock import run_lock
-
-CHUNK_RETRIES = 3  # --follow: polls a chunk that does not read yet (still being written) gets before failing
-
 
 def default_model(input_shape: tuple[int, int, int]) -> str:
     """Reduced ResNet-18 for colour images of 32x32 and up, the small CNN otherwise."""
@@ -89,117 +80,32 @@ class _Job:
 
     def __init__(self, stream_dir: Path, run_dir: Path, manifest: Manifest, learner: StreamingLearner,
                  record: RunRecord, overwrite: bool, follow: bool, anytime: bool) -> None:
-        self.stream_dir, self.run_dir, self.manifest = stream_dir, run_dir, manifest
-        self.learner, self.record = learner, record
+        self.stream_dir, self.run_dir = stream_dir, run_dir
+        self.learner, self.record, self.anytime = learner, record, anytime
         learner.on_task_end.append(self.task_ended)
-        self.overwrite, self.follow, self.anytime = overwrite, follow, anytime
-        self.tests: dict[int, tuple] = {}
-        self.consumed = {c["chunk"]: c for c in record.consumed}
-        self.reported = {(r["chunk"], r["reason"]) for r in record.reported}
-        self.verified: set[str] = set()  # learned chunks whose hash was checked in this process
-        self.touched = False
-        self.untimed = 0.0  # seconds task_ended spent inside the timed block
+        self.stream = StreamReader(stream_dir, manifest, record, follow)
         self.resumed_at = len(record.consumed)
-        self.unreadable: dict[str, int] = {}  # --follow: polls each chunk that did not read yet has waited
-        self.log = run_dir / chunk_log.FILE_NAME
-
-    # -------------------------------------------------------------- the run folder
-    def _touch(self) -> None:
-        """Create (or, with --overwrite, clear) the run folder: only once there is something to write."""
-        if self.touched:
-            return
-        try:
-            if self.overwrite:
-                for name in ("snapshots", "state"):
-                    if (self.run_dir / name).exists():
-                        shutil.rmtree(self.run_dir / name)
-                for name in ("results.json", chunk_log.FILE_NAME, *RUN_PLOTS):
-                    (self.run_dir / name).unlink(missing_ok=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            chunk_log.trim(self.log, self.resumed_at)
-            write_run_profile(self.run_dir, self.learner.profile)  # export's default profile
-        except OSError as exc:
-            raise EsaclError(f"{self.run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
-        self.touched = True
-
-    def write(self, what: str, fn, *args) -> None:
-        self._touch()
-        try:
-            fn(*args)
-        except OSError as exc:
-            raise EsaclError(f"{self.run_dir}: cannot write {what} ({exc.strerror or exc})") from None
+        self.folder = RunFolder(run_dir, overwrite, self.resumed_at, learner.profile)
+        self.untimed = 0.0  # seconds task_ended spent inside the timed block
 
     def save(self, line: dict | None = None) -> None:
-        """Append a learned chunk's ``line`` to the chunk log, then save the learner's state (a line whose
-        state a crash lost is dropped on resume: see ``chunk_log.trim``)."""
-        self._touch()
-        size = self.log.stat().st_size if self.log.exists() else 0
-        if line is not None:
-            self.write("the chunk log", chunk_log.append, self.log, line)
-        try:
-            self.learner.save_state(self.run_dir, asdict(self.record))
-        except BaseException:
-            with contextlib.suppress(OSError):  # leave the log as the last saved state knows it
-                os.truncate(self.log, size)
-            raise
+        self.folder.save(self.learner, asdict(self.record), line)
 
-    def write_plots(self, results: dict) -> None:
-        """The run's accuracy-matrix and sparsity plots (a plotting failure only warns: the results stand)."""
-        try:
-            from .plots import write_run_plots
+    def evaluate(self, task: int) -> list[dict | None]:
+        """Accuracy on the test split of every task up to ``task`` (None where a task has none)."""
+        tasks = self.stream.manifest.tasks
+        return [self.learner.evaluate(*self.stream.test(j), task=j) if tasks[j].test else None
+                for j in range(task + 1)]
 
-            write_run_plots(results, self.run_dir)
-        except Exception as exc:  # matplotlib raises many types; the run itself is done
-            warnings.warn(f"{self.run_dir}: plots not written ({exc})", RuntimeWarning, stacklevel=2)
-
-    # -------------------------------------------------------------- the stream
-    def report(self, rel: str, reason: str, detail: str) -> None:
-        if (rel, reason) in self.reported:
-            return
-        self.reported.add((rel, reason))
-        self.record.reported.append({"chunk": rel, "reason": reason})
-        warnings.warn(f"{self.stream_dir / rel}: {detail}", RuntimeWarning, stacklevel=2)
-
-    def pending(self, manifest: Manifest) -> list[tuple[int, int]]:
-        """Chunks not yet learned, in stream order: (task, index). Checks the learned ones' hashes."""
-        learner, out = self.learner, []
-        for t, task in enumerate(manifest.tasks):
-            if t > 0 and not any(c["task"] == t - 1 for c in self.record.consumed) and \
-                    not any(pt == t - 1 for pt, _ in out):
-                break  # tasks start in order: wait for the previous task's first chunk
-            for i, rel in enumerate(task.chunks):
-                seen = self.consumed.get(rel)
-                if seen is not None:
-                    if seen["task"] != t:
-                        self.report(rel, "moved", f"was learned as a chunk of task {seen['task']}, the manifest "
-                                    f"now lists it under task {t}; not learned again")
-                    elif rel not in self.verified and \
-                            (digest := sha256_of(manifest.path(rel))) not in (None, seen["sha256"]):
-                        self.report(rel, "changed", "changed since it was learned (sha256 "
-                                    f"{seen['sha256'][:12]}... then, {digest[:12]}... now); not learned again")
-                elif t in learner.snapshots:
-                    self.report(rel, "late", f"arrived after task {t} was finished; not learned")
-                else:
-                    out.append((t, i))
-            self.verified.update(task.chunks)
-        return out
-
-    def test(self, manifest: Manifest, task: int) -> tuple:
-        if task not in self.tests:
-            self.tests[task] = load_test(manifest, task)
-        return self.tests[task]
-
-    # -------------------------------------------------------------- learning
     def task_ended(self, task: int) -> None:
         """The learner finished ``task``: evaluate every task so far, write the task's snapshot (untimed)."""
         start, learner = time.perf_counter(), self.learner
-        row = [learner.evaluate(*self.test(self.manifest, j), task=j) if self.manifest.tasks[j].test else None
-               for j in range(task + 1)]
+        row = self.evaluate(task)
         self.record.acc_c.append([r and r["class_il"] for r in row])
         self.record.acc_t.append([r and r["task_il"] for r in row])
-        self.write("the task snapshot", learner.write_snapshot, self.run_dir, task,
-                   {"pattern": self.record.settings["pattern"], "stream": self.record.settings["stream"],
-                    "profile": learner.profile.name})
+        self.folder.write("the task snapshot", learner.write_snapshot, self.run_dir, task,
+                          {"pattern": self.record.settings["pattern"], "stream": self.record.settings["stream"],
+                           "profile": learner.profile.name})
         self.untimed += time.perf_counter() - start
 
     def timed(self, fn, *args):
@@ -209,21 +115,6 @@ class _Job:
         self.record.train_seconds += time.perf_counter() - start - self.untimed
         return out
 
-    def read_chunk(self, t: int, i: int) -> Chunk | None:
-        """Read and check chunk ``i`` of task ``t`` (timed). Under --follow, a chunk that does not read yet
-        (a producer may still be writing it under its final name) gives None for a few polls first."""
-        rel = self.manifest.tasks[t].chunks[i]
-        try:
-            return self.timed(load_chunk, self.manifest, t, i)
-        except StreamError as exc:
-            waited = self.unreadable.get(rel, 0)
-            if not self.follow or waited >= CHUNK_RETRIES:
-                raise
-            self.unreadable[rel] = waited + 1
-            warnings.warn(f"{exc}; waiting for it to be complete ({waited + 1} of {CHUNK_RETRIES})",
-                          RuntimeWarning, stacklevel=2)
-            return None
-
     def diverged(self, exc: DivergenceError, where: Path) -> DivergenceError:
         """The learner's divergence as the job reports it: where, and what is kept."""
         kept = (f"{self.run_dir / 'state'} keeps the state from before it" if self.record.consumed
@@ -232,9 +123,8 @@ class _Job:
 
     def learn_chunk(self, chunk: Chunk, read_seconds: float) -> dict:
         """Learn a chunk that was read; returns its line of the chunk log."""
-        learner, task = self.learner, self.manifest.tasks[chunk.task]
-        known = not self.follow or task.complete
-        rel = task.chunks[chunk.index]
+        learner, task = self.learner, self.stream.manifest.tasks[chunk.task]
+        known = not self.stream.follow or task.complete
         # The learner's task driver ends the open task on a new task's chunk, and a task of known
         # length after its last chunk; each end calls task_ended.
         before = self.record.train_seconds
@@ -244,15 +134,14 @@ class _Job:
         except DivergenceError as exc:
             raise self.diverged(exc, chunk.path) from None
         self.record.samples_learned += len(chunk.y)
-        self.record.consumed.append({"task": chunk.task, "chunk": rel, "sha256": chunk.sha256})
-        self.consumed[rel] = self.record.consumed[-1]
+        self.stream.learned(chunk)
         seconds = self.record.train_seconds - before + read_seconds
-        line = {"chunk": len(self.record.consumed) - 1, "task": chunk.task, "file": rel, "samples": len(chunk.y),
-                "loss": info["loss"] if math.isfinite(info["loss"]) else None, "density": info["density"],
-                "seconds": seconds, "samples_per_second": len(chunk.y) / seconds if seconds > 0 else None}
+        line = {"chunk": len(self.record.consumed) - 1, "task": chunk.task, "file": task.chunks[chunk.index],
+                "samples": len(chunk.y), "loss": info["loss"] if math.isfinite(info["loss"]) else None,
+                "density": info["density"], "seconds": seconds,
+                "samples_per_second": len(chunk.y) / seconds if seconds > 0 else None}
         if self.anytime:
-            seen = [learner.evaluate(*self.test(self.manifest, j), task=j)["class_il"]
-                    for j in range(chunk.task + 1) if self.manifest.tasks[j].test]
+            seen = [r["class_il"] for r in self.evaluate(chunk.task) if r is not None]
             self.record.anytime_c.append(sum(seen) / len(seen) if seen else None)
             line["anytime_acc_class_il"] = self.record.anytime_c[-1]
         return line
@@ -265,16 +154,16 @@ class _Job:
             raise self.diverged(exc, self.stream_dir / "manifest.json") from None
         self.save()
 
-    def task_over(self, manifest: Manifest) -> bool:
+    def task_over(self) -> bool:
         """Whether the open task can get no more chunks."""
         t = self.learner.progress.task
-        return t >= 0 and (not self.follow or manifest.tasks[t].complete)
+        return t >= 0 and (not self.stream.follow or self.stream.manifest.tasks[t].complete)
 
     def learn_pending(self, bar: tqdm, stop: _StopSignals) -> bool:
         """Learn the chunks that are there, saving after each; False when one did not read yet (--follow)."""
-        for t, i in self.pending(self.manifest):
+        for t, i in self.stream.pending(self.learner.snapshots):
             before = self.record.train_seconds
-            chunk = self.read_chunk(t, i)
+            chunk = self.stream.read_chunk(t, i, self.timed)
             if chunk is None:
                 return False
             line = self.learn_chunk(chunk, self.record.train_seconds - before)
@@ -293,21 +182,18 @@ class _Job:
             complete = self.learn_pending(bar, stop)
             if stop.signal is not None:
                 break
-            if complete and self.task_over(self.manifest):
+            if complete and self.task_over():
                 self.end_task()
-            if not self.follow:
+            if not self.stream.follow:
                 break
             if len(self.record.consumed) > consumed or not complete:  # waiting for a chunk is not idle
                 idle_since, consumed = time.monotonic(), len(self.record.consumed)
             elif max_idle is not None and time.monotonic() - idle_since >= max_idle:
-                self.follow = False  # the stream has ended: close the open task
+                self.stream.follow = False  # the stream has ended: close the open task
                 continue
             stop.wait(poll_seconds)
-            try:
-                self.manifest = read_manifest(self.stream_dir)
-            except EsaclError as exc:  # a producer mid-update; keep waiting
-                warnings.warn(f"{exc}; waiting for a valid manifest", RuntimeWarning, stacklevel=2)
-            bar.total = sum(len(t.chunks) for t in self.manifest.tasks)
+            self.stream.refresh()
+            bar.total = sum(len(t.chunks) for t in self.stream.manifest.tasks)
 
 
 def _settings_differ(saved: dict, now: dict) -> str:
@@ -400,11 +286,11 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         with tqdm(total=sum(len(t.chunks) for t in manifest.tasks), initial=len(record.consumed), desc="learn",
                   unit="chunk", disable=not progress) as bar, _StopSignals() as stop:
             job.loop(bar, stop, poll_seconds, max_idle)
-        if stop.signal is None and (waiting := _waiting_task(job.manifest, job.record)) is not None:
+        if stop.signal is None and (waiting := _waiting_task(job.stream.manifest, job.record)) is not None:
             warnings.warn(f"{stream_dir}: task {waiting} has no chunks yet (its chunk_dir is empty), so the stream "
                           f"stops there; run the same command again (or with --follow) once they arrive",
                           RuntimeWarning, stacklevel=2)
-        results = build_results(job.learner, job.record, job.manifest, prof, stop.signal, job.resumed_at)
-        job.write("results.json", write_json, run_dir / "results.json", results)
-        job.write_plots(results)
+        results = build_results(job.learner, job.record, job.stream.manifest, prof, stop.signal, job.resumed_at)
+        job.folder.write("results.json", write_json, run_dir / "results.json", results)
+        job.folder.write_plots(results)
     return results

@@ -12,8 +12,9 @@ import numpy as np
 
 from . import checkpoint
 from .deploy import snapshot as snap
-from .deploy.export import export_variant
+from .deploy.export import export_meta, export_variant
 from .errors import CheckpointError, EsaclError
+from .learn import persistence
 from .learn.learner import Learner
 
 
@@ -45,9 +46,8 @@ class StreamingLearner(Learner):
         ``variant``: ``sparse`` (default), ``dense``, ``structured`` or ``int8``; ``test`` (x, y)
         adds accuracy before and after export to the report.
         """
-        meta = {"task": task, "task_classes": [self.task_classes[t] for t in sorted(self.task_classes) if t <= task],
-                "pattern": None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}",
-                "providers": list(self.profile.providers)}
+        meta = export_meta(task, [self.task_classes[t] for t in sorted(self.task_classes) if t <= task],
+                           None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}", self.profile.providers)
         return export_variant(self.snapshot_model(task), self.spec, path, variant, meta,
                               calibration=self.calibration.get(task), opset=opset or self.profile.opset, test=test)
 
@@ -61,6 +61,7 @@ class StreamingLearner(Learner):
 
     def load_state_dict(self, state: dict[str, Any], folder: str | Path, where: str) -> None:  # type: ignore[override]
         """Put the learner (built with the same settings) into ``state``; snapshots are read from ``folder``."""
+        persistence.check_setup(self, state, where)   # before any snapshot file is read
         files = {int(t): h for t, h in state["snapshots"].items()}
         snapshots, calibration = snap.read_snapshots(folder, files)
         super().load_state_dict(state, snapshots, calibration, where)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def write_chunk(path, x, y, **extra):
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=x, y=y, **extra)

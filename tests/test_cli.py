@@ -11,8 +11,8 @@ from esacl_edge.data.stream import load_test, read_manifest
 from esacl_edge.device.budget import stored_model_bytes
 from esacl_edge.device.profiles import load_profile, to_yaml
 from esacl_edge.models import build_model
-
 from tests.support import MIN_PROCESS_BYTES, RESULT_KEYS
+
 
 @pytest.fixture
 def profile_file(tmp_path):
@@ -46,8 +46,7 @@ def test_cli_end_to_end_on_a_tiny_stream(tmp_path, profile_file, capsys):
     # IDS trains the top half of every minibatch in each of the 10 passes.
     assert r["samples_learned"] == 120 and r["samples_trained"] == 10 * 5 * (8 + 4)
     assert r["samples_per_second"] == pytest.approx(120 / r["train_seconds"])
-    assert r["peak_memory_bytes"] >= MIN_PROCESS_BYTES
-    assert r["peak_memory_bytes"] > 50 * 2 ** 20 and "memory_peak_bytes" not in r
+    assert r["peak_memory_bytes"] >= MIN_PROCESS_BYTES and "memory_peak_bytes" not in r
     assert r["train_macs"] == r["train_flops"] / 2
     # At least the scoring forward of every sample and two dense-or-sparser SAM passes of the kept half.
     f = r["dense_forward_flops_per_sample"]

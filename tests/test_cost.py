@@ -69,7 +69,7 @@ def test_esacl_cost_scores_on_the_first_pass_and_runs_sam_on_every_4th_step(tiny
     # Scoring forward of all 24 on the first pass only; 4 steps, SAM on the 1st only.
     want = 24 * f + _step(f, 6, sam=True) + 3 * _step(f, 6)
     assert fast_profile.passes_per_chunk == 2 and learner.cost.flops == pytest.approx(want)
-    learner.method.select.rescore_every_pass = True  # the old rule: a scoring forward on every pass
+    learner.method.select.rescore_every_pass = True  # a scoring forward on every pass
     before = learner.cost.flops
     learner.observe(chunk.x, chunk.y, 0)
     assert learner.cost.flops - before == pytest.approx(want + 24 * f)

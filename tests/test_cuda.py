@@ -7,7 +7,7 @@ import torch
 
 from esacl_edge import StreamingLearner
 from esacl_edge.data.stream import iter_chunks, load_test
-from esacl_edge.deploy.export import onnx_logits
+from esacl_edge.deploy.parity import onnx_logits
 from esacl_edge.device.profiles import load_profile
 from esacl_edge.learn.step import train_step
 

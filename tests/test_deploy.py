@@ -8,7 +8,7 @@ import pytest
 from esacl_edge import StreamingLearner
 from esacl_edge.cli import main
 from esacl_edge.data.stream import load_test
-from esacl_edge.deploy.export import sparsify_initializers
+from esacl_edge.deploy.encoders import sparsify_initializers
 from esacl_edge.errors import ExportError
 from esacl_edge.models import prunable_parameters
 from esacl_edge.runner import feed

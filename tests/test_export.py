@@ -8,7 +8,7 @@ import torch
 
 from esacl_edge import StreamingLearner
 from esacl_edge.data.stream import load_test
-from esacl_edge.deploy.export import parity
+from esacl_edge.deploy.parity import parity
 from esacl_edge.errors import EsaclError, ExportError
 from esacl_edge.runner import feed
 

@@ -13,7 +13,7 @@ import torch
 
 from esacl_edge.cli import main
 from esacl_edge.data.build import make_stream
-from esacl_edge.deploy.export import parity
+from esacl_edge.deploy.parity import parity
 from esacl_edge.deploy.snapshot import load_snapshot
 from esacl_edge.device.profiles import load_profile, to_yaml
 from esacl_edge.errors import ExportError
@@ -119,7 +119,7 @@ def test_nan_weights_fail_the_parity_check(case, tmp_path, capsys, opset):
 
 
 def test_parity_of_non_finite_outputs_is_an_error(case, tmp_path):
-    from esacl_edge.deploy.export import max_abs_diff
+    from esacl_edge.deploy.parity import max_abs_diff
 
     model, meta = load_snapshot(case["run"], 0)
     main(["export", "--task", "0", str(tmp_path / "m.onnx"), "--run", str(case["run"])])
@@ -137,7 +137,8 @@ def test_parity_of_non_finite_outputs_is_an_error(case, tmp_path):
 def test_parity_is_judged_relative_to_the_logits_once_they_exceed_one(case, tmp_path):
     """float32 rounding grows with the values computed: logits in the thousands differ between onnxruntime
     and PyTorch by more than 1e-4 with a correct export, which passes; another model still fails by far."""
-    from esacl_edge.deploy.export import export_onnx, parity_limit
+    from esacl_edge.deploy.export import export_onnx
+    from esacl_edge.deploy.parity import parity_limit
     from esacl_edge.models import classifier_name
 
     assert parity_limit(0.5) == parity_limit(1.0) == 1e-4 and parity_limit(300.0) == pytest.approx(0.03)

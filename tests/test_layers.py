@@ -19,8 +19,8 @@ LAYERS = [
     ("device", {"device"}),
     ("learn", {"learn"}),
     ("deploy", {"deploy"}),
-    ("jobs", {"streaming", "run_folder", "runner", "results", "bench", "evaluate", "pretrain", "reports", "plots",
-              "cli"}),
+    ("jobs", {"streaming", "run_folder", "stream_reader", "runner", "results", "bench", "evaluate", "pretrain",
+              "reports", "plots", "arguments", "cli"}),
 ]
 
 

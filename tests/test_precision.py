@@ -184,7 +184,7 @@ def test_a_training_step_never_waits_for_the_device(tiny_stream, fast_profile, m
 
 
 def test_the_host_sync_detector_sees_the_old_selection():
-    with HostSyncs() as syncs:   # what IDS selection did per step before 0.6
+    with HostSyncs() as syncs:   # a selection that reads the scores on the host each step
         y = torch.tensor([0, 1, 1])
         classes, counts = torch.unique(y, return_counts=True)
         dict(zip(classes.tolist(), counts.tolist()))

@@ -306,3 +306,34 @@ def test_a_state_of_the_earlier_format_resumes_as_the_current_one(tiny_stream, f
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
     assert np.array_equal(a.buffer.logits[: a.buffer.size], b.buffer.logits[: b.buffer.size])
+
+
+def test_a_state_saved_in_a_later_task_without_first_task_resumes_as_a_later_task(tiny_stream, fast_profile,
+                                                                                 tmp_path):
+    """learn.migrate derives "first_task" from the tasks the state has seen: in task 1 the schedule of a later
+    task goes on (tasks of unknown length: a later task prunes a share of the gap each chunk, the first none)."""
+    chunks = list(iter_chunks(tiny_stream))
+    a = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8", buffer_bytes=2240,
+                         sparsity=0.8)
+    for chunk in chunks[:3]:   # task 0, then task 1's first chunk (ending task 0)
+        a.observe(chunk.x, chunk.y, chunk.task)
+    a.save_state(tmp_path)
+    state = copy.deepcopy(a.state_dict())
+    assert state["progress"]["task"] == 1 and state["progress"]["first_task"] is False
+    del state["progress"]["first_task"]
+    b = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8", buffer_bytes=2240,
+                         sparsity=0.8)
+    b.load_state_dict(state, tmp_path, "old state")
+    assert b.progress.first_task is False
+    a.observe(chunks[3].x, chunks[3].y, 1)
+    b.observe(chunks[3].x, chunks[3].y, 1)
+    assert a.prune_events == b.prune_events and a.prune_events[-1]["task"] == 1
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+def test_logits_carry_no_autograd_graph(tiny_stream, fast_profile):
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), input_dtype="uint8")
+    chunk = next(iter(iter_chunks(tiny_stream)))
+    assert not learner.logits(chunk.x).requires_grad
+    assert learner.predict(chunk.x).shape == (len(chunk.x),)

@@ -327,7 +327,7 @@ def test_a_run_saved_without_the_new_settings_adopts_them_then_pins_them(stream,
     assert learn(stream.root, run, profile) == 0
     latest = run / "state" / json.loads((run / "state" / "LATEST").read_text())["checkpoint"] / "state.json"
     saved = json.loads(latest.read_text())
-    for key in ("device", "passes", "batch_size", "lr"):  # as a run saved by esacl-edge 0.3
+    for key in ("device", "passes", "batch_size", "lr"):  # as a run saved before these settings were recorded
         del saved["extra"]["settings"][key]
     latest.write_text(json.dumps(saved))
     edit_manifest(stream.root, lambda m: m.update(tasks=full["tasks"][:2]))

@@ -183,8 +183,8 @@ def test_no_retraining_needed_and_the_pruning_score_beats_a_random_one(monkeypat
     pruned to the same density with a random score instead. Held-out Class-IL accuracy over the
     tasks seen so far right after each task's last event stays within 3 points of the accuracy
     before it; across the events that remove a fifth of the live weights or more it drops by at
-    most 6 points on average, and on those EsaCL's score (the magnitude since 0.5; the directional
-    score before) raises the held-out loss by at most a fifth of what a random score does.
+    most 6 points on average, and on those EsaCL's score (the magnitude; esacl-directional's the directional
+    score) raises the held-out loss by at most a fifth of what a random score does.
     """
     import copy
 
@@ -299,7 +299,7 @@ def test_sparcl_mask_updates_wait_for_the_first_pruning(tiny_stream, fast_profil
 
 
 def test_esacl_prunes_the_smallest_weights_of_each_layer_and_keeps_no_statistics(fast_profile):
-    """EsaCL's score since 0.5 is the magnitude, ranked within each layer's budget (the stem and the
+    """EsaCL's score is the magnitude, ranked within each layer's budget (the stem and the
     classifier stay dense); it keeps no running statistics, and its training-memory estimate drops them (8 B/weight)."""
     learner = StreamingLearner("small_cnn", fast_profile, 4, (8, 8, 1), sparsity=0.9, input_dtype="uint8")
     x, y = _chunk()

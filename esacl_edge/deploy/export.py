@@ -1,20 +1,10 @@
 """ONNX export of a task's model: masks baked into the weights, one self-contained file,
 dynamic batch dimension, checked against PyTorch with onnxruntime before it is kept.
 
-Variants (:func:`export_variant`), each with a sidecar ``MODEL.onnx.json``:
-
-* ``sparse`` (default): pruned weights stored as ONNX sparse initializers (live values plus
-  linear indices in the smallest integer type that holds them); onnxruntime densifies them
-  at load, so outputs match the dense file. Strict ``onnx.checker`` wants int64 indices
-  and rejects the smaller ones; onnxruntime reads int8/16/32/64.
-* ``dense``: plain float32 initializers.
-* ``structured``: units and channels the snapshot no longer uses are removed
-  (:mod:`esacl_edge.structured`), a smaller dense network.
-* ``int8``: static QDQ quantization by onnxruntime, calibrated on the replay-buffer samples
-  kept with the snapshot; judged by top-1 agreement and accuracy, not by the float parity.
-
-The float variants pass when onnxruntime's logits differ from PyTorch's by at most 1e-4 times
-the largest logit, or 1e-4 where no logit exceeds 1 (:func:`parity_limit`).
+Variants (:data:`ENCODERS`), each with a sidecar ``MODEL.onnx.json``: ``sparse`` (default; sparse
+initializers, ``encoders.py``), ``dense`` (float32), ``structured`` (the units and channels the
+snapshot no longer uses removed, ``structured.py``) and ``int8`` (static QDQ, ``encoders.py``,
+judged by top-1 agreement and accuracy). The float variants pass the parity check of ``parity.py``.
 
 Every variant declares the opset asked for (checked in the written file) and carries what the
 device runner needs as JSON in ``metadata_props["esacl_edge"]``, so the file runs without its
@@ -31,7 +21,10 @@ import logging
 import os
 import platform
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,78 +33,16 @@ from torch import nn
 from .. import __version__
 from ..errors import ExportError
 from ..files import temp_file_beside, write_json
-from ..learn.forward import nchw
 from ..models import ModelSpec, layer_sparsity
+from .encoders import quantize_int8, sparsify_initializers
+from .parity import PARITY_TOLERANCE, check_parity, max_abs_diff, nchw_array, onnx_logits, sample_inputs, torch_logits
 
-PARITY_TOLERANCE = 1e-4
 VARIANTS = ("sparse", "dense", "structured", "int8")
 INT8_MIN_AGREEMENT = 0.9
 OPSETS = range(7, 24)  # as device profiles allow
 INT8_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 DYNAMO_OPSET = 18  # the opset the torch.export-based exporter writes natively
 METADATA_KEY = "esacl_edge"  # metadata_props entry: what the device runner needs, as JSON
-
-
-def sample_inputs(spec: ModelSpec, n: int = 8, seed: int = 0) -> np.ndarray:
-    """Random inputs in the stream's value range, NHWC as stored."""
-    rng = np.random.default_rng(seed)
-    high = 1.0 / float(spec.normalization.get("scale", 1.0))
-    return rng.uniform(0.0, high, size=(n, *spec.input_shape)).astype(np.float32)
-
-
-def _nchw(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x, dtype=np.float32).transpose(0, 3, 1, 2))
-
-
-def max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
-    """Max |got - want|; raises :class:`ExportError` when either holds NaN or infinity, which no
-    difference can vouch for."""
-    if not np.isfinite(want).all():
-        raise ExportError("the PyTorch snapshot outputs NaN or infinite logits (its weights have diverged); "
-                          "export the snapshot of an earlier task")
-    if not np.isfinite(got).all():
-        raise ExportError("onnxruntime outputs NaN or infinite logits where PyTorch does not")
-    return float(np.abs(got - want).max())
-
-
-def parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray) -> float:
-    """Max |onnxruntime - PyTorch| over the outputs for ``x_nhwc``, one batch and one sample.
-
-    Raises :class:`ExportError` (without the file name) when either output is not finite.
-    """
-    return parity_and_scale(path, model, x_nhwc)[0]
-
-
-def parity_and_scale(path: str | Path, model: nn.Module, x_nhwc: np.ndarray) -> tuple[float, float]:
-    """(:func:`parity`, the largest |PyTorch logit|): the difference and the scale it is judged against."""
-    session = _session(path)
-    name = session.get_inputs()[0].name
-    x = _nchw(x_nhwc)
-    worst = scale = 0.0
-    for batch in (x, x[:1]):
-        got = session.run(None, {name: batch})[0]
-        with torch.no_grad():
-            want = model(torch.from_numpy(batch)).numpy()
-        worst = max(worst, max_abs_diff(got, want))
-        scale = max(scale, float(np.abs(want).max()))
-    return worst, scale
-
-
-def parity_limit(scale: float, tolerance: float = PARITY_TOLERANCE) -> float:
-    """The largest accepted difference: ``tolerance`` absolute for logits up to 1 in size, relative to the
-    largest logit above that (float32 rounding grows with the values a deep network computes)."""
-    return tolerance * max(1.0, scale)
-
-
-def check_parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray, what: str = "onnxruntime output",
-                 tolerance: float = PARITY_TOLERANCE) -> tuple[float, float]:
-    """(:func:`parity`, :func:`parity_limit`) of the file at ``path``; raises :class:`ExportError` past the limit."""
-    diff, scale = parity_and_scale(path, model, x_nhwc)
-    limit = parity_limit(scale, tolerance)
-    if not diff <= limit:
-        raise ExportError(f"{what} differs from PyTorch by {diff:.3g} (> {limit:.3g}, {tolerance:g} × the largest "
-                          f"logit {scale:.3g})")
-    return diff, limit
 
 
 def file_opset(proto) -> int | None:
@@ -144,7 +75,7 @@ def _export_checked(model: nn.Module, spec: ModelSpec, path: Path, sample: np.nd
 
     model = model.eval().cpu()
     x = sample if sample is not None else sample_inputs(spec)
-    example = torch.from_numpy(_nchw(x[:2] if len(x) >= 2 else np.concatenate([x, x])))
+    example = torch.from_numpy(nchw_array(x[:2] if len(x) >= 2 else np.concatenate([x, x])))
     fd, tmp = temp_file_beside(path, ".onnx")
     os.close(fd)
     try:
@@ -217,83 +148,6 @@ def _check_target(path: Path) -> None:
         raise ExportError(f"{path}: folder {path.parent} is not writable")
 
 
-def _index_dtype(numel: int) -> np.dtype:
-    for dtype in (np.int8, np.int16, np.int32):
-        if numel - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
-
-
-def sparsify_initializers(proto) -> int:
-    """Move every float weight that is cheaper sparse than dense into ``sparse_initializer``."""
-    from onnx import helper, numpy_helper
-
-    moved, keep = 0, []
-    for init in proto.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if w.dtype != np.float32 or w.ndim < 2:
-            keep.append(init)
-            continue
-        idx = np.flatnonzero(w)
-        dtype = _index_dtype(w.size)
-        if idx.size * (4 + dtype.itemsize) >= w.nbytes:
-            keep.append(init)
-            continue
-        values = numpy_helper.from_array(w.ravel()[idx], init.name)
-        indices = numpy_helper.from_array(idx.astype(dtype), f"{init.name}.indices")
-        proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(w.shape)))
-        moved += 1
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
-    return moved
-
-
-class _Calibration:
-    """onnxruntime CalibrationDataReader over NCHW float32 batches."""
-
-    def __init__(self, name: str, x_nchw: np.ndarray, batch: int = 32) -> None:
-        self._batches = iter([{name: x_nchw[i:i + batch]} for i in range(0, len(x_nchw), batch)])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
-def quantize_int8(dense_path: Path, out_path: Path, calibration_nhwc: np.ndarray) -> None:
-    """Static INT8 (QDQ, per-channel weights) with onnxruntime, calibrated on ``calibration_nhwc``."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = dense_path.with_name(dense_path.name + ".pre.onnx")
-    try:
-        quant_pre_process(str(dense_path), str(prepared))
-        quantize_static(str(prepared), str(out_path), _Calibration("input", _nchw(calibration_nhwc)),
-                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8)
-    finally:
-        prepared.unlink(missing_ok=True)
-
-
-def _session(path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: they reach the user as our one-line error
-    return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
-def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256,
-                providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> np.ndarray:
-    """Logits of stored samples from the exported file on onnxruntime (the CPU provider by default)."""
-    session = _session(path, providers)
-    x = _nchw(x_nhwc)
-    return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def torch_logits(model: nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(nchw(x_nhwc)).numpy()
-
-
 def deployment_info(spec: ModelSpec, meta: dict, variant: str, opset: int) -> dict:
     """What a device needs to run the file: classes and their names, input and output, providers,
     pattern. It goes into the sidecar and, as JSON, into the file's ``metadata_props``."""
@@ -328,32 +182,97 @@ def _set_metadata(proto, info: dict) -> None:
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(info))
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """How one variant is written: the model it exports, the file it makes of the float export, and how that
+    file is judged against PyTorch."""
+
+    min_opset: int
+    prepare: Callable[[nn.Module, float], tuple[nn.Module, dict | None]]   # (model, min_l1) -> (model, structure)
+    encode: Callable[[Path, Path, np.ndarray | None], Any]                  # (float file, tmp, calibration) -> proto
+    check: Callable[[Path, nn.Module, np.ndarray, str], dict]               # (file, model, sample, what) -> report
+
+
+def _as_is(model: nn.Module, min_l1: float) -> tuple[nn.Module, None]:
+    return model, None
+
+
+def _shrunk(model: nn.Module, min_l1: float) -> tuple[nn.Module, dict]:
+    from .structured import shrink
+
+    return shrink(model, min_l1)
+
+
+def _float_file(dense: Path, tmp: Path, calibration: np.ndarray | None):
+    import onnx
+
+    return onnx.load(dense)
+
+
+def _sparse_file(dense: Path, tmp: Path, calibration: np.ndarray | None):
+    proto = _float_file(dense, tmp, calibration)
+    sparsify_initializers(proto)
+    return proto
+
+
+def _int8_file(dense: Path, tmp: Path, calibration: np.ndarray | None):
+    import onnx
+
+    quantize_int8(dense, tmp, calibration)
+    return onnx.load(tmp)
+
+
+def _parity_report(path: Path, model: nn.Module, sample: np.ndarray, what: str) -> dict:
+    diff, limit = check_parity(path, model, sample, what)
+    return {"max_abs_diff": diff, "parity_limit": limit}
+
+
+def _agreement_report(path: Path, model: nn.Module, sample: np.ndarray, what: str) -> dict:
+    """INT8: judged by top-1 agreement with PyTorch (``what`` is the float variants' label; unused here)."""
+    got, want = onnx_logits(path, sample), torch_logits(model, sample)
+    report = {"max_abs_diff": max_abs_diff(got, want), "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean())}
+    if report["top1_agreement"] < INT8_MIN_AGREEMENT:
+        raise ExportError(f"INT8 model agrees with PyTorch on only {100 * report['top1_agreement']:.0f}% of sample "
+                          "predictions")
+    return report
+
+
+ENCODERS: dict[str, Encoder] = {
+    "sparse": Encoder(OPSETS.start, _as_is, _sparse_file, _parity_report),
+    "dense": Encoder(OPSETS.start, _as_is, _float_file, _parity_report),
+    "structured": Encoder(OPSETS.start, _shrunk, _float_file, _parity_report),
+    "int8": Encoder(INT8_MIN_OPSET, _as_is, _int8_file, _agreement_report),
+}
+assert tuple(ENCODERS) == VARIANTS
+
+
+def export_meta(task: int, task_classes: list[list[int]], pattern: str | None, providers: tuple[str, ...]) -> dict:
+    """What an export records of the run besides the model: the task, the classes of tasks 0..``task``, the
+    N:M pattern of the pruned weights and the profile's execution providers."""
+    return {"task": task, "task_classes": [list(c) for c in task_classes[: task + 1]], "pattern": pattern,
+            "providers": list(providers)}
+
+
 def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant: str, meta: dict,
                    calibration: np.ndarray | None = None, opset: int = 18,
                    test: tuple[np.ndarray, np.ndarray] | None = None, min_l1: float = 0.0) -> dict:
     """Write ``variant`` of ``model`` to ``path`` plus ``path.json``; return the report (also in the sidecar).
 
-    The file declares ``opset`` and carries :func:`deployment_info` in its metadata, so it runs
-    without the sidecar.
+    ``meta`` is :func:`export_meta`'s. The file declares ``opset`` and carries :func:`deployment_info` in its
+    metadata, so it runs without the sidecar.
     """
     import onnx
 
-    from .structured import shrink
-
-    if variant not in VARIANTS:
+    if variant not in ENCODERS:
         raise ExportError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    encoder = ENCODERS[variant]
     path = Path(path)
     _check_target(path)
     model = model.eval().cpu()
-    structure = None
-    if variant == "structured":
-        model_out, structure = shrink(model, min_l1)
-    else:
-        model_out = model
-    if opset not in OPSETS or (variant == "int8" and opset < INT8_MIN_OPSET):
-        low = INT8_MIN_OPSET if variant == "int8" else OPSETS.start
+    model_out, structure = encoder.prepare(model, min_l1)
+    if opset not in OPSETS or opset < encoder.min_opset:
         raise ExportError(f"{path}: the {variant} variant cannot be written at opset {opset}; choose an opset "
-                          f"from {low} to {OPSETS.stop - 1}")
+                          f"from {encoder.min_opset} to {OPSETS.stop - 1}")
     if variant == "int8" and (calibration is None or len(calibration) == 0):
         raise ExportError(f"{path}: INT8 export needs calibration samples, and this snapshot has none "
                           "(the method kept no replay buffer)")
@@ -363,28 +282,13 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
     final_tmp = path.with_name(f".{path.name}.final.onnx")
     try:
         report = _export_checked(model_out, spec, dense_tmp, sample, opset, PARITY_TOLERANCE)
-        if variant == "int8":
-            quantize_int8(dense_tmp, final_tmp, calibration)
-            proto = onnx.load(final_tmp)
-        else:
-            proto = onnx.load(dense_tmp)
-            if variant == "sparse":
-                sparsify_initializers(proto)
+        proto = encoder.encode(dense_tmp, final_tmp, calibration)
         _drop_unused_domains(proto)
         _set_metadata(proto, info)
         onnx.save(proto, final_tmp)
         if file_opset(proto) != opset:
             raise ExportError(f"the {variant} file declares opset {file_opset(proto)}, not the requested {opset}")
-        if variant == "int8":
-            got, want = onnx_logits(final_tmp, sample), torch_logits(model, sample)
-            report["max_abs_diff"] = max_abs_diff(got, want)
-            report["top1_agreement"] = float((got.argmax(1) == want.argmax(1)).mean())
-            if report["top1_agreement"] < INT8_MIN_AGREEMENT:
-                raise ExportError(f"INT8 model agrees with PyTorch on only "
-                                  f"{100 * report['top1_agreement']:.0f}% of sample predictions")
-        else:
-            report["max_abs_diff"], report["parity_limit"] = check_parity(final_tmp, model_out, sample,
-                                                                          f"{variant} file")
+        report.update(encoder.check(final_tmp, model_out, sample, f"{variant} file"))
         os.replace(final_tmp, path)
     except ExportError as exc:  # name the user's file, not our temporary ones
         raise ExportError(f"{path}: {exc}") from None

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..device.budget import FLOAT_BYTES
 from ..device.transfer import to_device
 from . import ids, latent
 from .parts import Part
@@ -35,7 +36,6 @@ ARRAYS = ("x", "y", "task", "logits", "score", "qparams")
 
 # Per buffered sample besides its input: label (int16), task id (int16), insertion score (float32).
 LABEL_BYTES, TASK_BYTES, SCORE_BYTES, LOGIT_BYTES = 2, 2, 4, 4
-FLOAT_BYTES = 4
 
 
 def buffer_bytes_per_sample(input_shape: tuple[int, ...], dtype: str | np.dtype, num_classes: int,

@@ -12,7 +12,7 @@ both masked, so the network computes what the same network without that channel 
 * a channel's score is the sum of its weights' scores (``sdp.scores``: |theta| for EsaCL, the L1
   norm of its incoming and outgoing weights). Dead channels are not regrown: nothing flows
   through a dead channel, so it has no gradient to choose it by, and reviving channels at
-  random with fresh incoming weights lost on Split CIFAR-100 (docs/method.md, 0.13); the
+  random with fresh incoming weights lost on Split CIFAR-100 (docs/method.md); the
   layers outside every group regrow weight by weight at a task start as in EsaCL;
 * the allocation is ``sdp.layer_budgets``'s: a producer keeps the share of channels that gives it
   its layer's density d, given how many of its own input channels are alive; the layers outside

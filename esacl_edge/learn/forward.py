@@ -41,13 +41,13 @@ def minibatches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...
     return torch.tensor_split(order, math.ceil(len(order) / batch_size)) if len(order) else ()
 
 
-@torch.no_grad()
 def nchw(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Stored samples (NHWC, any dtype) -> float32 NCHW on ``device``, copied in the stored dtype and converted
     there."""
     return to_device(x, torch.device(device)).to(torch.float32).permute(0, 3, 1, 2).contiguous()
 
 
+@torch.no_grad()
 def infer_logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """Float32 logits of ``x`` (NCHW, on the model's device) in eval mode; the model's mode is restored."""
     was_training = model.training

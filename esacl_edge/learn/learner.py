@@ -18,29 +18,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from .plan import plan
 from ..device.profiles import Profile, load_profile
 from ..device.selection import autocast_dtype, select_device
 from ..device.transfer import to_device
-from ..errors import DivergenceError, EsaclError
+from ..errors import EsaclError
 from ..models import ModelSpec, layer_sparsity, prunable_parameters, split_model
 from ..weights import load_init
 from . import buffer as rb
 from . import latent, persistence, sdp
-from .packing import dense_bytes, pack, packed_bytes, unpack
+from .checks import check_diverged, check_inputs, check_labels, check_shape
 from .context import Context
 from .cost import CostMeter, forward_flops, layer_forward_flops
 from .forward import accuracies, infer_logits, nchw, task_logits
 from .methods import Method, get_method
+from .packing import dense_bytes, pack, packed_bytes, unpack
+from .plan import plan
 from .precision import MixedPrecision
 from .state import Generators, TaskProgress
 from .step import run_passes, train_chunk
 
 CALIBRATION_SAMPLES = 256
 INPUT_DTYPES = ("uint8", "float32")
-# A chunk's mean loss above this has diverged: cross-entropy at chance is ln(classes) (< 21 for a
-# billion classes), and the replay terms are of the same order for any model that still learns.
-DIVERGED_LOSS = 1e6
 
 
 class Learner:
@@ -51,7 +49,7 @@ class Learner:
         profile: device profile name, YAML path, or a loaded :class:`Profile`.
         num_classes: classes over all tasks (one shared head; Task-IL masks it per task).
         input_shape: one sample as stored, ``(H, W, C)``.
-        method: a name from ``methods.METHODS`` (default ``esacl``) or a :class:`Method`.
+        method: a name from ``methods.METHODS`` (default ``esacl``) or ``ablations.ABLATIONS``, or a :class:`Method`.
         sparsity: target fraction of zero prunable weights; default: the profile's.
         buffer_bytes: replay buffer budget; default: the profile's.
         input_dtype: storage dtype of inputs (``uint8`` or ``float32``), kept in the buffer.
@@ -74,6 +72,7 @@ class Learner:
         profile = profile if isinstance(profile, Profile) else load_profile(profile)
         # A Method's parts hold state once bound: each learner gets its own copy.
         self.method = copy.deepcopy(method) if isinstance(method, Method) else get_method(method)
+        self.method.wire()
         if sparsity is not None and not 0.0 <= sparsity < 1.0:
             raise EsaclError(f"sparsity must be in [0, 1), got {sparsity}")
         if buffer_bytes is not None and buffer_bytes < 0:
@@ -118,8 +117,8 @@ class Learner:
         self.optimizer = self.method.optimizer.build(self.model.parameters(), fused=self.precision.scales_loss)
         self.buffer = rb.new_buffer(self.plan.buffer_bytes, self.layout.shape, self.layout.dtype, num_classes,
                                     self.layout.qparams)
-        self.buffer_copy = (rb.DeviceCopy.of(self.buffer, self.device)
-                            if self.plan.buffer_on_device and self.device.type == "cuda" else None)
+        buffer_copy = (rb.DeviceCopy.of(self.buffer, self.device)
+                       if self.plan.buffer_on_device and self.device.type == "cuda" else None)
         requested = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
         per_sample = self.layout.bytes_per_sample(num_classes)
         if self.method.keeps_buffer and 0 < requested < per_sample:
@@ -132,7 +131,7 @@ class Learner:
         self.calibration: dict[int, np.ndarray] = {}  # buffer samples kept with each snapshot (INT8 export)
         self.on_task_end: list[Callable[[int], None]] = []  # called with the task just finished
         # What the parts may use: the resources above, not the learner.
-        store = rb.BufferStore(self.buffer, self.layout, self.device, self.train_inputs, self.buffer_copy)
+        store = rb.BufferStore(self.buffer, self.layout, self.device, self.train_inputs, buffer_copy)
         self.ctx = Context(self.model, self.trainable, self.optimizer, self.precision, self.cost, self.device,
                            self.rngs, num_classes, self.target_sparsity, self.pattern, self.profile.passes_per_chunk,
                            self.profile.batch_size, seed, self.method.name, store, self.train_inputs,
@@ -141,6 +140,15 @@ class Learner:
             part.bind(self.ctx)
         if self.method.pruning is not None:
             self.ctx.masks = self.method.pruning.state.masks
+
+    @property
+    def buffer_copy(self) -> rb.DeviceCopy | None:
+        """The copy of the buffer replay gathers from on a GPU (None: replay reads the host arrays)."""
+        return self.ctx.store.device_copy
+
+    @buffer_copy.setter
+    def buffer_copy(self, value: rb.DeviceCopy | None) -> None:
+        self.ctx.store.device_copy = value
 
     @property
     def progress(self) -> TaskProgress:
@@ -160,11 +168,11 @@ class Learner:
     def samples_trained(self, value: int) -> None:
         self.ctx.samples_trained = value
 
-    # ------------------------------------------------------------------ helpers for the parts
+    # ------------------------------------------------------------------ inputs
     def to_device(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Stored NHWC samples -> float32 NCHW on the training device (copied in the stored dtype, then
         converted there)."""
-        self._check_shape(tuple(x.shape))
+        check_shape(tuple(x.shape), self.spec.input_shape)
         return nchw(x, self.device)
 
     def train_inputs(self, x: np.ndarray | torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -183,36 +191,8 @@ class Learner:
         """Train the method's passes on stored samples ``(x, y)`` at once, no sample dropped (the joint bound)."""
         run_passes(self.ctx, self.method, self.train_inputs(x), to_device(y, self.device), filter_samples=False)
 
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
-        if len(shape) != 4 or tuple(shape[1:]) != tuple(self.spec.input_shape):
-            raise EsaclError(f"inputs must have shape (N, {', '.join(map(str, self.spec.input_shape))}), "
-                             f"got {shape}")
-
     def _inputs(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        """Check samples given to the public API: their shape, non-empty, the stored dtype, finite."""
-        self._check_shape(tuple(x.shape))
-        if len(x) == 0:
-            raise EsaclError("inputs are empty: give at least one sample")
-        dtype = str(x.dtype).removeprefix("torch.")
-        if self.spec.dtype == "uint8" and dtype != "uint8":
-            raise EsaclError(f"inputs have dtype {dtype}; this learner stores uint8 samples (values 0..255): "
-                             "convert them with x.astype(numpy.uint8) if that is what they are")
-        if "float" in dtype and not bool((torch.isfinite(x) if torch.is_tensor(x) else np.isfinite(x)).all()):
-            raise EsaclError("inputs contain NaN or Inf")
-        return x
-
-    def _check_diverged(self, loss: float | None, where: str) -> None:
-        """Stop on a non-finite or exploding loss (None: no loss to judge), or non-finite weights: nothing
-        learned after that is usable."""
-        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
-        bad_loss = loss is not None and not loss <= DIVERGED_LOSS
-        if finite and not bad_loss:
-            return
-        what = f"the loss reached {loss:.3g}" if bad_loss else "the weights became NaN or Inf"
-        reason = (f"training diverged {where} of task {self.progress.task}: {what} (check the inputs' scale, "
-                  "i.e. the stream's normalization, or lower the learning rate)")
-        raise DivergenceError(f"{reason}; the model is unusable now: restore a saved state (load_state)", reason)
+        return check_inputs(x, self.spec.input_shape, self.spec.dtype)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -256,7 +236,7 @@ class Learner:
             raise EsaclError("end_task() called before any task was observed")
         for part in self.method.parts:
             part.end_task(self.ctx)
-        self._check_diverged(None, "at the end")  # parts may train there (joint)
+        check_diverged(self.model, None, self.progress.task, "at the end")  # parts may train there (joint)
         self.snapshots[task] = pack(self.model, self.masks)
         if self.layout.latent is not None:  # the buffer holds no images: the task's last chunk calibrates
             if self.last_chunk is not None:
@@ -265,7 +245,7 @@ class Learner:
             # Own generator: drawing calibration samples must not change the training run.
             pick = rb.sample(self.buffer, CALIBRATION_SAMPLES, np.random.default_rng([self.seed, task]))
             self.calibration[task] = self.buffer.x[pick].copy()
-        self.progress = TaskProgress(task=-1)
+        self.progress = TaskProgress(task=-1, first_task=False)
         for callback in self.on_task_end:
             callback(task)
         return self.snapshots[task]
@@ -278,7 +258,7 @@ class Learner:
         a task of known length ends after its last chunk.
         """
         x_np = np.asarray(self._inputs(x.cpu() if torch.is_tensor(x) else np.asarray(x)))
-        y_np = self._labels(y, len(x_np))
+        y_np = check_labels(y, len(x_np), self.spec.num_classes)
         if task != self.progress.task:
             self.begin_task(task, n_chunks, classes)
         if not self.progress.fixed_classes:
@@ -287,23 +267,11 @@ class Learner:
         if self.layout.latent is not None:
             self.last_chunk = x_np
         loss = train_chunk(self.ctx, self.method, x_np, y_np, task)
-        self._check_diverged(loss if self.samples_trained > trained else None, "on this chunk")
+        check_diverged(self.model, loss if self.samples_trained > trained else None, self.progress.task, "on this chunk")
         info = {"loss": loss, "density": self.density}
         if self.progress.chunks_done == self.progress.n_chunks:
             self.end_task()
         return info
-
-    def _labels(self, y: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
-        """Labels as int64, one per sample, each a class of this learner."""
-        y_np = np.asarray(y.cpu() if torch.is_tensor(y) else y)
-        if y_np.ndim != 1 or len(y_np) != n or not (np.issubdtype(y_np.dtype, np.integer) or y_np.size == 0):
-            raise EsaclError(f"labels must be a 1-D integer array with one label per sample ({n}), got "
-                             f"{y_np.dtype} with shape {tuple(y_np.shape)}")
-        if n == 0:
-            raise EsaclError("inputs are empty: give at least one sample")
-        if y_np.min() < 0 or y_np.max() >= self.spec.num_classes:
-            raise EsaclError(f"labels must be in 0..{self.spec.num_classes - 1}, got {y_np.min()}..{y_np.max()}")
-        return y_np.astype(np.int64)
 
     # ------------------------------------------------------------------ inference
     def logits(self, x: np.ndarray | torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
@@ -327,7 +295,7 @@ class Learner:
     def evaluate(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, task: int,
                  model: nn.Module | None = None) -> dict[str, float]:
         """Class-IL (all classes compete) and Task-IL (the task's classes compete) accuracy."""
-        yt = torch.as_tensor(self._labels(y, len(x)), device=self.device)
+        yt = torch.as_tensor(check_labels(y, len(x), self.spec.num_classes), device=self.device)
         return accuracies(self.logits(x, model), yt, self._classes(task))
 
     # ------------------------------------------------------------------ snapshots and export

@@ -56,7 +56,11 @@ class Method:
             raise ValueError(f"current_classes must be one of {', '.join(CURRENT_CLASSES)}, got {self.current_classes!r}")
         if not 0.0 <= self.all_classes_share <= 1.0:
             raise ValueError(f"all_classes_share must be in [0, 1], got {self.all_classes_share!r}")
-        # Siblings a part depends on, handed to it here rather than looked up while learning.
+        self.wire()
+
+    def wire(self) -> None:
+        """Hand each part the siblings it depends on (rather than a part looking them up while learning); the
+        learner calls it again on its own copy of the method, after any part was replaced."""
         if isinstance(self.buffer, IdsBuffer):   # it refreshes replayed samples' scores by the selection's score
             self.buffer.score = self.select.score
         for extra in self.sparsity_extras:       # SparCL's mask updates and gradient masks act on the pruning's masks

@@ -5,7 +5,8 @@ The current format is ``persistence.state_dict``'s. Earlier formats lack:
 * ``precision`` (the loss scale of fp16 training): an fp32 run's state has nothing to restore;
 * the buffer's ``qparams`` (quantisation parameters of uint8 latents): a buffer of images keeps none,
   i.e. an array of shape (size, 0);
-* the task progress's ``first_task``: the current task is the first when no other task has classes.
+* the task progress's ``first_task``: the current task is the first when no other task appears in
+  ``task_classes``.
 """
 
 from __future__ import annotations

@@ -29,13 +29,18 @@ def state_dict(learner: Learner) -> dict[str, Any]:
             "parts": {name: part.state_dict() for name, part in learner.method.named_parts()}}
 
 
+def check_setup(learner: Learner, state: dict[str, Any], where: str) -> None:
+    """Refuse a state saved by a learner built with other settings, naming the difference."""
+    check_same_setup(state, learner.spec, {"method": learner.method.name, "buffer_capacity": learner.buffer.capacity,
+                                        "seed": learner.seed, "target_sparsity": learner.target_sparsity,
+                                        "pattern": learner.pattern and list(learner.pattern)}, where)
+
+
 def load_state_dict(learner: Learner, state: dict[str, Any], where: str) -> None:
     """Put the learner (built with the same settings) into ``state`` (of any saved format), its task snapshots
     aside."""
     state = migrate.upgrade(state)
-    check_same_setup(state, learner.spec, {"method": learner.method.name, "buffer_capacity": learner.buffer.capacity,
-                                        "seed": learner.seed, "target_sparsity": learner.target_sparsity,
-                                        "pattern": learner.pattern and list(learner.pattern)}, where)
+    check_setup(learner, state, where)
     try:
         learner.model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -82,8 +82,10 @@ class MixedPrecision:
         if self.scaler is None:
             return
         self.scaler.unscale_(optimizer)
+        # Checked after unscaling: the scaler's own check (before it) agrees while the scale is at least 1.
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.grads_finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        self.grads_finite = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
+                             else torch.ones((), dtype=torch.bool, device=self.device))
         self._counts[0] += ~self.grads_finite
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
