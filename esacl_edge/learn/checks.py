@@ -7,11 +7,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device.profiles import Profile
 from ..errors import DivergenceError, EsaclError
+from . import latent
 
 # A chunk's mean loss above this has diverged: cross-entropy at chance is ln(classes) (< 21 for a
 # billion classes), and the replay terms are of the same order for any model that still learns.
 DIVERGED_LOSS = 1e6
+INPUT_DTYPES = ("uint8", "float32")
 
 
 def check_shape(shape: tuple[int, ...], input_shape: tuple[int, ...]) -> None:
@@ -60,3 +63,23 @@ def check_diverged(model: nn.Module, loss: float | None, task: int, where: str) 
     reason = (f"training diverged {where} of task {task}: {what} (check the inputs' scale, "
               "i.e. the stream's normalization, or lower the learning rate)")
     raise DivergenceError(f"{reason}; the model is unusable now: restore a saved state (load_state)", reason)
+
+
+def check_settings(profile: Profile, sparsity: float | None, buffer_bytes: int | None, seed: int, input_dtype: str,
+                   freeze_until: str | None, latent_replay: str | None) -> None:
+    """A learner's settings, each refused with one clear error before anything is built."""
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise EsaclError(f"sparsity must be in [0, 1), got {sparsity}")
+    if buffer_bytes is not None and buffer_bytes < 0:
+        raise EsaclError(f"buffer budget must be >= 0 bytes, got {buffer_bytes}")
+    if type(seed) is not int or not 0 <= seed < 2 ** 32:
+        raise EsaclError(f"seed must be an integer in 0..{2 ** 32 - 1}, got {seed!r}")
+    if input_dtype not in INPUT_DTYPES:
+        raise EsaclError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
+    if latent_replay is not None and latent_replay not in latent.FORMS:
+        raise EsaclError(f"latent replay must be one of {', '.join(latent.FORMS)}, got {latent_replay!r}")
+    if latent_replay is not None and freeze_until is None:
+        raise EsaclError("latent replay stores the activations of a frozen prefix: give --freeze-until LAYER too")
+    if not profile.training_supported:
+        raise EsaclError(f"profile {profile.name} ({profile.source}) does not support training: "
+                         f"{profile.description}")

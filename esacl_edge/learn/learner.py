@@ -25,8 +25,8 @@ from ..errors import EsaclError
 from ..models import ModelSpec, layer_sparsity, prunable_parameters, split_model
 from ..weights import load_init
 from . import buffer as rb
-from . import latent, persistence, sdp
-from .checks import check_diverged, check_inputs, check_labels, check_shape
+from . import persistence, sdp
+from .checks import check_diverged, check_inputs, check_labels, check_settings, check_shape
 from .context import Context
 from .cost import CostMeter, forward_flops, layer_forward_flops
 from .forward import accuracies, infer_logits, nchw, task_logits
@@ -38,7 +38,6 @@ from .state import Generators, TaskProgress
 from .step import run_passes, train_chunk
 
 CALIBRATION_SAMPLES = 256
-INPUT_DTYPES = ("uint8", "float32")
 
 
 class Learner:
@@ -73,21 +72,7 @@ class Learner:
         # A Method's parts hold state once bound: each learner gets its own copy.
         self.method = copy.deepcopy(method) if isinstance(method, Method) else get_method(method)
         self.method.wire()
-        if sparsity is not None and not 0.0 <= sparsity < 1.0:
-            raise EsaclError(f"sparsity must be in [0, 1), got {sparsity}")
-        if buffer_bytes is not None and buffer_bytes < 0:
-            raise EsaclError(f"buffer budget must be >= 0 bytes, got {buffer_bytes}")
-        if type(seed) is not int or not 0 <= seed < 2 ** 32:
-            raise EsaclError(f"seed must be an integer in 0..{2 ** 32 - 1}, got {seed!r}")
-        if input_dtype not in INPUT_DTYPES:
-            raise EsaclError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
-        if latent_replay is not None and latent_replay not in latent.FORMS:
-            raise EsaclError(f"latent replay must be one of {', '.join(latent.FORMS)}, got {latent_replay!r}")
-        if latent_replay is not None and freeze_until is None:
-            raise EsaclError("latent replay stores the activations of a frozen prefix: give --freeze-until LAYER too")
-        if not profile.training_supported:
-            raise EsaclError(f"profile {profile.name} ({profile.source}) does not support training: "
-                             f"{profile.description}")
+        check_settings(profile, sparsity, buffer_bytes, seed, input_dtype, freeze_until, latent_replay)
         # The budgets decide sparsity, buffer capacity and batch size, before anything is trained.
         self.plan = plan(profile, model, tuple(input_shape), num_classes, self.method, input_dtype, sparsity,
                          buffer_bytes, freeze_until, latent_replay)
