@@ -22,7 +22,8 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
     the test data of ``stream`` (default: the run's own stream, if it is still there)."""
     import numpy as np
 
-    from .deploy.export import export_meta, export_variant
+    from .deploy.export import export_variant
+    from .deploy.metadata import export_meta
     from .deploy.snapshot import load_calibration, load_snapshot
     from .run_folder import run_profile
     from .device.profiles import load_profile

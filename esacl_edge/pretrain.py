@@ -2,8 +2,8 @@
 
 This is the starting point for a user without ImageNet weights, or with a domain of their own:
 train on the classes available now (a stream, or an npz as ``make-stream`` reads it), then learn
-the new ones on the device from these weights. Dense SGD with momentum, weight decay and a cosine
-schedule; random crops (4-pixel padding) and horizontal flips for colour images. The held-out
+the new ones on the device from these weights. The learner's training step with dense SGD (Nesterov
+momentum, weight decay) under a one-cycle schedule; random crops (4-pixel padding) and horizontal flips for colour images. The held-out
 accuracy is measured on the data set's test split of the chosen classes (or, where it has none,
 on a seeded 10% of their training samples).
 
@@ -25,17 +25,15 @@ from tqdm.auto import tqdm
 from .data.build import measure_normalization, parse_classes
 from .data.sources import load_npz_source
 from .data.stream import iter_chunks, load_test, read_manifest
-from .learn.plan import plan
 from .device.profiles import Profile, load_profile
-from .device.selection import autocast_dtype, select_device
 from .device.transfer import to_device
 from .errors import EsaclError
 from .files import atomic_write, write_json
-from .learn.forward import infer_logits
-from .learn.methods import get_method
-from .learn.precision import MixedPrecision
-from .models import build_model
-from .weights import load_init
+from .learn.forward import minibatches
+from .learn.learner import Learner
+from .learn.methods import Method
+from .learn.optim import Sgd
+from .learn.step import mean_loss, train_step
 
 HOLDOUT = 0.1  # share of each class held out where the data set has no test split
 
@@ -60,13 +58,14 @@ def read_labelled(data: str | Path) -> tuple[dict[str, np.ndarray], int, list[st
     raise EsaclError(f"{data}: neither a stream folder (with manifest.json) nor an .npz data set")
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 4-pixel-padded crops and horizontal flips, per sample (NCHW float)."""
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random 4-pixel-padded crops and horizontal flips, per sample (NCHW float, on its device); the draws
+    come from ``gen`` (a CPU generator)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dy, dx = torch.randint(0, 9, (2, n), generator=gen).tolist()
     out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     out[flip] = out[flip].flip(3)
     return out
 
@@ -76,7 +75,11 @@ def pretrain(data: str | Path, model: str, out: str | Path, *, classes: str | li
              init: str | Path | None = None, per_class: int | None = None, progress: bool = True) -> dict:
     """Train backbone ``model`` on ``classes`` of ``data``; write its weights to ``out`` (+ ``out.json``).
 
-    Returns the report written to ``out.json``: held-out accuracy per epoch, time, settings.
+    The epochs run through the learner's own training step (``learn/step.py``) with a dense method
+    whose optimizer is SGD with Nesterov momentum and weight decay, under a one-cycle schedule; the
+    minibatch order, augmentation and initialisation draw from the learner's generators, seeded by
+    ``seed`` (nothing global). Returns the report written to ``out.json``: held-out accuracy per
+    epoch, time, settings.
     """
     out = Path(out)
     if out.is_dir():
@@ -105,46 +108,39 @@ def pretrain(data: str | Path, model: str, out: str | Path, *, classes: str | li
     label = np.full(num_classes, -1, np.int64)
     label[chosen] = np.arange(len(chosen))  # the head has one output per chosen class, in order
     input_shape = tuple(x_tr.shape[1:])
-    norm = normalization or measure_normalization(x_tr, 1.0 / 255.0 if x_tr.dtype == np.uint8 else 1.0)
-    batch = plan(prof, model, input_shape, len(chosen), get_method("finetune"), str(x_tr.dtype)).batch_size
-
-    device = select_device(prof)
-    precision = MixedPrecision(device, autocast_dtype(prof, device))
-    with torch.random.fork_rng():  # the initialisation draws from ``seed``; every global generator is restored after
-        torch.manual_seed(seed)
-        net = build_model(model, input_shape, len(chosen), norm)
-    loaded = load_init(net, init, model) if init is not None else None
-    net.to(device)
-    steps = epochs * -(-len(y_tr) // batch)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(label[y_tr])
-    x_held, y_held = to_device(x_te, device).float().permute(0, 3, 1, 2), to_device(label[y_te], device)
+    dtype = "uint8" if x_tr.dtype == np.uint8 else "float32"
+    norm = normalization or measure_normalization(x_tr, 1.0 / 255.0 if dtype == "uint8" else 1.0)
+    method = Method("pretrain", optimizer=Sgd(lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True))
+    learner = Learner(model, prof, len(chosen), input_shape, method=method, sparsity=0.0, buffer_bytes=0,
+                      input_dtype=dtype, normalization=norm, seed=seed, init=init)
+    ctx, batch = learner.ctx, learner.ctx.batch_size
+    steps = epochs * len(minibatches(torch.arange(len(y_tr)), batch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(learner.optimizer, lr, total_steps=steps, pct_start=0.15)
+    x_tr = x_tr.astype(dtype, copy=False)
+    y_train = to_device(label[y_tr], learner.device)
+    y_held = label[y_te]
     history, start = [], time.perf_counter()
     for epoch in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not progress):
-        net.train()
-        for idx in torch.randperm(len(yt), generator=gen).split(batch):
+        ctx.trainable.train()
+        losses = []
+        for idx in minibatches(torch.from_numpy(ctx.rngs.order.permutation(len(y_tr))), batch):
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
-            x = to_device(xt[idx], device).float().permute(0, 3, 1, 2)
+            x = learner.train_inputs(x_tr[idx.numpy()])
             if input_shape[2] == 3:
-                x = _augment(x.cpu(), gen).to(device)
-            with precision.autocast():
-                loss = F.cross_entropy(net(x).float(), to_device(yt[idx], device))
-            opt.zero_grad(set_to_none=True)
-            precision.backward(loss)
-            precision.unscale(opt)
-            precision.step(opt)
+                x = augment(x, ctx.rngs.torch)
+            idx = to_device(idx, learner.device)
+            losses.append(train_step(ctx, learner.method, x, y_train[idx], idx)[0])
             schedule.step()
-        if not torch.isfinite(loss):
-            raise EsaclError(f"pretraining diverged in epoch {epoch + 1} (loss {float(loss):.3g}); lower --lr")
-        acc = float((infer_logits(net, x_held).argmax(1) == y_held).float().mean())
-        history.append({"epoch": epoch + 1, "loss": float(loss.detach()), "heldout_acc": acc})
+        loss = mean_loss(losses, learner.precision.scales_loss)
+        if not np.isfinite(loss):
+            raise EsaclError(f"pretraining diverged in epoch {epoch + 1} (loss {loss:.3g}); lower --lr")
+        acc = float((learner.logits(x_te.astype(dtype, copy=False)).argmax(1).cpu().numpy() == y_held).mean())
+        history.append({"epoch": epoch + 1, "loss": loss, "heldout_acc": acc})
         if progress:
-            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.3f}, held-out accuracy {100 * acc:.1f}%")
+            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {loss:.3f}, held-out accuracy {100 * acc:.1f}%")
     seconds = time.perf_counter() - start
-    state = {k: v.detach().cpu().clone() for k, v in net[1].state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in learner.model[1].state_dict().items()}
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(out, lambda f: f.write(buf.getvalue()))
@@ -153,8 +149,9 @@ def pretrain(data: str | Path, model: str, out: str | Path, *, classes: str | li
               "class_names": [names[c] for c in chosen] if names else None, "input_shape": list(input_shape),
               "normalization": norm, "train_samples": int(len(y_tr)), "heldout_samples": int(len(y_te)),
               "heldout": "test split" if len(test) else f"{HOLDOUT:.0%} of the training samples",
-              "epochs": epochs, "lr": lr, "batch_size": batch, "seed": seed, "init": loaded,
-              "device": str(device), "precision": precision.name, "train_seconds": seconds,
+              "epochs": epochs, "lr": lr, "batch_size": batch, "seed": seed, "init": learner.init,
+              "device": str(learner.device), "precision": learner.precision.name,
+              "train_gflops": learner.cost.flops / 1e9, "train_seconds": seconds,
               "heldout_acc": history[-1]["heldout_acc"], "history": history}
     write_json(out.with_name(out.name + ".json"), report)
     return report

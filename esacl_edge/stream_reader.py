@@ -9,7 +9,8 @@ import warnings
 from collections.abc import Callable, Container
 from pathlib import Path
 
-from .data.stream import Chunk, Manifest, load_chunk, load_test, read_manifest, sha256_of
+from .data.npz import sha256_of
+from .data.stream import Chunk, Manifest, load_chunk, load_test, read_manifest
 from .errors import EsaclError, StreamError
 from .results import RunRecord
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from . import checkpoint
 from .deploy import snapshot as snap
-from .deploy.export import export_meta, export_variant
+from .deploy.export import export_variant
+from .deploy.metadata import export_meta
 from .errors import CheckpointError, EsaclError
 from .learn import persistence
 from .learn.learner import Learner

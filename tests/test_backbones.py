@@ -249,6 +249,23 @@ def test_pretrain_writes_weights_that_learn_starts_from(tmp_path, colour_npz, ne
     assert r["settings"]["init"] == str(out.resolve())
 
 
+def test_pretrain_is_seeded_by_its_own_generators(tmp_path, colour_npz):
+    from esacl_edge.pretrain import pretrain
+
+    def weights(name, seed):
+        pretrain(colour_npz, "small_cnn", tmp_path / name, classes=[0, 1], epochs=1, seed=seed, progress=False)
+        return torch.load(tmp_path / name, weights_only=True)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b, c = weights("a.pth", 0), weights("b.pth", 0), weights("c.pth", 1)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing global is drawn from or reseeded
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same seed, the same weights
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    report = json.loads((tmp_path / "a.pth.json").read_text())
+    assert report["train_gflops"] > 0 and len(report["history"]) == 1
+
+
 def test_pretrain_refuses_classes_it_does_not_have(tmp_path, colour_npz):
     with pytest.raises(EsaclError, match="--classes must name classes in 0..3"):
         main_raise(["pretrain", "--data", str(colour_npz), "--model", "small_cnn", "--classes", "3-9",

@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import StreamError
-from .stream import read_npz
+from .npz import read_npz
 
 FOLDER_TEST_FRACTION = 0.2
 

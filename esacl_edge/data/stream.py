@@ -34,9 +34,7 @@ field a task's chunks hold only its ``classes``.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +43,7 @@ import numpy as np
 
 from ..errors import StreamError
 from ..files import read_json
+from .npz import read_file, read_npz
 
 FORMAT = "esacl-stream"
 VERSION = 1
@@ -209,35 +208,6 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
                     class_names=tuple(map(str, names)) if names else None, normalization=norm)
 
 
-def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = (),
-             content: bytes | None = None) -> dict[str, np.ndarray]:
-    """Load named arrays with ``allow_pickle=False``; any problem is one StreamError naming the file.
-
-    ``content``: the file's bytes, when the caller has already read them (to hash them).
-    """
-    where = str(path)
-    if content is None:
-        content = read_file(path, "file")
-    if not content.startswith(b"PK"):
-        raise StreamError(f"{where}: not a readable .npz file (no zip archive header: truncated, corrupt or another "
-                          "format)")
-    try:
-        with np.load(io.BytesIO(content), allow_pickle=False) as data:
-            missing = [k for k in required if k not in data.files]
-            if missing:
-                raise StreamError(f"{where}: must hold arrays {', '.join(map(repr, required))}; "
-                                  f"missing {', '.join(map(repr, missing))}")
-            return {k: data[k] for k in required + optional if k in data.files}
-    except StreamError:
-        raise
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise StreamError(f"{where}: holds a pickled object array; only plain numeric arrays are accepted") from None
-        raise StreamError(f"{where}: not a readable .npz file: {exc}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise StreamError(f"{where}: not a readable .npz file (truncated or corrupt): {exc}") from None
-
-
 def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...],
                 content: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load one chunk or test file and check it against the manifest; errors name the file."""
@@ -279,24 +249,6 @@ class Chunk:
     x: np.ndarray
     y: np.ndarray
     sha256: str = ""  # of the file's bytes, as learned
-
-
-def read_file(path: Path, what: str = "chunk file") -> bytes:
-    """A file's bytes, or one StreamError naming it."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise StreamError(f"{path}: {what} not found") from None
-    except OSError as exc:
-        raise StreamError(f"{path}: cannot read {what}: {exc.strerror}") from None
-
-
-def sha256_of(path: Path) -> str | None:
-    """Hex SHA-256 of a file's bytes (None when it is gone)."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def load_chunk(manifest: Manifest, task: int, index: int) -> Chunk:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import json
 import logging
 import os
 import platform
@@ -35,18 +34,13 @@ from ..errors import ExportError
 from ..files import temp_file_beside, write_json
 from ..models import ModelSpec, layer_sparsity
 from .encoders import quantize_int8, sparsify_initializers
+from .metadata import deployment_info, drop_unused_domains, file_opset, set_metadata, sidecar_path
 from .parity import PARITY_TOLERANCE, check_parity, max_abs_diff, nchw_array, onnx_logits, sample_inputs, torch_logits
 
 INT8_MIN_AGREEMENT = 0.9
 OPSETS = range(7, 24)  # as device profiles allow
 INT8_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 DYNAMO_OPSET = 18  # the opset the torch.export-based exporter writes natively
-METADATA_KEY = "esacl_edge"  # metadata_props entry: what the device runner needs, as JSON
-
-
-def file_opset(proto) -> int | None:
-    """The default-domain opset a model file declares."""
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, path: str | Path, sample: np.ndarray | None = None,
@@ -147,40 +141,6 @@ def _check_target(path: Path) -> None:
         raise ExportError(f"{path}: folder {path.parent} is not writable")
 
 
-def deployment_info(spec: ModelSpec, meta: dict, variant: str, opset: int) -> dict:
-    """What a device needs to run the file: classes and their names, input and output, providers,
-    pattern. It goes into the sidecar and, as JSON, into the file's ``metadata_props``."""
-    h, w, c = spec.input_shape
-    classes = sorted({c_ for cls in meta.get("task_classes", []) for c_ in cls})
-    return {
-        "variant": variant, "opset": opset, "task": meta.get("task"), "classes": classes,
-        "task_classes": meta.get("task_classes"),
-        "class_names": [spec.class_names[i] for i in classes] if spec.class_names else None,
-        "model": spec.model, "num_classes": spec.num_classes,
-        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": [-1, c, h, w],
-                  "stored_shape": [h, w, c], "stored_dtype": spec.dtype,
-                  "normalization_in_graph": spec.normalization},
-        "output": {"name": "logits", "shape": [-1, spec.num_classes]},
-        "pattern": meta.get("pattern"), "providers": meta.get("providers", ["CPUExecutionProvider"]),
-    }
-
-
-def _drop_unused_domains(proto) -> None:
-    """Remove opset imports no node uses (onnxruntime's quantizer adds several that older runtimes reject)."""
-    used = {n.domain for n in proto.graph.node} | {"", "ai.onnx"} | {f.domain for f in proto.functions} \
-        | {n.domain for f in proto.functions for n in f.node}
-    kept = [o for o in proto.opset_import if o.domain in used]
-    del proto.opset_import[:]
-    proto.opset_import.extend(kept)
-
-
-def _set_metadata(proto, info: dict) -> None:
-    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(info))
-
-
 @dataclass(frozen=True)
 class Encoder:
     """How one variant is written: the model it exports, the file it makes of the float export, and how that
@@ -245,13 +205,6 @@ ENCODERS: dict[str, Encoder] = {
 VARIANTS = tuple(ENCODERS)
 
 
-def export_meta(task: int, task_classes: list[list[int]], pattern: str | None, providers: tuple[str, ...]) -> dict:
-    """What an export records of the run besides the model: the task, the classes of tasks 0..``task``, the
-    N:M pattern of the pruned weights and the profile's execution providers."""
-    return {"task": task, "task_classes": [list(c) for c in task_classes[: task + 1]], "pattern": pattern,
-            "providers": list(providers)}
-
-
 def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant: str, meta: dict,
                    calibration: np.ndarray | None = None, opset: int = 18,
                    test: tuple[np.ndarray, np.ndarray] | None = None, min_l1: float = 0.0) -> dict:
@@ -282,8 +235,8 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
     try:
         report = _export_checked(model_out, spec, dense_tmp, sample, opset, PARITY_TOLERANCE)
         proto = encoder.encode(dense_tmp, final_tmp, calibration)
-        _drop_unused_domains(proto)
-        _set_metadata(proto, info)
+        drop_unused_domains(proto)
+        set_metadata(proto, info)
         onnx.save(proto, final_tmp)
         if file_opset(proto) != opset:
             raise ExportError(f"the {variant} file declares opset {file_opset(proto)}, not the requested {opset}")
@@ -314,8 +267,3 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
     }
     write_json(sidecar_path(path), sidecar)
     return {**sidecar, "path": str(path)}
-
-
-def sidecar_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".json")

@@ -73,7 +73,7 @@ def load_calibration(run_dir: str | Path, task: int) -> np.ndarray | None:
     path = Path(run_dir) / "snapshots" / f"task_{task}_calib.npz"
     if not path.is_file():
         return None
-    from ..data.stream import read_npz
+    from ..data.npz import read_npz
 
     return read_npz(path, ("x",))["x"]
 

@@ -3,6 +3,9 @@ API (one clear error each), and divergence after a chunk or a task's end."""
 
 from __future__ import annotations
 
+import warnings
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
@@ -10,6 +13,9 @@ from torch import nn
 from ..device.profiles import Profile
 from ..errors import DivergenceError, EsaclError
 from . import latent
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 # A chunk's mean loss above this has diverged: cross-entropy at chance is ln(classes) (< 21 for a
 # billion classes), and the replay terms are of the same order for any model that still learns.
@@ -83,3 +89,10 @@ def check_settings(profile: Profile, sparsity: float | None, buffer_bytes: int |
     if not profile.training_supported:
         raise EsaclError(f"profile {profile.name} ({profile.source}) does not support training: "
                          f"{profile.description}")
+
+
+def warn_if_no_replay(method: Method, requested: int, per_sample: int) -> None:
+    """Warn when a replay method's buffer budget (bytes) is too small for one sample."""
+    if method.keeps_buffer and 0 < requested < per_sample:
+        warnings.warn(f"a replay buffer of {requested:,} bytes holds no sample (one takes {per_sample:,} bytes): "
+                      f"{method.name} runs without replay", RuntimeWarning, stacklevel=3)

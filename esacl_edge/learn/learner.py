@@ -9,7 +9,6 @@ and exporting are the public :class:`esacl_edge.StreamingLearner`'s (``streaming
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,13 @@ from ..errors import EsaclError
 from ..models import ModelSpec, layer_sparsity, prunable_parameters, split_model
 from ..weights import load_init
 from . import buffer as rb
-from . import persistence, sdp
-from .checks import check_diverged, check_inputs, check_labels, check_settings, check_shape
+from . import persistence
+from .checks import check_diverged, check_inputs, check_labels, check_settings, check_shape, warn_if_no_replay
 from .context import Context
 from .cost import CostMeter, forward_flops, layer_forward_flops
 from .forward import accuracies, infer_logits, nchw, task_logits
 from .methods import Method, get_method
+from .nm_pattern import parse_pattern
 from .packing import dense_bytes, pack, packed_bytes, unpack
 from .plan import plan
 from .precision import MixedPrecision
@@ -77,7 +77,7 @@ class Learner:
         self.plan = plan(profile, model, tuple(input_shape), num_classes, self.method, input_dtype, sparsity,
                          buffer_bytes, freeze_until, latent_replay)
         try:
-            self.pattern = sdp.parse_pattern(pattern)
+            self.pattern = parse_pattern(pattern)
         except ValueError as exc:
             raise EsaclError(str(exc)) from None
         self.profile = profile.replace(batch_size=self.plan.batch_size)
@@ -104,11 +104,8 @@ class Learner:
                                     self.layout.qparams)
         buffer_copy = (rb.DeviceCopy.of(self.buffer, self.device)
                        if self.plan.buffer_on_device and self.device.type == "cuda" else None)
-        requested = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
-        per_sample = self.layout.bytes_per_sample(num_classes)
-        if self.method.keeps_buffer and 0 < requested < per_sample:
-            warnings.warn(f"a replay buffer of {requested:,} bytes holds no sample (one takes {per_sample:,} bytes): "
-                          f"{self.method.name} runs without replay", RuntimeWarning, stacklevel=2)
+        warn_if_no_replay(self.method, profile.buffer_bytes if buffer_bytes is None else buffer_bytes,
+                          self.layout.bytes_per_sample(num_classes))
         self.cost = CostMeter(layer_forward_flops(self.model, self.spec.input_shape),
                               frozen_flops=forward_flops(self.frozen, self.spec.input_shape) if self.frozen else 0)
         self.task_classes: dict[int, list[int]] = {}
@@ -126,32 +123,15 @@ class Learner:
         if self.method.pruning is not None:
             self.ctx.masks = self.method.pruning.state.masks
 
-    @property
-    def buffer_copy(self) -> rb.DeviceCopy | None:
-        """The copy of the buffer replay gathers from on a GPU (None: replay reads the host arrays)."""
-        return self.ctx.store.device_copy
-
-    @buffer_copy.setter
-    def buffer_copy(self, value: rb.DeviceCopy | None) -> None:
-        self.ctx.store.device_copy = value
-
-    @property
-    def progress(self) -> TaskProgress:
-        """Where the learner is within the current task."""
-        return self.ctx.progress
-
-    @progress.setter
-    def progress(self, value: TaskProgress) -> None:
-        self.ctx.progress = value
-
-    @property
-    def samples_trained(self) -> int:
-        """Samples trained on so far (each time it is trained)."""
-        return self.ctx.samples_trained
-
-    @samples_trained.setter
-    def samples_trained(self, value: int) -> None:
-        self.ctx.samples_trained = value
+    # What the parts change as they learn lives in the context; the learner reads and sets it there.
+    buffer_copy = property(lambda self: self.ctx.store.device_copy,
+                           lambda self, value: setattr(self.ctx.store, "device_copy", value),
+                           doc="The buffer's copy replay gathers from on a GPU (None: replay reads the host arrays).")
+    progress = property(lambda self: self.ctx.progress, lambda self, value: setattr(self.ctx, "progress", value),
+                        doc="Where the learner is within the current task (a TaskProgress).")
+    samples_trained = property(lambda self: self.ctx.samples_trained,
+                               lambda self, value: setattr(self.ctx, "samples_trained", value),
+                               doc="Samples trained on so far (each time it is trained).")
 
     # ------------------------------------------------------------------ inputs
     def to_device(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -34,16 +34,17 @@ Closure = Callable[["Batch"], tuple[torch.Tensor, torch.Tensor]]  # batch -> (lo
 
 @dataclass
 class Sgd(Part):
-    """SGD with momentum and weight decay; gradients from one pass."""
+    """SGD with momentum (Nesterov's, if asked) and weight decay; gradients from one pass."""
 
     lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
+    nesterov: bool = False
 
     def build(self, params: Iterable[nn.Parameter], fused: bool = False) -> torch.optim.SGD:
         """The torch optimizer; ``fused`` for loss scaling (the fused kernel skips an overflowed step on the device)."""
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                               fused=fused or None)
+                               nesterov=self.nesterov, fused=fused or None)
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {"optimizer_state": n_params * FLOAT_BYTES if self.momentum > 0 else 0}
