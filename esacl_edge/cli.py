@@ -27,7 +27,7 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
     from .deploy.snapshot import load_calibration, load_snapshot
     from .run_folder import run_profile
     from .device.profiles import load_profile
-    from .evaluate import stream_tests
+    from .evaluate import stream_tests, warn_unlearned
 
     model, meta = load_snapshot(run, task)
     prof = load_profile(profile) if profile else run_profile(run, meta)
@@ -35,6 +35,7 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
     test = None
     if stream or (own and (Path(own) / "manifest.json").is_file()):
         parts = [p for p in stream_tests(stream or own, task, meta["spec"]) if p is not None]
+        warn_unlearned(parts, meta, stream or own, task)
         test = (np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts])) if parts else None
     info = export_meta(task, meta["task_classes"], meta.get("pattern"), prof.providers)
     return export_variant(model, meta["spec"], out, variant, info, calibration=load_calibration(run, task),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,21 @@ def stream_tests(stream: str | Path, task: int, spec: ModelSpec
             for t in range(task + 1)]
 
 
+def warn_unlearned(tests: list[tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None], meta: dict, stream: str | Path,
+                   task: int) -> list[int]:
+    """Warn (and return them) when the test data holds classes that the snapshot of ``task`` never learned:
+    they count as errors in every accuracy."""
+    learned = {c for classes in (meta.get("task_classes") or [])[: task + 1] for c in classes}
+    seen = {int(c) for test in tests if test is not None for c in np.unique(test[1])}
+    unlearned = sorted(seen - learned)
+    if unlearned:
+        shown = ", ".join(map(str, unlearned[:20])) + (", ..." if len(unlearned) > 20 else "")
+        warnings.warn(f"{stream}: the test data of tasks 0..{task} holds {len(unlearned)} classes that the snapshot "
+                      f"of task {task} never learned ({shown}); its accuracy counts them as errors", RuntimeWarning,
+                      stacklevel=2)
+    return unlearned
+
+
 def task_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]) -> dict[str, float]:
     """Class-IL (all classes compete) and Task-IL (only ``classes`` compete) accuracy, as the learner measures it."""
     logits = infer_logits(model, nchw(x))
@@ -56,8 +72,9 @@ def evaluate_snapshot(run: str | Path, task: int | None = None, stream: str | Pa
     stream = stream or meta.get("stream")
     if not stream:
         raise SnapshotError(f"{run}: the snapshot of task {task} does not name its stream; pass --stream")
-    rows = []
-    for t, test in enumerate(stream_tests(stream, task, meta["spec"])):
+    rows, tests = [], stream_tests(stream, task, meta["spec"])
+    unlearned = warn_unlearned(tests, meta, stream, task)
+    for t, test in enumerate(tests):
         if test is None:  # a task without a test split is listed, not measured (as learn does)
             rows.append({"task": t, "samples": 0, "class_il": None, "task_il": None})
             continue
@@ -65,7 +82,7 @@ def evaluate_snapshot(run: str | Path, task: int | None = None, stream: str | Pa
         rows.append({"task": t, "samples": len(y), **task_accuracy(model, x, y, classes)})
     if not any(r["samples"] for r in rows):
         raise StreamError(f"{Path(stream) / 'manifest.json'}: none of tasks 0..{task} has a test split")
-    return {"run": str(run), "task": task, "stream": str(stream), "tasks": rows,
+    return {"run": str(run), "task": task, "stream": str(stream), "tasks": rows, "unlearned_classes": unlearned,
             "mean_class_il": final_accuracy([[r["class_il"] for r in rows]]),
             "mean_task_il": final_accuracy([[r["task_il"] for r in rows]])}
 

@@ -94,12 +94,15 @@ def read_json(path: Path, error: type[Exception]) -> Any:
         raise error(f"{path}: not valid JSON: {exc}") from None
 
 
-def read_tensors(path: Path, error: type[Exception], what: str) -> dict[str, torch.Tensor]:
-    """Load a flat dict of tensors with ``weights_only=True``; anything else raises ``error`` naming the file."""
+def read_tensors(path: Path, error: type[Exception], what: str, content: bytes | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Load a flat dict of tensors with ``weights_only=True`` (from ``content``, the file's bytes already read,
+    if given); anything else raises ``error`` naming the file."""
     try:
         with warnings.catch_warnings():  # the refusal below is the message; no unpickler chatter
             warnings.simplefilter("ignore")
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = torch.load(path if content is None else io.BytesIO(content), map_location="cpu",
+                                 weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise error(f"{path}: not a readable {what}: {str(exc).splitlines()[0]}") from None
     if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):

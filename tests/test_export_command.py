@@ -104,7 +104,18 @@ def _diverged_run(case, tmp_path):
     pt = run / "snapshots" / "task_4.pt"
     tensors = torch.load(pt, weights_only=True)
     torch.save({k: torch.full_like(t, float("nan")) if t.is_floating_point() else t for k, t in tensors.items()}, pt)
+    _rerecord(run, 4)  # as if the learner had written these weights
     return run
+
+
+def _rerecord(run, task):
+    """Record the snapshot file's current SHA-256 in its task_N.json."""
+    import hashlib
+
+    meta_path = run / "snapshots" / f"task_{task}.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = hashlib.sha256((run / "snapshots" / f"task_{task}.pt").read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("opset", [17, 18])
@@ -243,6 +254,80 @@ def test_device_runner_warns_about_labels_the_model_never_learned(case, tiny_str
     Image.fromarray(x2[0, :, :, 0]).save(folder / "a.png")
     done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--images", tmp_path / "imgs")
     assert done.returncode == 0 and f"classes [{unknown[0]}] that the model never learned" in done.stderr
+
+
+# ------------------------------------------------------------------ snapshot integrity
+
+def _flip_bytes(path, n=64):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("recorded", ["task json", "saved state"])
+def test_a_corrupted_snapshot_is_refused_by_export_and_eval(case, tmp_path, capsys, recorded):
+    run = tmp_path / "run"
+    shutil.copytree(case["run"], run)
+    pt = run / "snapshots" / "task_4.pt"
+    if recorded == "saved state":  # a run whose task_N.json records no hash: the learner state's is checked
+        meta = json.loads((run / "snapshots" / "task_4.json").read_text())
+        meta.pop("sha256", None)
+        (run / "snapshots" / "task_4.json").write_text(json.dumps(meta))
+    _flip_bytes(pt)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--task", "4", str(out), "--run", str(run)]) == 2
+    err = _one_error(capsys)
+    assert f"{pt}: corrupted or replaced: its SHA-256 differs" in err
+    assert ("task_4.json" if recorded == "task json" else "the run's saved state") in err
+    assert not out.exists() and not (tmp_path / "m.onnx.json").exists()
+    assert main(["eval", "--run", str(run), "--task", "4"]) == 2
+    assert f"{pt}: corrupted or replaced" in _one_error(capsys)
+    assert main(["eval", "--run", str(run), "--task", "3"]) == 0  # the other snapshots are intact
+
+
+def test_corrupted_or_deleted_calibration_samples_are_named(case, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(case["run"], run)
+    calib = run / "snapshots" / "task_4_calib.npz"
+    _flip_bytes(calib, 8)
+    assert _export({"run": run}, tmp_path / "m.onnx", "--variant", "int8") == 2
+    assert f"{calib}: corrupted or replaced" in _one_error(capsys)
+    calib.unlink()
+    assert _export({"run": run}, tmp_path / "m.onnx", "--variant", "int8") == 2
+    err = _one_error(capsys)
+    assert f"{calib}: missing; task 4's snapshot was written with these calibration samples" in err
+    assert "no replay buffer" not in err
+
+
+@pytest.mark.parametrize("edit,words", [(lambda spec: {**spec, "colour": 1}, "unknown keys colour"),
+                                        (lambda spec: {k: v for k, v in spec.items() if k != "model"},
+                                         "missing keys model"),
+                                        (lambda spec: [1, 2], "must be a mapping")])
+def test_a_snapshot_spec_that_describes_no_model_is_one_error(case, tmp_path, capsys, edit, words):
+    run = tmp_path / "run"
+    shutil.copytree(case["run"], run)
+    meta_path = run / "snapshots" / "task_4.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "spec": edit(meta["spec"])}))
+    assert main(["eval", "--run", str(run)]) == 2
+    err = _one_error(capsys)
+    assert f"{meta_path}: field 'spec'" in err and words in err
+
+
+def test_eval_and_export_warn_about_classes_the_snapshot_never_learned(case, tmp_path, capsys):
+    reversed_order = make_stream("digits", tmp_path / "rev", tasks=5, chunk_size=24, per_class=5, test_per_class=3,
+                                 class_order=list(range(9, -1, -1))).root
+    assert main(["eval", "--run", str(case["run"]), "--task", "1", "--stream", str(reversed_order),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    err = capsys.readouterr().err
+    assert "holds 4 classes that the snapshot of task 1 never learned (6, 7, 8, 9)" in err and err.count("\n") == 1
+    assert json.loads((tmp_path / "e.json").read_text())["unlearned_classes"] == [6, 7, 8, 9]
+    assert main(["export", "--task", "1", str(tmp_path / "m.onnx"), "--run", str(case["run"]), "--stream",
+                 str(reversed_order)]) == 0
+    assert "snapshot of task 1 never learned (6, 7, 8, 9)" in capsys.readouterr().err
+    assert main(["eval", "--run", str(case["run"]), "--task", "1"]) == 0  # the run's own stream: all learned
+    assert "never learned" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ eval

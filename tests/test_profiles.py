@@ -278,3 +278,39 @@ def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
               f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout)")
     peak = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
     assert 100 * 2 ** 20 < peak < 1.5 * 2 ** 30
+
+
+def test_the_headline_usage_resolves_a_shipped_profile_from_an_empty_folder(tmp_path, tiny_stream, monkeypatch,
+                                                                             capsys):
+    import shutil
+
+    from esacl_edge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_stream.root, tmp_path / "chunks")
+    assert main(["learn", "--profile", "jetson_orin.yaml", "--stream", "./chunks", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    saved = yaml.safe_load(next(tmp_path.glob("*/profile.yaml")).read_text())
+    assert saved["name"] == "jetson_orin"
+
+
+def test_a_yaml_name_is_a_file_here_first_then_a_shipped_profile(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_profile("jetson_orin.yaml").name == "jetson_orin"
+    assert load_profile("jetson_orin.yml").name == "jetson_orin"
+    mine = copy.deepcopy(VALID)
+    _write(tmp_path, mine, "jetson_orin.yaml")
+    with pytest.warns(RuntimeWarning, match=r"jetson_orin.yaml: using this file, not the shipped profile"):
+        assert load_profile("jetson_orin.yaml").name == "mine"
+    with pytest.raises(ProfileError, match=r"nope.yaml: profile file not found \(shipped profiles: cpu, "):
+        load_profile("nope.yaml")
+    with pytest.raises(ProfileError, match="profile file not found"):
+        load_profile("sub/jetson_orin.yaml")  # a path with a folder is a file, never a shipped name
+
+
+def test_budget_errors_name_the_profile_file(tmp_path):
+    data = copy.deepcopy(VALID)
+    data["budgets"]["training_peak_bytes"] = 10 ** 5
+    path = _write(tmp_path, data)
+    with pytest.raises(BudgetError, match=f"^{path} \\(profile mine\\): budgets.training_peak_bytes"):
+        plan(load_profile(path), "small_cnn", (8, 8, 1), 10, get_method("esacl"))

@@ -8,6 +8,7 @@ or by path, validated field by field against :data:`SCHEMA`, and turned into a f
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -183,13 +184,28 @@ def profile_names() -> list[str]:
     return sorted(p.name[:-5] for p in _folder().iterdir() if p.name.endswith(".yaml"))
 
 
+def _shipped(text_path: str) -> str | None:
+    """The shipped profile a bare name means: ``jetson_orin`` or ``jetson_orin.yaml`` (no folder part)."""
+    path = Path(text_path)
+    if len(path.parts) != 1:
+        return None
+    name = path.stem if path.suffix in (".yaml", ".yml") else text_path
+    return name if name in profile_names() else None
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
-    """Resolve a shipped profile name (``cpu``, ``jetson_orin``) or a path to a YAML file."""
+    """Resolve a profile: a YAML file that exists, else a shipped profile's name (``cpu``, ``jetson_orin``,
+    or ``jetson_orin.yaml``). A bare ``NAME.yaml`` that is both a file here and a shipped profile is the
+    file, with a warning saying so."""
     text_path = str(name_or_path)
     path = Path(text_path)
-    if text_path.endswith((".yaml", ".yml")) or path.exists():
+    shipped = _shipped(text_path)
+    if path.is_file() or (shipped is None and (text_path.endswith((".yaml", ".yml")) or path.exists())):
         if not path.is_file():
-            raise ProfileError(f"{path}: profile file not found")
+            raise ProfileError(f"{path}: profile file not found (shipped profiles: {', '.join(profile_names())})")
+        if shipped is not None:
+            warnings.warn(f"{path}: using this file, not the shipped profile {shipped!r} of the same name "
+                          f"(pass --profile {shipped} for the shipped one)", RuntimeWarning, stacklevel=2)
         where = str(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -199,11 +215,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read the profile: {exc.strerror}") from None
     else:
-        res = _folder() / f"{text_path}.yaml"
-        if not res.is_file():
+        if shipped is None:
             raise ProfileError(f"unknown profile {text_path!r}: not a file, and not one of "
                                f"{', '.join(profile_names())}")
-        where, text = f"{text_path}.yaml", res.read_text(encoding="utf-8")
+        res = _folder() / f"{shipped}.yaml"
+        where, text = str(res), res.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -66,6 +66,11 @@ class Plan:
         return {**asdict(self), "memory_estimate_bytes": self.memory_estimate_bytes}
 
 
+def _where(profile: Profile) -> str:
+    """How an error names the profile: its file, and its name."""
+    return f"{profile.source} (profile {profile.name})" if profile.source else f"profile {profile.name}"
+
+
 def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], num_classes: int,
          method: Method, input_dtype: str = "uint8", sparsity: float | None = None,
          buffer_bytes: int | None = None, freeze_until: str | None = None, latent: str | None = None) -> Plan:
@@ -90,7 +95,7 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
         target, source = sparsity_for_model_budget(model, profile.model_bytes), "profile budgets.model_bytes"
     stored = stored_model_bytes(model, target) if method.sparse else n_params * FLOAT_BYTES
     if profile.model_bytes is not None and stored > profile.model_bytes:
-        raise BudgetError(f"profile {profile.name}: the model at sparsity {target:.3f} takes {stored:,} B, over "
+        raise BudgetError(f"{_where(profile)}: the model at sparsity {target:.3f} takes {stored:,} B, over "
                           f"budgets.model_bytes = {profile.model_bytes:,} B; raise the sparsity or the budget")
     buf_budget = profile.buffer_bytes if buffer_bytes is None else buffer_bytes
     per_buffered = layout.bytes_per_sample(num_classes)
@@ -117,7 +122,7 @@ def plan(profile: Profile, model_name: str, input_shape: tuple[int, int, int], n
         largest = max(fixed, key=fixed.get)
         need = sum(fixed.values()) + per_batch_sample
         raise BudgetError(
-            f"profile {profile.name}: budgets.training_peak_bytes = {profile.training_peak_bytes:,} B cannot hold "
+            f"{_where(profile)}: budgets.training_peak_bytes = {profile.training_peak_bytes:,} B cannot hold "
             f"one training batch of {model_name}: fixed terms take {sum(fixed.values()):,} B, the largest is "
             f"{largest} ({fixed[largest]:,} B), and one sample's activations take {per_batch_sample:,} B; raise "
             f"the budget to at least {need:,} B, or shrink {largest}"
