@@ -97,7 +97,9 @@ def make_stream(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="stream folder to create (must not exist or be empty)")
     s.add_argument("--root", help="folder holding the data set (cifar10, cifar100, mnist, fashion-mnist, tiny-imagenet)")
     s.add_argument("--download", action="store_true", help="fetch the data set into --root if it is not there")
-    s.add_argument("--tasks", type=int, default=5, help="number of tasks (classes split evenly; default: %(default)s)")
+    s.add_argument("--tasks", type=int, default=5,
+                   help="number of tasks; the classes are split as evenly as they go, the first tasks taking one "
+                   "more where they do not divide (10 classes in 3 tasks: 4, 3, 3; default: %(default)s)")
     s.add_argument("--classes-per-task", type=int, help="classes per task instead of --tasks (must divide the classes)")
     s.add_argument("--chunk-size", type=int, default=64, help="samples per chunk (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="shuffling, subsampling, splitting and class-order seed "

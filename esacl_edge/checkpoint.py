@@ -15,7 +15,10 @@ reads them from the run's ``snapshots/`` folder.
 
 Saving never overwrites the last good checkpoint: ``DIR/ckpt-NNNNNN/`` is written and
 fsynced first, then the one-line ``DIR/LATEST`` is replaced atomically to point at it, then
-older folders are removed. A crash at any moment leaves ``LATEST`` naming a complete one.
+folders older than the previous one are removed. A crash at any moment leaves ``LATEST``
+naming a complete one. When the latest one does not read (a damaged disk, a file changed by
+hand, ``LATEST`` itself unreadable), loading falls back to the previous one, with a warning
+naming both.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointVersionError
 from .files import (
     fsync_dir,
     read_json,
@@ -108,7 +112,7 @@ def save(folder: str | Path, state: dict[str, Any], extra: dict | None = None) -
         reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise CheckpointError(f"{folder}: cannot save the learner state ({reason}); "
                               f"the previous saved state is kept") from None
-    for old in existing:
+    for old in existing[:-1]:  # the previous one stays, to fall back to
         shutil.rmtree(old, ignore_errors=True)
     return target
 
@@ -137,10 +141,10 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarra
     meta = read_json(meta_path, CheckpointError)
     schema = meta.get("schema") if isinstance(meta, dict) else None
     if type(schema) is int and schema > SCHEMA:
-        raise CheckpointError(f"{meta_path}: written by a newer esacl-edge ({meta.get('esacl_edge_version')}, state "
+        raise CheckpointVersionError(f"{meta_path}: written by a newer esacl-edge ({meta.get('esacl_edge_version')}, state "
                               f"schema {schema}); this version reads schema {SCHEMA}: upgrade esacl-edge")
     if type(schema) is int and schema < SCHEMA:
-        raise CheckpointError(f"{meta_path}: a learner state of schema {schema}, written by esacl-edge "
+        raise CheckpointVersionError(f"{meta_path}: a learner state of schema {schema}, written by esacl-edge "
                               f"{meta.get('esacl_edge_version')}; this version reads schema {SCHEMA} only: finish "
                               "that run with the version that started it, or start afresh (--overwrite)")
     if schema != SCHEMA or "spec" not in meta:
@@ -155,10 +159,37 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarra
 
 
 def load(folder: str | Path) -> tuple[dict[str, Any], dict, Path] | None:
-    """The latest checkpoint in ``folder`` as (nested state, extra, its path); None when nothing was saved."""
-    path = latest(folder)
-    if path is None:
+    """The latest checkpoint in ``folder`` that reads, as (nested state, extra, its path); None when nothing was
+    saved. A latest one that does not read falls back to the previous one, with a warning."""
+    folder = Path(folder)
+    numbered = _numbered(folder) if folder.is_dir() else []
+    if not (folder / LATEST).is_file() and not numbered:
         return None
-    tensors, arrays, meta = read(path)
-    extra = meta.pop("extra", {}) or {}
-    return join(tensors, arrays, meta), extra, path
+    problems, candidates = [], []
+    try:
+        first = latest(folder)
+        candidates = [first] if first is not None else []
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    newest = candidates[0].name if candidates else None
+    candidates += [p for p in reversed(numbered) if p.name != newest and (newest is None or p.name < newest)]
+    for path in candidates:
+        try:
+            tensors, arrays, meta = read(path)
+        except CheckpointVersionError:
+            raise  # another version's state: an earlier checkpoint would not be the run's state either
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        extra = meta.pop("extra", {}) or {}
+        if problems:
+            consumed = extra.get("consumed") if isinstance(extra, dict) else None
+            since = (f", saved after chunk {len(consumed)} ({consumed[-1].get('chunk')})"
+                     if isinstance(consumed, list) and consumed and isinstance(consumed[-1], dict) else "")
+            warnings.warn(f"{problems[0]}; resuming from the saved state {path} instead{since}", RuntimeWarning,
+                          stacklevel=2)
+        return join(tensors, arrays, meta), extra, path
+    if not problems:
+        return None
+    raise CheckpointError(problems[0] + ("" if len(problems) == 1 else "; the previous saved state does not read "
+                                         "either"))

@@ -38,8 +38,14 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
         warn_unlearned(parts, meta, stream or own, task)
         test = (np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts])) if parts else None
     info = export_meta(task, meta["task_classes"], meta.get("pattern"), prof.providers)
-    return export_variant(model, meta["spec"], out, variant, info, calibration=load_calibration(run, task),
-                          opset=opset or prof.opset, test=test, min_l1=min_l1)
+    report = export_variant(model, meta["spec"], out, variant, info, calibration=load_calibration(run, task),
+                            opset=opset or prof.opset, test=test, min_l1=min_l1)
+    if prof.model_bytes is not None and report["bytes"] > prof.model_bytes:
+        warnings.warn(f"{out}: the {variant} file takes {report['bytes']:,} B, more than profile {prof.name}'s "
+                      f"budgets.model_bytes = {prof.model_bytes:,} B, which bounds the model snapshot (live weights "
+                      f"+ 1-bit masks, {meta['bytes']:,} B); gzipped it takes {report['gzip_bytes']:,} B",
+                      RuntimeWarning, stacklevel=2)
+    return report
 
 
 def cmd_make_stream(args: argparse.Namespace) -> None:
@@ -58,8 +64,11 @@ def cmd_make_stream(args: argparse.Namespace) -> None:
                     download=args.download, image_size=args.image_size, channels=args.channels,
                     test_fraction=args.test_fraction)
     chunks = sum(len(t.chunks) for t in m.tasks)
-    print(f"wrote {m.root}: {len(m.tasks)} tasks, {chunks} chunks, input {tuple(m.input_shape)} {m.dtype}, "
-          f"{m.num_classes} classes" + (f", blurry boundaries of {args.blurry} chunks" if args.blurry else ""))
+    sizes = [len(t.classes) for t in m.tasks]
+    per_task = str(sizes[0]) if len(set(sizes)) == 1 else ", ".join(map(str, sizes))
+    print(f"wrote {m.root}: {len(m.tasks)} tasks of {per_task} classes, {chunks} chunks, input "
+          f"{tuple(m.input_shape)} {m.dtype}, {m.num_classes} classes"
+          + (f", blurry boundaries of {args.blurry} chunks" if args.blurry else ""))
 
 
 def _at_least_one(**options: int | None) -> None:
@@ -249,8 +258,20 @@ def _plain_warnings(show_other):
     return show
 
 
+def _printable_output() -> None:
+    """Characters the terminal's encoding cannot show (a non-ASCII path under an ASCII locale) are printed
+    escaped, never an error after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a detached or closed stream: leave it as it is
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; exit status 2 on an input error, 130 when interrupted (also while torch loads)."""
+    _printable_output()
     try:
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():

@@ -25,6 +25,10 @@ class CheckpointError(EsaclError):
     """Saved learner state cannot be written, read, or does not match this run."""
 
 
+class CheckpointVersionError(CheckpointError):
+    """Saved learner state of a schema this version does not read (no earlier checkpoint is tried)."""
+
+
 class DivergenceError(EsaclError):
     """Training diverged (a non-finite or exploding loss, or non-finite weights): the model is unusable.
 

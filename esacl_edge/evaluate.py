@@ -98,5 +98,6 @@ def format_evaluation(result: dict) -> str:
         lines.append(f"{'T' + str(r['task']):<6}{r['samples']:>9}"
                      f"{100 * r['class_il']:>10.2f}{100 * r['task_il']:>10.2f}")
     total = sum(r["samples"] for r in result["tasks"])
-    lines.append(f"{'mean':<6}{total:>9}{100 * result['mean_class_il']:>10.2f}{100 * result['mean_task_il']:>10.2f}")
+    lines.append(f"{'mean':<6}{total:>9}{100 * result['mean_class_il']:>10.2f}{100 * result['mean_task_il']:>10.2f}"
+                 "  (mean over tasks; each task weighs the same)")
     return "\n".join(lines)

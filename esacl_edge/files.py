@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import re
 import tempfile
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -94,6 +97,18 @@ def read_json(path: Path, error: type[Exception]) -> Any:
         raise error(f"{path}: not valid JSON: {exc}") from None
 
 
+def load_problem(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one plain sentence."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+        return ("it holds Python objects beyond tensors, which loading would have to unpickle (refused); "
+                "save a dict of tensors, e.g. model.state_dict()")
+    if isinstance(exc, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError)) or "zip archive" in text:
+        return "truncated or corrupt (not a complete PyTorch file)"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.split(". ")[0].rstrip(".")
+
+
 def read_tensors(path: Path, error: type[Exception], what: str, content: bytes | None = None
                  ) -> dict[str, torch.Tensor]:
     """Load a flat dict of tensors with ``weights_only=True`` (from ``content``, the file's bytes already read,
@@ -104,7 +119,7 @@ def read_tensors(path: Path, error: type[Exception], what: str, content: bytes |
             tensors = torch.load(path if content is None else io.BytesIO(content), map_location="cpu",
                                  weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise error(f"{path}: not a readable {what}: {str(exc).splitlines()[0]}") from None
+        raise error(f"{path}: not a readable {what}: {load_problem(exc)}") from None
     if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
         raise error(f"{path}: must hold a flat dict of tensors")
     return tensors

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.stream import classes_problem, shape_problem
+from .data.stream import MIN_MODEL_SIDE, classes_problem, shape_problem
 from .errors import EsaclError
 from .names import MODEL_NAMES, TORCHVISION_MODELS
 
 # Smallest H and W per backbone: two 2x2 poolings; three stride-2 stages that must leave more than
 # 1x1 for BatchNorm to train on a single sample.
 # torchvision's networks downsample 32x: 32x32 leaves a 1x1 map.
-MIN_SIDE = {"small_cnn": 4, "resnet18_reduced": 9, **dict.fromkeys(TORCHVISION_MODELS, 32)}
+MIN_SIDE = {"small_cnn": MIN_MODEL_SIDE, "resnet18_reduced": 9, **dict.fromkeys(TORCHVISION_MODELS, 32)}
 
 
 class Normalize(nn.Module):

@@ -35,13 +35,31 @@ def _square(rows: list[list[float]]) -> np.ndarray:
     return 100 * np.array([list(row) + [np.nan] * (n - len(row)) for row in rows], dtype=float)
 
 
-def _heatmap(ax, matrix: np.ndarray, title: str):
-    """One accuracy matrix on ``ax``: cells annotated, rows = after task i, columns = task j."""
-    image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
-    for (i, j), v in np.ndenumerate(matrix):
-        if not np.isnan(v):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
-    ticks = np.arange(matrix.shape[0])
+MAX_ANNOTATED = 20  # tasks up to which every cell is written on the matrix
+MAX_INCHES = 12     # the largest side of a matrix figure
+
+
+def _colour_range(matrices: list[np.ndarray]) -> tuple[float, float]:
+    """The colour scale's ends: the accuracies' own range (at least 5 points wide), so that 90 and 100% differ."""
+    values = np.concatenate([m[~np.isnan(m)] for m in matrices]) if matrices else np.array([0.0, 100.0])
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 100.0)
+    if high - low < 5:
+        low, high = max(0.0, high - 5), max(high, 5.0)
+    return low, high
+
+
+def _heatmap(ax, matrix: np.ndarray, title: str, scale: tuple[float, float] | None = None):
+    """One accuracy matrix on ``ax``: rows = after task i, columns = task j; cells annotated up to
+    ``MAX_ANNOTATED`` tasks, ticks thinned beyond."""
+    low, high = scale or _colour_range([matrix])
+    image = ax.imshow(matrix, vmin=low, vmax=high, cmap="viridis")
+    n = matrix.shape[0]
+    if n <= MAX_ANNOTATED:
+        for (i, j), v in np.ndenumerate(matrix):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="w" if v < low + 0.6 * (high - low) else "k")
+    ticks = np.arange(0, n, max(1, -(-n // MAX_ANNOTATED)))
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)
     ax.set_title(title, fontsize=9)
@@ -63,8 +81,7 @@ def _layer_bars(ax, runs: list[dict], title: str) -> None:
     ax.set_xlabel("layer (prunable weights)")
     ax.set_ylabel("sparsity (% of weights zero)")
     ax.set_title(title, fontsize=10)
-    if len(runs) > 1:
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
 
 
 def plot_report(report: dict, out: str | Path) -> list[Path]:
@@ -76,22 +93,27 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
     paths = []
 
     # Accuracy matrices (Class-IL), mean over seeds, one panel per method, one colour bar.
-    fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 1, 3.2), squeeze=False,
+    fig, axes = plt.subplots(1, len(labels), figsize=(min(2.6 * len(labels) + 1, 4 * MAX_INCHES), 3.2), squeeze=False,
                              layout="constrained")
-    image = None
-    for ax, label in zip(axes[0], labels):
+    image, means = None, {}
+    for label in labels:
         mats = [_square(r["acc_matrix_class_il"]) for r in runs if r["label"] == label]
-        if not mats:
+        if mats:
+            with warnings.catch_warnings():  # the upper triangle is all-NaN by design
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means[label] = np.nanmean(np.stack(mats), axis=0)
+    scale = _colour_range(list(means.values()))
+    for ax, label in zip(axes[0], labels):
+        if label not in means:
             ax.set_title(f"{label}: every run diverged", fontsize=9)
             ax.axis("off")
             continue
-        with warnings.catch_warnings():  # the upper triangle is all-NaN by design
-            warnings.simplefilter("ignore", RuntimeWarning)
-            image = _heatmap(ax, np.nanmean(np.stack(mats), axis=0), label)
+        image = _heatmap(ax, means[label], label, scale)
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
-    fig.suptitle(f"Class-IL accuracy (%), mean over {report.get('seeds', 1)} seeds: row = after task i, "
-                 "column = task j", fontsize=10)
+    seeds = report.get("seeds", 1)
+    fig.suptitle(f"Class-IL accuracy (%), {'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}: "
+                 "row = after task i, column = task j", fontsize=10)
     paths.append(_save(plt, fig, out / "acc_matrix_class_il.png"))
 
     # Final Class-IL accuracy against training FLOPs.
@@ -113,7 +135,8 @@ def plot_report(report: dict, out: str | Path) -> list[Path]:
     if sparse:
         n_layers = len(sparse[0]["layer_sparsity"])
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * n_layers * len(sparse) / 2), 4), layout="constrained")
-        _layer_bars(ax, sparse, "Per-layer sparsity of the final model (seed 0)")
+        shown = ", ".join(r.get("label", r.get("method")) for r in sparse)
+        _layer_bars(ax, sparse, f"Per-layer sparsity of the final model (seed 0): {shown}")
         paths.append(_save(plt, fig, out / "layer_sparsity.png"))
     return paths
 
@@ -130,7 +153,8 @@ def write_run_plots(results: dict, folder: str | Path) -> list[Path]:
         if not results.get(key):
             continue
         matrix = _square(results[key])
-        fig, ax = plt.subplots(figsize=(1.0 * len(matrix) + 2.5, 0.9 * len(matrix) + 1.8), layout="constrained")
+        side = min(1.0 * len(matrix), MAX_INCHES - 2.5)
+        fig, ax = plt.subplots(figsize=(side + 2.5, 0.9 * side + 1.8), layout="constrained")
         fig.colorbar(_heatmap(ax, matrix, f"{method}: {metric}"), ax=ax, label="accuracy (%)", shrink=0.9)
         paths.append(_save(plt, fig, folder / f"{key}.png"))
     if results.get("layer_sparsity") and results.get("sparsity", 0) > 0:

@@ -35,18 +35,26 @@ def print_results(r: dict) -> None:
     print()
     print(format_matrix(r["acc_matrix_task_il"], "Task-IL accuracy (%)"))
     print()
+    finished = len(r["acc_matrix_class_il"])
+    label = "final accuracy  " if r.get("complete", True) else "accuracy so far "
     if r["final_acc_class_il"] is None:
-        print("final accuracy   not measured: no finished task has a test split")
+        print(f"{label} not measured: no finished task has a test split")
     else:
-        print(f"final accuracy   Class-IL {100 * r['final_acc_class_il']:.1f}%   "
-              f"Task-IL {100 * r['final_acc_task_il']:.1f}%")
+        print(f"{label} Class-IL {100 * r['final_acc_class_il']:.1f}%   Task-IL {100 * r['final_acc_task_il']:.1f}%"
+              + ("" if r.get("complete", True) else
+                 f"   (tasks 0..{finished - 1} of {r['tasks']}; {r['chunks_consumed']} of {r['chunks']} chunks "
+                 "learned, the stream is not finished)"))
     if r["forgetting_class_il"] is not None:
         print(f"forgetting       Class-IL {100 * r['forgetting_class_il']:.1f} points")
     if r.get("untested_tasks"):
         print(f"not evaluated    tasks {', '.join(map(str, r['untested_tasks']))} (no test split)")
-    print(f"sparsity         {percent(r['sparsity'])} of prunable weights are zero")
-    print(f"model size       {r['model_bytes_dense']:,} bytes dense, {r['model_bytes_sparse']:,} bytes sparse "
-          f"({r['model_bytes_dense'] / r['model_bytes_sparse']:.1f}x smaller)")
+    target = r.get("target_sparsity")
+    short = f" (target {percent(target)}, not reached)" if target and r["sparsity"] < target - 5e-4 else ""
+    print(f"sparsity         {percent(r['sparsity'])} of prunable weights are zero{short}")
+    dense, sparse = r["model_bytes_dense"], r["model_bytes_sparse"]
+    size = (f"{dense / sparse:.1f}x smaller" if sparse < dense else
+            f"{sparse / dense:.2f}x the dense size: at this sparsity the dense form is the smaller one")
+    print(f"model size       {dense:,} bytes dense, {sparse:,} bytes sparse ({size})")
     print(f"replay buffer    {r['buffer_size']} of {r['buffer_capacity']} samples, {r['buffer_bytes']:,} bytes")
     if r.get("init"):
         print(f"started from     {r['init']['file']} (classifier {r['init']['classifier']})")
@@ -67,8 +75,11 @@ def print_export(report: dict) -> None:
     if "top1_agreement" in report:
         line += f", top-1 agreement {100 * report['top1_agreement']:.1f}%"
     print(line)
+    if "removed" in report:
+        removed = [f"{name} {n:,}" for name, n in report["removed"].items() if n]
+        print("structured: removed " + (", ".join(removed) + " units or channels" if removed else "nothing"))
     if "accuracy_onnx" in report:
-        print(f"accuracy on the test data of tasks 0..{report['task']}: PyTorch snapshot "
+        print(f"accuracy over all test samples of tasks 0..{report['task']} pooled: PyTorch snapshot "
               f"{100 * report['accuracy_torch']:.2f}%, this file {100 * report['accuracy_onnx']:.2f}%")
     print(f"sidecar {report['path']}.json")
 

@@ -22,7 +22,7 @@ from .data.stream import (
     read_manifest,
 )
 from .run_folder import RunFolder
-from .stream_reader import StreamReader
+from .stream_reader import StreamReader, check_moved_stream
 from .device.profiles import Profile, load_profile
 from .errors import DivergenceError, EsaclError
 from .files import write_json
@@ -117,9 +117,11 @@ class _Job:
 
     def diverged(self, exc: DivergenceError, where: Path) -> DivergenceError:
         """The learner's divergence as the job reports it: where, and what is kept."""
-        kept = (f"{self.run_dir / 'state'} keeps the state from before it" if self.record.consumed
-                else "nothing was saved")
-        return DivergenceError(f"{where}: {exc.reason}; {kept}: fix the cause, then run with --overwrite")
+        if self.record.consumed:
+            return DivergenceError(f"{where}: {exc.reason}; {self.run_dir / 'state'} keeps the state from before it: "
+                                   "fix the cause, then run with --overwrite")
+        return DivergenceError(f"{where}: {exc.reason}; nothing was saved: fix the cause (a lower --lr, say), then "
+                               "run the command again")
 
     def learn_chunk(self, chunk: Chunk, read_seconds: float) -> dict:
         """Learn a chunk that was read; returns its line of the chunk log."""
@@ -166,6 +168,9 @@ class _Job:
             chunk = self.stream.read_chunk(t, i, self.timed)
             if chunk is None:
                 return False
+            if self.stream.duplicate(chunk):
+                bar.update(1)
+                continue
             line = self.learn_chunk(chunk, self.record.train_seconds - before)
             self.save(line)
             bar.update(1)
@@ -270,6 +275,8 @@ def learn(stream_dir: str | Path, profile: str | Path | Profile = "cpu", run_dir
         if diff := _settings_differ(record.settings, settings):
             raise EsaclError(f"{run_dir}: holds a run with other settings ({diff}); resume with the same "
                              "settings, or pass --overwrite or another --run")
+        if record.settings.get("stream") not in (None, settings["stream"]):
+            check_moved_stream(run_dir, record, manifest)
         # A run saved before a setting was recorded adopts this job's, and later resumes must repeat it.
         record.settings = {**settings, **record.settings, "stream": settings["stream"]}
 

@@ -5,6 +5,7 @@ split read once."""
 
 from __future__ import annotations
 
+import posixpath
 import warnings
 from collections.abc import Callable, Container
 from pathlib import Path
@@ -22,7 +23,9 @@ class StreamReader:
 
     def __init__(self, stream_dir: Path, manifest: Manifest, record: RunRecord, follow: bool) -> None:
         self.stream_dir, self.manifest, self.record, self.follow = stream_dir, manifest, record, follow
-        self.consumed = {c["chunk"]: c for c in record.consumed}
+        # By the name the manifest now gives each chunk (normalised), and by content.
+        self.consumed = {posixpath.normpath(c["chunk"]): c for c in record.consumed}
+        self.hashes = {c["sha256"]: c["chunk"] for c in record.consumed}
         self.reported = {(r["chunk"], r["reason"]) for r in record.reported}
         self.verified: set[str] = set()  # learned chunks whose hash was checked in this process
         self.unreadable: dict[str, int] = {}  # --follow: polls each chunk that did not read yet has waited
@@ -46,6 +49,8 @@ class StreamReader:
                 break  # tasks start in order: wait for the previous task's first chunk
             for i, rel in enumerate(task.chunks):
                 seen = self.consumed.get(rel)
+                if (rel, "duplicate") in self.reported:
+                    continue
                 if seen is not None:
                     if seen["task"] != t:
                         self.report(rel, "moved", f"was learned as a chunk of task {seen['task']}, the manifest "
@@ -66,6 +71,17 @@ class StreamReader:
         rel = self.manifest.tasks[chunk.task].chunks[chunk.index]
         self.record.consumed.append({"task": chunk.task, "chunk": rel, "sha256": chunk.sha256})
         self.consumed[rel] = self.record.consumed[-1]
+        self.hashes[chunk.sha256] = rel
+
+    def duplicate(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` has the bytes of a chunk already learned under another name (reported once, never
+        learned)."""
+        first = self.hashes.get(chunk.sha256)
+        if first is None:
+            return False
+        rel = self.manifest.tasks[chunk.task].chunks[chunk.index]
+        self.report(rel, "duplicate", f"has the same bytes as {first}, learned already; not learned again")
+        return True
 
     def test(self, task: int) -> tuple:
         """The test split of ``task``, read once."""
@@ -94,3 +110,24 @@ class StreamReader:
             self.manifest = read_manifest(self.stream_dir)
         except EsaclError as exc:
             warnings.warn(f"{exc}; waiting for a valid manifest", RuntimeWarning, stacklevel=2)
+
+
+def check_moved_stream(run_dir: Path, record: RunRecord, manifest: Manifest) -> None:
+    """A run resumed from another stream folder: it must be the same stream moved, every chunk learned there
+    present here with the same bytes."""
+    differ = []
+    for chunk in record.consumed:
+        path = _within(manifest, chunk["chunk"])
+        if path is None or sha256_of(path) != chunk["sha256"]:
+            differ.append(chunk["chunk"])
+    if differ:
+        raise EsaclError(f"{run_dir}: was learned from the stream {record.settings['stream']}; {manifest.root} is not "
+                         f"that stream moved ({len(differ)} of the {len(record.consumed)} chunks learned are missing "
+                         f"or differ here, e.g. {differ[0]}); resume with the stream it learned, or pass --overwrite "
+                         "or another --run")
+
+
+def _within(manifest: Manifest, rel: str) -> Path | None:
+    """The file of chunk ``rel`` in ``manifest``'s folder, if the name stays inside it."""
+    path = (manifest.root / rel).resolve()
+    return path if path.is_relative_to(manifest.root.resolve()) else None

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import EsaclError
+from .files import load_problem
 from .models import classifier_name
 from .names import TORCHVISION_MODELS
 
@@ -44,8 +45,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EsaclError(f"{path}: not a PyTorch weights file that loads with weights_only=True ({first})") from None
+        raise EsaclError(f"{path}: not a weights file esacl-edge can read: {load_problem(exc)}") from None
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v)

@@ -96,3 +96,14 @@ def test_console_script_help_says_tasks_count_from_zero():
     out = subprocess.run([sys.executable, "-m", "esacl_edge.cli", "export", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "counting from 0" in out
+
+
+def test_a_non_ascii_run_path_under_an_ascii_terminal_prints_escaped(tmp_path, tiny_stream):
+    import os
+
+    run = tmp_path / "rün"
+    done = subprocess.run([sys.executable, "-m", "esacl_edge.cli", "learn", "--stream", str(tiny_stream.root),
+                           "--run", str(run), "--passes", "1", "--quiet"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"}, encoding="ascii", errors="strict")
+    assert done.returncode == 0, done.stderr
+    assert "r\\xfcn" in done.stdout and (run / "results.json").is_file()

@@ -275,3 +275,48 @@ print(matplotlib.get_backend())
 """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().lower() == "agg"
+
+
+def test_a_stopped_run_reports_accuracy_so_far_not_final(capsys):
+    reports.print_results(_results(0.9, complete=False, tasks=5, chunks=20))
+    out = capsys.readouterr().out
+    assert "final accuracy" not in out
+    assert "accuracy so far  Class-IL 46.7%   Task-IL 84.0%   (tasks 0..2 of 5; 6 of 20 chunks learned" in out
+    reports.print_results(_results(0.9, complete=True, tasks=3, chunks=6))
+    assert "final accuracy   Class-IL 46.7%" in capsys.readouterr().out
+
+
+def test_model_size_and_sparsity_lines_say_when_sparse_is_larger_or_the_target_was_missed(capsys):
+    reports.print_results(_results(0.0, model_bytes_sparse=1100, target_sparsity=0.0))
+    out = capsys.readouterr().out
+    assert "1.10x the dense size: at this sparsity the dense form is the smaller one" in out and "smaller)" not in out
+    reports.print_results(_results(0.994, target_sparsity=0.999))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sparsity"))
+    assert line.endswith("(target 99.9%, not reached)")
+    reports.print_results(_results(0.9, target_sparsity=0.9))
+    assert "not reached" not in capsys.readouterr().out
+
+
+def test_matrix_colours_span_the_accuracies_and_large_runs_stay_readable(tmp_path, saved_figures):
+    high = _results(0.9, acc_matrix_class_il=[[0.9], [0.95, 1.0]], acc_matrix_task_il=[[1.0], [1.0, 1.0]])
+    write_run_plots(high, tmp_path)
+    image = saved_figures[0].axes[0].images[0]
+    assert image.norm.vmin == pytest.approx(90.0) and image.norm.vmax == pytest.approx(100.0)
+    n = 50
+    rows = [[0.5] * (i + 1) for i in range(n)]
+    saved_figures.clear()
+    paths = write_run_plots(_results(0.9, acc_matrix_class_il=rows, acc_matrix_task_il=rows), tmp_path)
+    height, width = matplotlib.image.imread(paths[0]).shape[:2]
+    assert max(height, width) <= 12 * 120  # MAX_INCHES at the saved dpi
+    ax = saved_figures[0].axes[0]
+    assert len(ax.texts) == 0 and len(ax.get_xticks()) <= 20  # no unreadable numbers, thinned ticks
+
+
+def test_bench_plots_name_the_method_and_the_seeds(tmp_path, saved_figures):
+    runs = [{"label": "esacl@0.9", **_results(0.9), "seed": 0}]
+    stats = {"mean": 1.0, "std": 0.1}
+    plot_report({"summary": [{"label": "esacl@0.9", "train_flops": stats, "final_acc_class_il": stats}],
+                 "runs": runs, "seeds": 1}, tmp_path)
+    matrices, _, layers = saved_figures
+    assert "one seed" in matrices.get_suptitle() and "1 seeds" not in matrices.get_suptitle()
+    assert "esacl@0.9" in layers.axes[0].get_title()

@@ -142,7 +142,7 @@ def test_device_runner_errors_are_one_line(tmp_path, learned):
     del proto.metadata_props[:]  # neither the sidecar nor the metadata in the file
     onnx.save(proto, str(tmp_path / "m.onnx"))
     done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--random", "4")
-    assert done.returncode == 2 and "sidecar not found" in done.stderr and done.stderr.count("\n") == 1
+    assert done.returncode == 2 and "carries no esacl-edge metadata and has no matching sidecar" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_cli_export_variants_from_a_run(tmp_path, tiny_stream, capsys):
@@ -154,4 +154,4 @@ def test_cli_export_variants_from_a_run(tmp_path, tiny_stream, capsys):
         assert main(["export", "--task", "4", str(tmp_path / f"{variant}.onnx"), "--run", str(run),
                      "--variant", variant]) == 0
         out = capsys.readouterr().out
-        assert f"({variant}," in out and "accuracy on the test data of tasks 0..4" in out
+        assert f"({variant}," in out and "accuracy over all test samples of tasks 0..4 pooled" in out

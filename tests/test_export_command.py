@@ -2,9 +2,16 @@
 diverged weights and mismatched streams are refused, the file runs without its sidecar, and
 ``eval`` measures any snapshot on any stream."""
 
+import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -65,7 +72,9 @@ def test_the_file_has_the_opset_asked_for(case, tmp_path, capfd, opset, variant)
 def test_structured_and_int8_honour_the_jetson_nano_opset(case, tmp_path, capfd, variant):
     out = tmp_path / "m.onnx"
     assert _export(case, out, "--profile", "jetson_nano", "--variant", variant) == 0
-    assert capfd.readouterr().err == ""
+    err = capfd.readouterr().err  # no exporter traceback; the structured variant of this run removes nothing
+    assert all(line.startswith("esacl-edge: warning: ") and "removed no unit or channel" in line
+               for line in err.splitlines()) and (variant == "structured") == bool(err)
     side = json.loads((tmp_path / "m.onnx.json").read_text())
     assert _opset(out) == side["opset"] == load_profile("jetson_nano").opset == 13
     assert side["providers"] == list(load_profile("jetson_nano").providers)
@@ -254,6 +263,112 @@ def test_device_runner_warns_about_labels_the_model_never_learned(case, tiny_str
     Image.fromarray(x2[0, :, :, 0]).save(folder / "a.png")
     done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--images", tmp_path / "imgs")
     assert done.returncode == 0 and f"classes [{unknown[0]}] that the model never learned" in done.stderr
+
+
+# ------------------------------------------------------------------ the output file
+
+def test_an_output_that_is_not_a_regular_file_is_refused(case, tmp_path, capsys):
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    assert _export(case, fifo) == 2
+    assert f"{fifo}: exists and is not a regular file" in _one_error(capsys)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and not (tmp_path / "pipe.onnx.json").exists()
+    if Path("/dev/full").exists():
+        assert _export(case, "/dev/full") == 2
+        assert "/dev/full: exists and is not a regular file" in _one_error(capsys)
+        assert stat.S_ISCHR(os.stat("/dev/full").st_mode) and not Path("/dev/full.json").exists()
+    side = tmp_path / "m.onnx.json"
+    os.mkfifo(side)  # the sidecar's name too
+    assert _export(case, tmp_path / "m.onnx") == 2
+    assert f"{side}: exists and is not a regular file" in _one_error(capsys)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _export_process(case, out, env=None):
+    return subprocess.Popen([sys.executable, "-m", "esacl_edge.cli", "export", "--task", "4", str(out), "--run",
+                             str(case["run"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_exports_to_one_file_share_no_temporary_names(case, tmp_path):
+    out = tmp_path / "same.onnx"
+    procs = [_export_process(case, out) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.onnx", "same.onnx.json"]
+    side = json.loads((tmp_path / "same.onnx.json").read_text())
+    assert side["model_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert onnx.load(str(out)).graph.output[0].name == "logits"
+
+
+def test_a_killed_export_leaves_nothing_in_the_target_folder(case, tmp_path):
+    system_tmp, target = tmp_path / "tmp", tmp_path / "out"
+    system_tmp.mkdir()
+    target.mkdir()
+    proc = _export_process(case, target / "m.onnx", env={**os.environ, "TMPDIR": str(system_tmp)})
+    deadline = time.monotonic() + 120
+    while not any(system_tmp.glob("esacl-export-*/*")):  # killed while it writes its intermediate files
+        assert proc.poll() is None and time.monotonic() < deadline, "the export wrote no intermediate file"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert list(target.iterdir()) == []
+
+
+def test_the_runner_ignores_a_sidecar_of_another_model(case, tmp_path):
+    assert main(["export", "--task", "1", str(tmp_path / "m.onnx"), "--run", str(case["run"])]) == 0
+    assert main(["export", "--task", "4", str(tmp_path / "t4.onnx"), "--run", str(case["run"])]) == 0
+    shutil.copy(tmp_path / "t4.onnx", tmp_path / "m.onnx")  # a crash after the model, before its sidecar
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--random", 4, "--json", tmp_path / "s.json")
+    assert done.returncode == 0, done.stderr
+    assert "m.onnx.json: describes another model file (its SHA-256 differs from m.onnx's); ignored" in done.stderr
+    info = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location("run_onnx", RUNNER))
+    spec.loader.exec_module(info)
+    assert info.load_info(tmp_path / "m.onnx")["classes"] == list(range(10))  # task 4's own metadata
+
+
+def test_structured_reports_what_it_removed_and_warns_when_nothing(case, tiny_stream, tmp_path, capsys):
+    assert _export(case, tmp_path / "s.onnx", "--variant", "structured") == 0
+    out = capsys.readouterr().out
+    side = json.loads((tmp_path / "s.onnx.json").read_text())
+    want = {k: side["structure"]["before"][k] - side["structure"]["after"][k] for k in side["structure"]["before"]}
+    assert side["removed"] == want
+    assert "structured: removed " in out
+    dense_run = tmp_path / "dense"
+    learn(tiny_stream.root, profile=load_profile("cpu").replace(passes_per_chunk=1, batch_size=16), run_dir=dense_run,
+          method="finetune", progress=False)
+    assert main(["export", "--task", "4", str(tmp_path / "d.onnx"), "--run", str(dense_run), "--variant",
+                 "structured"]) == 0
+    captured = capsys.readouterr()
+    assert "structured: removed nothing" in captured.out
+    assert "removed no unit or channel" in captured.err and captured.err.count("\n") == 1
+    assert not any(json.loads((tmp_path / "d.onnx.json").read_text())["removed"].values())
+
+
+def test_runner_refuses_an_empty_npz_and_unknown_providers(case, tmp_path):
+    assert main(["export", "--task", "4", str(tmp_path / "m.onnx"), "--run", str(case["run"])]) == 0
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0, np.int64))
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--npz", tmp_path / "empty.npz")
+    assert done.returncode == 2 and done.stderr.strip() == f"run_onnx: error: {tmp_path / 'empty.npz'}: x holds no samples"
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--random", 2, "--providers", "Foo")
+    assert done.returncode == 2 and "--providers: unknown execution provider Foo" in done.stderr
+    done = run_without_torch(tmp_path, tmp_path / "m.onnx", "--random", 2, "--providers",
+                             "MIGraphXExecutionProvider,CPUExecutionProvider")
+    assert done.returncode == 0 and "lacks MIGraphXExecutionProvider; skipped" in done.stderr
+
+
+def test_the_runner_is_an_installed_command_without_torch(case, tmp_path):
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="console_scripts") if e.name == "esacl-edge-run"] == \
+        ["esacl_edge.run_onnx:main"]
+    assert main(["export", "--task", "4", str(tmp_path / "m.onnx"), "--run", str(case["run"])]) == 0
+    fake = tmp_path / "notorch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no torch on this device')\n")
+    done = subprocess.run([sys.executable, "-m", "esacl_edge.run_onnx", str(tmp_path / "m.onnx"), "--random", "3"],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(fake.parent), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and "latency per batch" in done.stdout, done.stderr
 
 
 # ------------------------------------------------------------------ snapshot integrity

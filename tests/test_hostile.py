@@ -120,8 +120,10 @@ def state_json(edit):
 
 
 def state_pt(write):
+    """Break state.pt of every saved checkpoint (the latest and the previous one it would fall back to)."""
     def apply(case):
-        write(checkpoint.latest(case["run"] / "state") / "state.pt")
+        for folder in sorted((case["run"] / "state").glob("ckpt-*")):
+            write(folder / "state.pt")
     return apply
 
 
@@ -189,7 +191,7 @@ CASES = [
     ("manifest-missing", lambda case: (case["stream"] / "manifest.json").unlink(), "manifest.json",
      r"manifest not found"),
     ("missing-test-split", lambda case: (case["stream"] / "test" / "task2.npz").unlink(), "test/task2.npz",
-     r"chunk file not found"),
+     r"test file of task 2 not found"),
     ("yaml-malformed", profile_text(lambda t: t + "\n  : [unclosed\n"), "tiny.yaml", r"not valid YAML"),
     ("yaml-unknown-field", profile_text(lambda t: t.replace("  batch_size: 8", "  batch_size: 8\n  batchsize: 9")),
      "tiny.yaml", r"training\.batchsize"),
@@ -201,11 +203,13 @@ CASES = [
      r"saved for another model setup: normalization \{'scale': 1.0.* was saved, this run has \{'scale': 0.0625"),
     ("checkpoint-newer-schema", state_json(lambda m: m.update(schema=3)), "state.json",
      r"written by a newer esacl-edge .*schema 3.*reads schema 2: upgrade esacl-edge"),
-    ("checkpoint-pickled-object", state_pt(evil_pickle), "state.pt", r"not a readable state file"),
+    ("checkpoint-pickled-object", state_pt(evil_pickle), "state.pt",
+     r"not a readable state file.*; the previous saved state does not read either"),
     ("checkpoint-truncated", state_pt(lambda p: p.write_bytes(p.read_bytes()[:100])), "state.pt",
-     r"not a readable state file"),
-    ("checkpoint-pointer-dangling", lambda case: (case["run"] / "state" / "LATEST").write_text(
-        '{"checkpoint": "ckpt-999999"}'), "LATEST", r"names checkpoint 'ckpt-999999', which does not exist"),
+     r"not a readable state file: truncated or corrupt.*; the previous saved state does not read either"),
+    ("checkpoint-pointer-dangling", lambda case: ((case["run"] / "state" / "LATEST").write_text(
+        '{"checkpoint": "ckpt-999999"}'), state_pt(lambda p: p.write_bytes(b""))(case)), "LATEST",
+     r"names checkpoint 'ckpt-999999', which does not exist"),
     ("checkpoint-weights-wrong-shape", state_pt(lambda p: torch.save(
         {k: (v[:1] if k.startswith("model/") and v.ndim else v)
          for k, v in torch.load(p, weights_only=True).items()}, p)), "state", r"weights do not fit this model"),

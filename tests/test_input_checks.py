@@ -1,6 +1,8 @@
 """Bad input to make-stream, manifests, models, profiles and bench: one error line, nothing left behind."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,7 +249,8 @@ def test_a_failed_run_is_reported_with_one_error_prefix(small_stream, fast_profi
     tight = fast_profile.replace(training_peak_bytes=1000)  # no batch fits: learn stops before training
     with pytest.raises(EsaclError) as err:
         bench(small_stream.root, ["finetune"], tight, tmp_path / "out", seeds=1, plots=False)
-    assert str(err.value).startswith("run finetune seed 0 failed: profile cpu: budgets.training_peak_bytes")
+    assert str(err.value).startswith("run finetune seed 0 failed: ") and \
+        "profile.yaml (profile cpu): budgets.training_peak_bytes" in str(err.value)
     assert "esacl-edge: error" not in str(err.value)
 
 
@@ -309,3 +312,20 @@ def test_bench_passes_root_to_make_stream(tmp_path, capsys):
     assert main(["bench", "--dataset", "cifar10", "--root", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "cifar-10-batches-py not found under" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_make_stream_refuses_images_no_backbone_takes_and_says_how_it_split_the_classes(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tiny = tmp_path / "tiny.npz"
+    np.savez(tiny, x_train=rng.integers(0, 255, (40, 1, 1, 1), dtype=np.uint8), y_train=np.arange(40) % 4,
+             x_test=rng.integers(0, 255, (8, 1, 1, 1), dtype=np.uint8), y_test=np.arange(8) % 4)
+    assert main(["make-stream", "--dataset", f"npz:{tiny}", "--out", str(tmp_path / "s"), "--tasks", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "images of 1x1 pixels are smaller than any backbone takes (at least 4x4); --image-size" in err
+    assert not (tmp_path / "s").exists()
+    assert main(["make-stream", "--dataset", "digits", "--out", str(tmp_path / "d"), "--tasks", "3",
+                 "--per-class", "5", "--test-per-class", "2"]) == 0
+    assert "3 tasks of 4, 3, 3 classes" in capsys.readouterr().out
+    help_text = subprocess.run([sys.executable, "-m", "esacl_edge.cli", "make-stream", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "split evenly" not in help_text and "4, 3, 3" in help_text

@@ -13,7 +13,8 @@ PACKAGE = Path(esacl_edge.__file__).parent
 
 # Lowest first. A module is named by its path in the package ("learn" is every module under learn/).
 LAYERS = [
-    ("leaves", {"__init__", "errors", "files", "names", "metrics", "checkpoint", "runlock", "chunk_log"}),
+    ("leaves", {"__init__", "errors", "files", "names", "metrics", "checkpoint", "runlock", "chunk_log",
+                "run_onnx"}),
     ("data", {"data"}),
     ("models", {"models", "weights"}),
     ("device", {"device"}),

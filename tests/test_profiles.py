@@ -314,3 +314,27 @@ def test_budget_errors_name_the_profile_file(tmp_path):
     path = _write(tmp_path, data)
     with pytest.raises(BudgetError, match=f"^{path} \\(profile mine\\): budgets.training_peak_bytes"):
         plan(load_profile(path), "small_cnn", (8, 8, 1), 10, get_method("esacl"))
+
+
+def test_budgets_beyond_the_devices_memory_are_refused(tmp_path):
+    data = copy.deepcopy(VALID)
+    data["hardware"]["memory_mb"] = 1
+    path = _write(tmp_path, data)
+    with pytest.raises(ProfileError, match=rf"{path}: field 'budgets.training_peak_bytes' = 2,147,483,648 B is more "
+                                           r"than the device's memory \(hardware.memory_mb = 1 MB"):
+        load_profile(path)
+
+
+def test_more_threads_than_cores_are_capped_with_a_warning():
+    from esacl_edge.device.selection import apply_threads
+
+    before = torch.get_num_threads()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"training.threads = 512, but this process may run on 2 cores; "
+                                                r"using 2"):
+            assert apply_threads(load_profile("cpu").replace(threads=512), cores=2) == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert apply_threads(load_profile("cpu").replace(threads=1), cores=2) == 1
+    finally:
+        torch.set_num_threads(before)

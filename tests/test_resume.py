@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_stream, fast_p
     monkeypatch.setattr(checkpoint, "write_json", real_write_json)
     state = checkpoint.read(checkpoint.latest(run / "state"))[2]
     assert len(state["extra"]["consumed"]) == (4 if when == "after_commit" else 3)
-    assert len(list((run / "state").glob("ckpt-*"))) == (1 if when == "after_commit" else 2)
+    assert len(list((run / "state").glob("ckpt-*"))) == (2 if when == "after_commit" else 3)  # + the previous
 
     r = _learn(tiny_stream, run, fast_profile)
     assert r["complete"] and r["resumed_at_chunk"] == len(state["extra"]["consumed"])
@@ -70,7 +71,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_stream, fast_p
     for task in range(5):
         a, b = _snapshot_tensors(run, task), _snapshot_tensors(tmp_path / "ref", task)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [p.name for p in (run / "state").iterdir()] != [] and len(list((run / "state").glob("ckpt-*"))) == 1
+    assert [p.name for p in (run / "state").iterdir()] != [] and len(list((run / "state").glob("ckpt-*"))) == 2
 
 
 def test_learner_state_round_trip_continues_identically(tiny_stream, fast_profile, tmp_path):
@@ -131,6 +132,94 @@ def test_a_chunk_changed_after_learning_is_reported_not_relearned(tiny_stream, f
     assert again["chunks_consumed"] == first["chunks_consumed"] == 10
     assert again["reported_chunks"] == [{"chunk": manifest.tasks[0].chunks[1], "reason": "changed"}]
     assert again["acc_matrix_class_il"] == first["acc_matrix_class_il"]
+
+
+def _copy_stream(tiny_stream, folder):
+    import shutil
+
+    shutil.copytree(tiny_stream.root, folder)
+    return folder
+
+
+def _edit_manifest(stream, edit):
+    path = stream / "manifest.json"
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+def test_path_aliases_of_one_chunk_are_one_chunk(tiny_stream, fast_profile, tmp_path):
+    from esacl_edge.data.stream import read_manifest
+    from esacl_edge.errors import StreamError
+
+    stream = _copy_stream(tiny_stream, tmp_path / "stream")
+    first = tiny_stream.tasks[0].chunks[0]
+    _edit_manifest(stream, lambda m: m["tasks"][0]["chunks"].append(f"./{first}"))
+    with pytest.raises(StreamError, match=rf"chunk '{first}' is listed twice in the stream"):
+        read_manifest(stream)
+    _edit_manifest(stream, lambda m: m["tasks"][0]["chunks"].__setitem__(-1, "task0/../task0//" + first[6:]))
+    with pytest.raises(StreamError, match="listed twice"):
+        read_manifest(stream)
+    (stream / "alias.npz").symlink_to(stream / first)  # another name, the same file
+    _edit_manifest(stream, lambda m: m["tasks"][0]["chunks"].__setitem__(-1, "alias.npz"))
+    with pytest.raises(StreamError, match=rf"chunk '(alias.npz|{first})' is listed twice in the stream \(as "):
+        read_manifest(stream)
+
+
+def test_a_copy_of_a_learned_chunk_is_reported_not_learned_again(tiny_stream, fast_profile, tmp_path):
+    import shutil
+
+    from esacl_edge.data.stream import read_manifest
+
+    stream = _copy_stream(tiny_stream, tmp_path / "stream")
+    first = tiny_stream.tasks[0].chunks[0]
+    shutil.copy(stream / first, stream / "task0" / "copy.npz")  # the same bytes under another name
+    _edit_manifest(stream, lambda m: m["tasks"][0]["chunks"].append("task0/copy.npz"))
+    with pytest.warns(RuntimeWarning, match=rf"copy.npz: has the same bytes as {first}, learned already"):
+        r = _learn(read_manifest(stream), tmp_path / "run", fast_profile)
+    assert r["chunks_consumed"] == 10 and r["samples_learned"] == sum(len(c.y) for c in iter_chunks(tiny_stream))
+    assert r["reported_chunks"] == [{"chunk": "task0/copy.npz", "reason": "duplicate"}]
+
+
+def test_a_finished_run_refuses_another_stream_but_follows_its_own_moved(tiny_stream, fast_profile, tmp_path):
+    from esacl_edge.data.build import make_stream
+    from esacl_edge.errors import EsaclError
+
+    run = tmp_path / "run"
+    first = _learn(tiny_stream, run, fast_profile)
+    other = make_stream("digits", tmp_path / "other", tasks=5, chunk_size=24, seed=1, per_class=20,
+                        test_per_class=10)
+    before = (run / "results.json").read_text()
+    with pytest.raises(EsaclError, match=rf"{run}: was learned from the stream {tiny_stream.root}; {other.root} is "
+                                         r"not that stream moved \(10 of the 10 chunks learned are missing or differ"):
+        _learn(other, run, fast_profile)
+    assert (run / "results.json").read_text() == before
+    moved = _copy_stream(tiny_stream, tmp_path / "moved")
+    from esacl_edge.data.stream import read_manifest
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same stream moved: nothing to report
+        again = _learn(read_manifest(moved), run, fast_profile)
+    assert again["acc_matrix_class_il"] == first["acc_matrix_class_il"] and again["chunks_consumed"] == 10
+    assert json.loads((run / "results.json").read_text())["stream"] == str(moved.resolve())
+
+
+@pytest.mark.parametrize("damage", ["state.pt", "state.json", "LATEST"])
+def test_a_damaged_latest_state_falls_back_to_the_previous_one(tiny_stream, fast_profile, tmp_path, damage):
+    ref = _learn(tiny_stream, tmp_path / "ref", fast_profile)
+    run = tmp_path / "run"
+    _learn(tiny_stream, run, fast_profile)
+    latest = checkpoint.latest(run / "state")
+    (latest / damage if damage != "LATEST" else run / "state" / "LATEST").write_bytes(b"\x00garbage")
+    # A damaged pointer: the newest complete checkpoint; a damaged checkpoint: the one before it.
+    used = sorted((run / "state").glob("ckpt-*"))[-1 if damage == "LATEST" else 0]
+    consumed = checkpoint.read(used)[2]["extra"]["consumed"]
+    with pytest.warns(RuntimeWarning, match=rf"; resuming from the saved state {used} instead, saved after "
+                                            rf"chunk {len(consumed)} \({consumed[-1]['chunk']}\)"):
+        again = _learn(tiny_stream, run, fast_profile, overwrite=False)
+    assert again["resumed_at_chunk"] == len(consumed) == (10 if damage == "LATEST" else 9) and again["complete"]
+    assert [c["chunk"] for c in again["consumed_chunks"]] == [c for t in tiny_stream.tasks for c in t.chunks]
+    assert again["acc_matrix_class_il"] == ref["acc_matrix_class_il"]
 
 
 def _env():

@@ -30,7 +30,7 @@ from .sources import (
     load_npz_source,
     pick_per_class,
 )
-from .stream import Manifest, classes_problem, read_manifest, shape_problem
+from .stream import MIN_MODEL_SIDE, Manifest, classes_problem, read_manifest, shape_problem
 from .write import write_stream
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -139,6 +139,9 @@ def check_source(dataset: str, src: Source) -> None:
     shape = src.x_train.shape[1:]
     if problem := shape_problem(shape):
         raise StreamError(f"{dataset}: images of shape {shape}: {problem}; --image-size resizes them")
+    if min(shape[:2]) < MIN_MODEL_SIDE:
+        raise StreamError(f"{dataset}: images of {shape[0]}x{shape[1]} pixels are smaller than any backbone takes "
+                          f"(at least {MIN_MODEL_SIDE}x{MIN_MODEL_SIDE}); --image-size resizes them")
     if src.x_test.shape[1:] != shape:
         raise StreamError(f"{dataset}: test images are {src.x_test.shape[1:]} but training images are {shape}; "
                           "both must have one (H, W, C), or pass --image-size")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +51,7 @@ VERSION = 1
 DTYPES = ("uint8", "float32")
 # Sanity limits of a sample and a label space: beyond them a backbone cannot be built on an edge device.
 MAX_SIDE = 1024
+MIN_MODEL_SIDE = 4  # the smallest side any backbone takes (small_cnn halves each side twice)
 MAX_CHANNELS = 16
 MAX_CLASSES = 100_000
 
@@ -118,12 +120,13 @@ def _int_list(value, where: str, what: str) -> list[int]:
 
 
 def _rel_path(value, root: Path, where: str, what: str) -> str:
+    """``value`` as the stream names it: a relative path inside ``root``, normalised (``./a//b`` -> ``a/b``)."""
     if not isinstance(value, str) or not value:
         raise StreamError(f"{where}: {what} must be a relative file path, got {value!r}")
     resolved = (root / value).resolve()
     if Path(value).is_absolute() or not resolved.is_relative_to(root.resolve()):
         raise StreamError(f"{where}: {what} {value!r} points outside the stream directory")
-    return value
+    return posixpath.normpath(value)
 
 
 def _dropped(root: Path, chunk_dir: str) -> list[str]:
@@ -172,7 +175,7 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
     tasks_raw = raw.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise StreamError(f"{where}: tasks must be a non-empty list")
-    tasks, seen_chunks, seen_classes = [], set(), set()
+    tasks, seen_chunks, seen_classes = [], {}, set()
     for i, t in enumerate(tasks_raw):
         tw = f"{where}: tasks[{i}]"
         if not isinstance(t, dict):
@@ -191,9 +194,11 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
         if not isinstance(complete, bool):
             raise StreamError(f"{tw}: complete must be true or false, got {complete!r}")
         for c in chunks:
-            if c in seen_chunks:
-                raise StreamError(f"{tw}: chunk {c!r} is listed twice in the stream")
-            seen_chunks.add(c)
+            file = (root / c).resolve()  # names that differ but are one file (a link, say) are one chunk
+            if file in seen_chunks:
+                alias = "" if seen_chunks[file] == c else f" (as {seen_chunks[file]!r} too: the same file)"
+                raise StreamError(f"{tw}: chunk {c!r} is listed twice in the stream{alias}")
+            seen_chunks[file] = c
         test = t.get("test")
         if test is not None:
             test = _rel_path(test, root, tw, "test")
@@ -209,11 +214,11 @@ def read_manifest(stream_dir: str | Path) -> Manifest:
 
 
 def load_arrays(path: Path, manifest: Manifest, classes: tuple[int, ...],
-                content: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load one chunk or test file and check it against the manifest; errors name the file."""
+                content: bytes | None = None, what: str = "chunk file") -> tuple[np.ndarray, np.ndarray]:
+    """Load one chunk or test file (``what``) and check it against the manifest; errors name the file."""
     where = str(path)
     if content is None and not path.is_file():
-        raise StreamError(f"{where}: chunk file not found")
+        raise StreamError(f"{where}: {what} not found")
     arrays = read_npz(path, ("x", "y"), content=content)
     x, y = arrays["x"], arrays["y"]
     if x.dtype != np.dtype(manifest.dtype):
@@ -272,4 +277,4 @@ def load_test(manifest: Manifest, task: int) -> tuple[np.ndarray, np.ndarray]:
     t = manifest.tasks[task]
     if t.test is None:
         raise StreamError(f"{manifest.root / 'manifest.json'}: task {task} has no test split")
-    return load_arrays(manifest.path(t.test), manifest, t.classes)
+    return load_arrays(manifest.path(t.test), manifest, t.classes, what=f"test file of task {task}")

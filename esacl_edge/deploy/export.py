@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import logging
 import os
 import platform
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ExportError
-from ..files import temp_file_beside, write_json
+from ..files import atomic_write, temp_file_beside, write_json
 from ..models import ModelSpec, layer_sparsity
 from .encoders import quantize_int8, sparsify_initializers
 from .metadata import deployment_info, drop_unused_domains, file_opset, set_metadata, sidecar_path
@@ -131,6 +133,10 @@ def _reason(exc: Exception) -> str:
 
 
 def _check_target(path: Path) -> None:
+    for target in (path, sidecar_path(path)):
+        if target.exists() and not target.is_dir() and not target.is_file():
+            raise ExportError(f"{target}: exists and is not a regular file (a device, pipe or socket); "
+                              "give the name of a file to write")
     if path.is_dir():
         raise ExportError(f"{path}: is a folder; give the model file's name, e.g. {path / 'model.onnx'}")
     if sidecar_path(path).is_dir():
@@ -230,40 +236,54 @@ def export_variant(model: nn.Module, spec: ModelSpec, path: str | Path, variant:
                           "(the method kept no replay buffer)")
     info = deployment_info(spec, meta, variant, opset)
     sample = sample_inputs(spec) if test is None else test[0][:64].astype(np.float32)
-    dense_tmp = path.with_name(f".{path.name}.dense.onnx")
-    final_tmp = path.with_name(f".{path.name}.final.onnx")
-    try:
-        report = _export_checked(model_out, spec, dense_tmp, sample, opset, PARITY_TOLERANCE)
-        proto = encoder.encode(dense_tmp, final_tmp, calibration)
-        drop_unused_domains(proto)
-        set_metadata(proto, info)
-        onnx.save(proto, final_tmp)
-        if file_opset(proto) != opset:
-            raise ExportError(f"the {variant} file declares opset {file_opset(proto)}, not the requested {opset}")
-        report.update(encoder.check(final_tmp, model_out, sample, f"{variant} file"))
-        os.replace(final_tmp, path)
-    except ExportError as exc:  # name the user's file, not our temporary ones
-        raise ExportError(f"{path}: {exc}") from None
-    except Exception as exc:
-        reason = _reason(exc).replace(str(final_tmp), path.name).replace(str(dense_tmp), path.name)
-        raise ExportError(f"{path}: {variant} export failed: {reason}") from exc
-    finally:
-        dense_tmp.unlink(missing_ok=True)
-        final_tmp.unlink(missing_ok=True)
-    raw = path.read_bytes()
+    # Intermediate files live in a private folder of the system's temporary space: concurrent exports
+    # never share a name, and a killed export leaves nothing in the target folder.
+    with tempfile.TemporaryDirectory(prefix="esacl-export-") as work:
+        dense_tmp, final_tmp = Path(work) / "dense.onnx", Path(work) / f"{variant}.onnx"
+        try:
+            report = _export_checked(model_out, spec, dense_tmp, sample, opset, PARITY_TOLERANCE)
+            proto = encoder.encode(dense_tmp, final_tmp, calibration)
+            drop_unused_domains(proto)
+            set_metadata(proto, info)
+            onnx.save(proto, final_tmp)
+            if file_opset(proto) != opset:
+                raise ExportError(f"the {variant} file declares opset {file_opset(proto)}, not the requested {opset}")
+            report.update(encoder.check(final_tmp, model_out, sample, f"{variant} file"))
+            raw = final_tmp.read_bytes()
+        except ExportError as exc:  # name the user's file, not our temporary ones
+            raise ExportError(f"{path}: {exc}") from None
+        except Exception as exc:
+            reason = _reason(exc).replace(str(final_tmp), path.name).replace(str(dense_tmp), path.name)
+            raise ExportError(f"{path}: {variant} export failed: {reason}") from exc
+    if structure is not None:
+        report["removed"] = removed_units(structure)
+        if not any(report["removed"].values()):
+            warnings.warn(f"{path}: the structured variant removed no unit or channel (each still has a live "
+                          "weight), so it is the dense model; the sparse variant stores the pruned weights compactly",
+                          RuntimeWarning, stacklevel=2)
     report.update(variant=variant, bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 6)), opset=opset)
     if test is not None:
         x, y = test
         report["accuracy_torch"] = float((torch_logits(model, x).argmax(1) == y).mean())
-        report["accuracy_onnx"] = float((onnx_logits(path, x).argmax(1) == y).mean())
+        report["accuracy_onnx"] = float((onnx_logits(raw, x).argmax(1) == y).mean())
     import onnxruntime
 
     sidecar = {
-        **report, **info, "path": path.name,
+        **report, **info, "path": path.name, "model_sha256": hashlib.sha256(raw).hexdigest(),
         "layer_sparsity": layer_sparsity(model_out), "structure": structure,
         "versions": {"esacl_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
     }
+    # The model, then its sidecar, each atomically; the sidecar names the model's SHA-256, so a reader
+    # that finds a sidecar of another model (a crash between the two) knows it, and the model's own
+    # metadata is complete without it.
+    _check_target(path)
+    atomic_write(path, lambda f: f.write(raw))
     write_json(sidecar_path(path), sidecar)
     return {**sidecar, "path": str(path)}
+
+
+def removed_units(structure: dict) -> dict[str, int]:
+    """Units or channels the structured variant removed, by layer (from ``shrink``'s before and after)."""
+    return {name: int(structure["before"][name]) - int(structure["after"][name]) for name in structure["before"]}

@@ -84,18 +84,19 @@ def check_parity(path: str | Path, model: nn.Module, x_nhwc: np.ndarray, what: s
     return diff, limit
 
 
-def _session(path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+def _session(model: str | Path | bytes, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: they reach the user as our one-line error
-    return ort.InferenceSession(str(path), options, providers=list(providers))
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=list(providers))
 
 
-def onnx_logits(path: Path, x_nhwc: np.ndarray, batch: int = 256,
+def onnx_logits(model: str | Path | bytes, x_nhwc: np.ndarray, batch: int = 256,
                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> np.ndarray:
-    """Logits of stored samples from the exported file on onnxruntime (the CPU provider by default)."""
-    session = _session(path, providers)
+    """Logits of stored samples from an exported file (its path or bytes) on onnxruntime (the CPU provider by
+    default)."""
+    session = _session(model, providers)
     x = nchw_array(x_nhwc)
     return np.concatenate([session.run(None, {"input": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 

@@ -158,6 +158,12 @@ def validate(raw: Any, where: str) -> Profile:
     if values.get("target_sparsity") is None and values.get("model_bytes") is None:
         raise ProfileError(f"{where}: field 'training.target_sparsity': set it, or set budgets.model_bytes "
                            "to derive it")
+    memory = values["memory_mb"] * 2 ** 20
+    for key in ("training_peak_bytes", "buffer_bytes", "model_bytes"):
+        if (values.get(key) or 0) > memory:
+            raise ProfileError(f"{where}: field 'budgets.{key}' = {values[key]:,} B is more than the device's memory "
+                               f"(hardware.memory_mb = {values['memory_mb']:,} MB = {memory:,} B); check the units "
+                               "(budgets are bytes, memory_mb megabytes)")
     if "target_sparsity" in values and values["target_sparsity"] is not None:
         values["target_sparsity"] = float(values["target_sparsity"])
     values.setdefault("target_sparsity", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -44,10 +45,28 @@ def select_device(profile: Profile, cuda_available: Callable[[], bool] | None = 
     return device
 
 
-def apply_threads(profile: Profile) -> None:
-    """Use the profile's CPU thread count for this process (a process-wide setting: the CLI's to make)."""
+def apply_threads(profile: Profile, cores: int | None = None) -> int:
+    """Use the profile's CPU thread count for this process (a process-wide setting: the CLI's to make); more
+    threads than the cores this process may run on (``cores``, default: its CPU affinity) are capped there,
+    with a warning. Returns the thread count in use."""
     if profile.threads > 0:
-        torch.set_num_threads(profile.threads)
+        cores = cores or usable_cores()
+        threads = profile.threads
+        if threads > cores:
+            warnings.warn(f"{profile.source or 'profile ' + profile.name}: training.threads = {threads}, but this "
+                          f"process may run on {cores} cores; using {cores} (more threads than cores only wait "
+                          "for each other)", RuntimeWarning, stacklevel=2)
+            threads = cores
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def autocast_dtype(profile: Profile, device: torch.device,
