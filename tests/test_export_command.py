@@ -458,6 +458,18 @@ def test_eval_of_the_last_snapshot_matches_what_learn_measured(case, tmp_path, c
     assert report["mean_class_il"] == pytest.approx(results["final_acc_class_il"])
     assert report["mean_task_il"] == pytest.approx(results["final_acc_task_il"])
     assert all(f"T{t} " in out for t in range(5)) and f"{100 * report['mean_class_il']:.2f}" in out
+    assert "(mean over tasks; each task weighs the same)" in out  # export's accuracy is pooled, and says so
+
+
+def test_export_warns_when_the_file_exceeds_the_profiles_model_budget(case, tmp_path, capsys):
+    profile = tmp_path / "small.yaml"
+    profile.write_text(to_yaml(load_profile("cpu").replace(name="small", model_bytes=20_000, target_sparsity=0.8)))
+    assert _export(case, tmp_path / "m.onnx", "--profile", profile) == 0
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    err = capsys.readouterr().err
+    assert f"the sparse file takes {side['bytes']:,} B, more than profile small's budgets.model_bytes = 20,000 B, " \
+           "which bounds the model snapshot (live weights + 1-bit masks" in err
+    assert _export(case, tmp_path / "n.onnx") == 0 and "model_bytes" not in capsys.readouterr().err
 
 
 def test_eval_of_an_earlier_task_on_another_copy_of_the_stream(case, tmp_path, capsys):

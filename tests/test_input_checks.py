@@ -329,3 +329,13 @@ def test_make_stream_refuses_images_no_backbone_takes_and_says_how_it_split_the_
     help_text = subprocess.run([sys.executable, "-m", "esacl_edge.cli", "make-stream", "--help"], capture_output=True,
                                text=True, check=True).stdout
     assert "split evenly" not in help_text and "4, 3, 3" in help_text
+
+
+def test_a_run_that_diverges_on_its_first_chunk_says_to_run_again_not_to_overwrite(tiny_stream, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["learn", "--stream", str(tiny_stream.root), "--run", str(run), "--passes", "3", "--quiet"]
+    assert main([*common, "--lr", "1e30", "--method", "finetune"]) == 2
+    err = one_error_line(capsys)
+    assert "nothing was saved: fix the cause (a lower --lr, say), then run the command again" in err
+    assert "--overwrite" not in err
+    assert main([*common, "--method", "finetune"]) == 0  # without the cause, and no --overwrite
