@@ -46,8 +46,8 @@ def make_stream(data: str, out: Path) -> Path:
     stream = out / "stream"
     if not (stream / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "esacl_edge.cli", "make-stream", "--dataset", f"npz:{data}", "--out",
-                        str(stream), "--classes", "0-3", "--tasks", "2", "--per-class", str(PER_CLASS), "--test-per-class",
-                        "20", "--chunk-size", "64", "--seed", "0"], check=True, capture_output=True)
+                        str(stream), "--classes", "0-3", "--tasks", "2", "--per-class", str(PER_CLASS),
+                        "--test-per-class", "20", "--chunk-size", "64", "--seed", "0"], check=True, capture_output=True)
     return stream
 
 
@@ -79,7 +79,8 @@ def main() -> None:
     stream = make_stream(args.data, out)
     rows = []
     for load in ("idle", "busy"):
-        spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy if load == "busy" else 0)]
+        busy = args.busy if load == "busy" else 0
+        spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(busy)]
         for p in spinners:
             p.start()
         time.sleep(0.5)
@@ -88,8 +89,8 @@ def main() -> None:
                 prof = profile(out, name, fields["threads"])
                 times = [learn_seconds(stream, prof, out / "run", env) for _ in range(args.repeats)]
                 rows.append({"policy": name, "load": load, "seconds": times, "median": statistics.median(times)})
-                print(f"{load:<5} {name:<30} {statistics.median(times):8.1f} s  ({', '.join(f'{t:.1f}' for t in times)})",
-                      flush=True)
+                each = ", ".join(f"{t:.1f}" for t in times)
+                print(f"{load:<5} {name:<30} {statistics.median(times):8.1f} s  ({each})", flush=True)
         finally:
             for p in spinners:
                 p.terminate()

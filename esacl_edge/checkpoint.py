@@ -141,12 +141,12 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarra
     meta = read_json(meta_path, CheckpointError)
     schema = meta.get("schema") if isinstance(meta, dict) else None
     if type(schema) is int and schema > SCHEMA:
-        raise CheckpointVersionError(f"{meta_path}: written by a newer esacl-edge ({meta.get('esacl_edge_version')}, state "
-                              f"schema {schema}); this version reads schema {SCHEMA}: upgrade esacl-edge")
+        raise CheckpointVersionError(f"{meta_path}: written by a newer esacl-edge ({meta.get('esacl_edge_version')}, "
+                                     f"state schema {schema}); this version reads schema {SCHEMA}: upgrade esacl-edge")
     if type(schema) is int and schema < SCHEMA:
         raise CheckpointVersionError(f"{meta_path}: a learner state of schema {schema}, written by esacl-edge "
-                              f"{meta.get('esacl_edge_version')}; this version reads schema {SCHEMA} only: finish "
-                              "that run with the version that started it, or start afresh (--overwrite)")
+                                     f"{meta.get('esacl_edge_version')}; this version reads schema {SCHEMA} only: "
+                                     "finish that run with the version that started it, or start afresh (--overwrite)")
     if schema != SCHEMA or "spec" not in meta:
         raise CheckpointError(f"{meta_path}: not an esacl-edge learner state (schema {schema!r})")
     tensors = read_tensors(pt, CheckpointError, "state file")
