@@ -16,6 +16,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "finetune": "dense baseline: plain fine-tuning, no replay",
     "ewc": "dense baseline: online EWC, no buffer",
     "er": "dense baseline: ER (experience replay) from a reservoir buffer",
+    "er-ace": "dense baseline: ER-ACE (Caccia et al., 2022), ER whose new samples' cross-entropy competes only "
+              "over the classes in their minibatch, so old classes are pushed down by replay alone",
     "derpp": "dense baseline: DER++ replay from a reservoir buffer",
     "joint": "upper bound: keeps all data seen so far and trains on it at each task end",
     "sparcl": "SparCL-style sparse learner: task-aware dynamic masks (importance |w| + lambda |grad w|, "

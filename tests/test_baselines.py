@@ -170,3 +170,18 @@ def test_sparcl_mask_update_keeps_density_and_gradient_masks_free_regrown_weight
         w = dict(model.named_parameters())[name]
         assert gm[name][m & (w == 0)].all()  # regrown (still zero) weights can learn
     assert sum(int(g.sum()) for g in gm.values()) < live
+
+
+@pytest.mark.parametrize("method, untouched", [("er-ace", True), ("er", False)])
+def test_er_ace_new_samples_leave_the_classes_they_do_not_hold_alone(tiny_stream, fast_profile, method, untouched):
+    """ER-ACE: a new sample's cross-entropy competes over the classes in its minibatch only, so (with nothing
+    replayed yet) the classifier's rows of the other classes get no gradient; plain ER pushes them down."""
+    chunk = next(iter_chunks(tiny_stream))  # classes 0 and 1
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method=method, input_dtype="uint8",
+                               normalization=tiny_stream.normalization)
+    head = learner.model[1].classifier
+    before = head.bias.detach().clone(), head.weight.detach().clone()
+    learner.observe(chunk.x, chunk.y, 0)
+    absent = [c for c in range(10) if c not in set(chunk.y.tolist())]
+    same = torch.equal(head.bias[absent], before[0][absent]) and torch.equal(head.weight[absent], before[1][absent])
+    assert same == untouched

@@ -136,6 +136,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     "finetune": lambda: Method("finetune"),
     "ewc": lambda: Method("ewc", penalty=EwcPenalty(lam=10.0)),
     "er": lambda: Method("er", replay=Replay(alpha=0.0, beta=1.0), buffer=ReservoirBuffer()),
+    "er-ace": lambda: Method("er-ace", replay=Replay(alpha=0.0, beta=1.0), buffer=ReservoirBuffer(),
+                             current_classes="present"),
     "derpp": lambda: Method("derpp", replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer()),
     "joint": lambda: Method("joint", data=Joint()),
     "sparcl": sparcl,
