@@ -41,9 +41,10 @@ def export_task(run: str | Path, task: int, out: str | Path, variant: str = "spa
     report = export_variant(model, meta["spec"], out, variant, info, calibration=load_calibration(run, task),
                             opset=opset or prof.opset, test=test, min_l1=min_l1)
     if prof.model_bytes is not None and report["bytes"] > prof.model_bytes:
+        snapshot = f", {meta['bytes']:,} B" if isinstance(meta.get("bytes"), int) else ""
         warnings.warn(f"{out}: the {variant} file takes {report['bytes']:,} B, more than profile {prof.name}'s "
                       f"budgets.model_bytes = {prof.model_bytes:,} B, which bounds the model snapshot (live weights "
-                      f"+ 1-bit masks, {meta['bytes']:,} B); gzipped it takes {report['gzip_bytes']:,} B",
+                      f"+ 1-bit masks{snapshot}); gzipped it takes {report['gzip_bytes']:,} B",
                       RuntimeWarning, stacklevel=2)
     return report
 
