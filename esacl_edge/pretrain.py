@@ -114,7 +114,7 @@ def pretrain(data: str | Path, model: str, out: str | Path, *, classes: str | li
     learner = Learner(model, prof, len(chosen), input_shape, method=method, sparsity=0.0, buffer_bytes=0,
                       input_dtype=dtype, normalization=norm, seed=seed, init=init)
     ctx, batch = learner.ctx, learner.ctx.batch_size
-    steps = epochs * len(minibatches(torch.arange(len(y_tr)), batch))
+    steps = epochs * -(-len(y_tr) // batch)  # minibatches per epoch: equal splits of at most batch
     schedule = torch.optim.lr_scheduler.OneCycleLR(learner.optimizer, lr, total_steps=steps, pct_start=0.15)
     x_tr = x_tr.astype(dtype, copy=False)
     y_train = to_device(label[y_tr], learner.device)
