@@ -9,6 +9,7 @@ from esacl_edge.data.stream import iter_chunks
 from esacl_edge.learn import ewc, sdp, sparcl
 from esacl_edge.learn.ablations import ABLATIONS
 from esacl_edge.learn.methods import METHODS, get_method
+from esacl_edge.learn.optim import Sgd
 from esacl_edge.learn.select import IdsSelect
 from esacl_edge.runner import learn
 from tests.support import MIN_PROCESS_BYTES
@@ -185,3 +186,29 @@ def test_er_ace_new_samples_leave_the_classes_they_do_not_hold_alone(tiny_stream
     absent = [c for c in range(10) if c not in set(chunk.y.tolist())]
     same = torch.equal(head.bias[absent], before[0][absent]) and torch.equal(head.weight[absent], before[1][absent])
     assert same == untouched
+
+
+def _weights(learner):
+    return torch.cat([p.detach().flatten().clone() for p in learner.model.parameters()])
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_a_clipping_optimizer_bounds_every_update(tiny_stream, fast_profile, clip):
+    """With ``clip_norm`` the step scales the gradients it applies (after the parts masked them) to that
+    norm, so k steps at learning rate lr move the weights by at most k * lr * clip_norm in L2."""
+    chunk = next(iter_chunks(tiny_stream))  # 24 samples: 2 steps a pass at batch 16, 2 passes
+    method = get_method("derpp").replace(optimizer=Sgd(lr=0.1, clip_norm=clip))
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method=method, input_dtype="uint8",
+                               normalization=tiny_stream.normalization)
+    before = _weights(learner)
+    learner.observe(chunk.x, chunk.y, 0)
+    moved = float((_weights(learner) - before).norm())
+    assert (moved <= 4 * 0.1 * 1e-3 * (1 + 1e-4)) == (clip is not None), moved
+
+
+def test_the_derpp_baselines_clip_their_updates_and_sparcl_prunes_from_the_first_chunk(tiny_stream, run_method):
+    assert get_method("derpp").optimizer.clip_norm == get_method("sparcl").optimizer.clip_norm == 20.0
+    assert get_method("er").optimizer.clip_norm is None
+    # SparCL-style follows its cubic schedule from the first chunk (no dense warm-up on the first task).
+    events = [e for e in run_method("sparcl")["prune_events"] if e["task"] == 0 and "removed" in e]
+    assert events[0]["chunk"] == 0 and events[0]["density_after"] < 0.5, events

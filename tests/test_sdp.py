@@ -287,7 +287,13 @@ def test_per_layer_pruning_ranks_within_each_layer():
 def test_sparcl_mask_updates_wait_for_the_first_pruning(tiny_stream, fast_profile):
     from esacl_edge.data.stream import iter_chunks
 
-    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method="sparcl", sparsity=0.8,
+    import dataclasses
+
+    from esacl_edge.learn.methods import sparcl
+
+    # SparCL-style prunes from the first chunk; with a dense warm-up its mask updates must wait for it.
+    warm = sparcl(pruning=dataclasses.replace(sparcl().pruning, warmup=0.5))
+    learner = StreamingLearner("small_cnn", fast_profile, 10, (8, 8, 1), method=warm, sparsity=0.8,
                                input_dtype="uint8", normalization=tiny_stream.normalization)
     assert learner.method.pruning.allocation == "global"  # SparCL ranks across layers
     chunks = [c for c in iter_chunks(tiny_stream) if c.task == 0]

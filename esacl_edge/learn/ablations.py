@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from .buffer import IdsBuffer, ReservoirBuffer
+from .buffer import IdsBuffer
 from .calibration import BiasCalibration
 from .ewc import EwcPenalty
-from .methods import Method, esacl, sparcl
+from .methods import Method, derpp, esacl, sparcl
 from .optim import Sam, Sgd
 from .pruning import Pruning
 from .replay import Replay
@@ -20,10 +20,6 @@ from .select import AllSamples
 def _esacl_pruning(name: str, **changes) -> Method:
     """EsaCL with its pruning part's settings changed."""
     return esacl(name, pruning=dataclasses.replace(esacl().pruning, **changes))
-
-
-def _derpp(name: str, **changes) -> Method:
-    return Method(name, replay=Replay(alpha=0.3, beta=1.0), buffer=ReservoirBuffer(), **changes)
 
 
 ABLATIONS: dict[str, Callable[[], Method]] = {
@@ -46,8 +42,8 @@ ABLATIONS: dict[str, Callable[[], Method]] = {
                                                       first_until=0.6),
     "esacl-channels": lambda: _esacl_pruning("esacl-channels", structure="channel"),
     "esacl-channels-sqrt": lambda: _esacl_pruning("esacl-channels-sqrt", structure="channel", channel_exponent=0.5),
-    "derpp-ace": lambda: _derpp("derpp-ace", current_classes="present"),
-    "derpp-calib": lambda: _derpp("derpp-calib", calibration=BiasCalibration()),
+    "derpp-ace": lambda: derpp("derpp-ace", current_classes="present"),
+    "derpp-calib": lambda: derpp("derpp-calib", calibration=BiasCalibration()),
     "sparcl-er": lambda: sparcl("sparcl-er", replay=Replay(alpha=0.0, beta=1.0)),
     "sparcl-ewc": lambda: sparcl("sparcl-ewc", replay=None, buffer=None, penalty=EwcPenalty(lam=10.0)),
     "sparcl-ace": lambda: sparcl("sparcl-ace", current_classes="present"),

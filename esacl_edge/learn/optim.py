@@ -34,12 +34,18 @@ Closure = Callable[["Batch"], tuple[torch.Tensor, torch.Tensor]]  # batch -> (lo
 
 @dataclass
 class Sgd(Part):
-    """SGD with momentum (Nesterov's, if asked) and weight decay; gradients from one pass."""
+    """SGD with momentum (Nesterov's, if asked) and weight decay; gradients from one pass. With
+    ``clip_norm``, the update's gradients are scaled down to that total L2 norm when above it."""
 
     lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive, got {self.clip_norm!r}")
 
     def build(self, params: Iterable[nn.Parameter], fused: bool = False) -> torch.optim.SGD:
         """The torch optimizer; ``fused`` for loss scaling (the fused kernel skips an overflowed step on the device)."""
@@ -56,6 +62,11 @@ class Sgd(Part):
         ctx.precision.backward(loss)
         ctx.cost.train_pass(batch.n_train)
         return loss, out
+
+    def clip(self, ctx: Context) -> None:
+        """Scale the update's gradients down to ``clip_norm`` (on the device, without waiting for it)."""
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), self.clip_norm, foreach=True)
 
 
 @dataclass
@@ -76,6 +87,9 @@ class Sam(Part):
 
     def memory_terms(self, n_params: int, n_prunable: int) -> dict[str, int]:
         return {**self.base.memory_terms(n_params, n_prunable), "sam_perturbation": n_params * FLOAT_BYTES}
+
+    def clip(self, ctx: Context) -> None:
+        self.base.clip(ctx)
 
     def gradients(self, ctx: Context, batch: Batch, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps += 1

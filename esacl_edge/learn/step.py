@@ -114,10 +114,12 @@ def train_step(ctx: Context, method: Method, xb: torch.Tensor, yb: torch.Tensor,
         logits, scores = logits.clone(), scores.clone()
         logits[keep], scores[keep] = out, ids.sample_scores(restrict(out, present), batch.y, method.select.score)
     batch.logits = logits
-    # 4. After the backward pass (gradients unscaled under fp16): parts read and mask them; then the update.
+    # 4. After the backward pass (gradients unscaled under fp16): parts read and mask them; the
+    #    optimizer clips what is left (if it clips); then the update.
     ctx.precision.unscale(ctx.optimizer)
     for part in method.parts:
         part.after_backward(ctx, batch)
+    method.optimizer.clip(ctx)
     ctx.precision.step(ctx.optimizer)
     ctx.progress.steps += 1
     ctx.samples_trained += len(batch.y)
