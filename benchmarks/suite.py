@@ -150,9 +150,11 @@ def member_rows(report: dict) -> list[dict]:
                         for key in ("train_flops", "train_seconds")}
     rows = []
     for label in labels:
-        mine = [r for r in runs if r["label"] == label]
+        mine = sorted((r for r in runs if r["label"] == label), key=lambda r: r["seed"])
         row = {"method": label, "seeds": len(mine),
-               "class_il": _mean_std([r["final_acc_class_il"] for r in mine]),
+               "diverged": sum(r["label"] == label and bool(r.get("diverged")) for r in report["runs"]),
+               "class_il": {**_mean_std([r["final_acc_class_il"] for r in mine]),
+                            "per_seed": [r["final_acc_class_il"] for r in mine], "seed_ids": [r["seed"] for r in mine]},
                "learned": _mean_std([r.get("learning_acc_class_il") for r in mine]),
                "forgetting": _mean_std([r.get("forgetting_class_il") for r in mine]),
                "samples_per_second": _mean_std([r.get("samples_per_second") for r in mine])}
@@ -220,6 +222,36 @@ def format_scoreboard(board: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(board: dict) -> str:
+    """The scoreboard as Markdown: one table per member, then the suite average."""
+    def num(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    lines = []
+    for member, rows in board["members"].items():
+        lines += [f"**{member}**", "",
+                  "| method | Class-IL % (per seed) | − DER++ (mean; per seed) | − SparCL | learned % | forgetting % "
+                  "| FLOPs × DER++ | time × DER++ | samples/s |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            c, d, s = row["class_il"], row.get("minus_derpp"), row.get("minus_sparcl")
+            seeds = ", ".join(_pct(v) for v in c.get("per_seed", []))
+            diverged = f"; {row['diverged']} diverged" if row.get("diverged") else ""
+            versus = "—" if not d or row["method"] == "derpp" else \
+                f"{_pct(d['mean'], True)}; {', '.join(_pct(v, True) for v in d['per_seed'])}"
+            versus_s = "—" if not s or row["method"].startswith("sparcl") else _pct(s["mean"], True)
+            lines.append(f"| {row['method']} | {_pct(c['mean'])} ± {_pct(c['std'])} ({seeds}{diverged}) | {versus} "
+                         f"| {versus_s} | {_pct(row['learned']['mean'])} | {_pct(row['forgetting']['mean'])} "
+                         f"| {num(row.get('flops_x_derpp'), '.3f')} | {num(row.get('time_x_derpp'), '.2f')} "
+                         f"| {num(row['samples_per_second']['mean'], '.1f')} |")
+        lines.append("")
+    lines += ["**suite average** (means of the member means)", "",
+              "| method | members | Class-IL % | − DER++ | − SparCL |", "|---|---|---|---|---|"]
+    for method, row in board["suite_average"].items():
+        lines.append(f"| {method} | {row['members']} | {_pct(row['class_il'])} | {_pct(row['minus_derpp'], True)} "
+                     f"| {_pct(row['minus_sparcl'], True)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the protocol suite and print its scoreboard.")
     parser.add_argument("--data", required=True, help="folder with cifar100.npz, mnist.npz, fashion_mnist.npz")
@@ -230,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds for every member instead of each member's own")
     parser.add_argument("--resume", action="store_true", help="keep the runs already finished with these settings")
     parser.add_argument("--scoreboard-only", action="store_true", help="print the scoreboard of what has run")
+    parser.add_argument("--markdown", action="store_true", help="print the scoreboard as Markdown tables")
     args = parser.parse_args(argv)
     members = args.members.split(",")
     unknown = [m for m in members if m not in MEMBERS]
@@ -245,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     board = scoreboard(out, members)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scoreboard.json").write_text(json.dumps(board, indent=2))
-    print(format_scoreboard(board))
+    print(format_markdown(board) if args.markdown else format_scoreboard(board))
     print(f"wrote {out / 'scoreboard.json'}")
     return 0
 

@@ -18,11 +18,11 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "er": "dense baseline: ER (experience replay) from a reservoir buffer",
     "er-ace": "dense baseline: ER-ACE (Caccia et al., 2022), ER whose new samples' cross-entropy competes only "
               "over the classes in their minibatch, so old classes are pushed down by replay alone",
-    "derpp": "dense baseline: DER++ replay from a reservoir buffer",
+    "derpp": "dense baseline: DER++ replay from a reservoir buffer, the update's gradient norm clipped at 20",
     "joint": "upper bound: keeps all data seen so far and trains on it at each task end",
     "sparcl": "SparCL-style sparse learner: task-aware dynamic masks (importance |w| + lambda |grad w|, "
-              "prune-and-regrow every 2 chunks, extra capacity at a task start), dynamic data removal, "
-              "dynamic gradient masking, DER++ replay",
+              "pruned from the first chunk, prune-and-regrow every 2 chunks, extra capacity at a task start), "
+              "dynamic data removal, dynamic gradient masking, DER++ replay as derpp's",
 }
 
 # Ablations and reference variants (``bench --methods``, for BENCHMARKS.md), defined in

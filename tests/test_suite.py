@@ -85,6 +85,19 @@ def test_the_scoreboard_pairs_seeds_and_averages_over_members(suite, tmp_path):
     assert avg["minus_sparcl"] == pytest.approx(0.16)  # only the member that ran SparCL
     text = suite.format_scoreboard(board)
     assert "suite average" in text and "esacl@0.9" in text and "+5.0 -3.0" in text
+    markdown = suite.format_markdown(board)
+    assert "| esacl@0.9 | 36.0 ± 1.4 (35.0, 37.0) | +1.0; +5.0, -3.0 | +16.0 |" in markdown
+    assert "| esacl@0.9 | 2 | 38.0 | -4.5 | +16.0 |" in markdown
+
+
+def test_a_diverged_run_is_counted_in_its_row_not_averaged(suite, tmp_path):
+    report = _bench([("derpp", 0, 0.30, 10.0, 2.0), ("derpp", 1, 0.50, 10.0, 2.0)])
+    report["runs"][0].update(diverged=True, final_acc_class_il=None)
+    (tmp_path / "fmnist").mkdir()
+    (tmp_path / "fmnist" / "bench.json").write_text(json.dumps(report))
+    row = suite.scoreboard(tmp_path, ["fmnist"])["members"]["fmnist"][0]
+    assert row["diverged"] == 1 and row["class_il"]["per_seed"] == [0.5] and row["class_il"]["seed_ids"] == [1]
+    assert "50.0 ± 0.0 (50.0; 1 diverged)" in suite.format_markdown(suite.scoreboard(tmp_path, ["fmnist"]))
 
 
 def test_a_tiny_suite_runs_prints_its_scoreboard_and_resumes(suite, tmp_path, capsys):
